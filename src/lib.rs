@@ -1,0 +1,32 @@
+//! pgweir — a multi-tenant PostgreSQL edge proxy.
+//!
+//! Layout (one concern per module; `docs/ARCHITECTURE.md` is the map):
+//! - [`config`]: TOML → validated [`config::Config`], every problem reported at once.
+//! - [`wire`]: framing, startup packets, message builders, ErrorResponses with SQLSTATEs.
+//! - [`net`]: plain/TLS byte streams, whole-frame reads during handshakes.
+//! - [`tls`]: client-facing TLS (reloadable), backend TLS, channel binding, dev certificates.
+//! - [`auth`]: SCRAM-SHA-256 / md5 / cleartext, client side and backend side.
+//! - [`routing`]: (SNI, options, user) → endpoint; pure.
+//! - [`tenant`]: tenants behind the [`tenant::TenantDirectory`] boundary.
+//! - [`backend`]: opening and logging in server connections.
+//! - [`pool`]: server connection pools, checkout guards, reset.
+//! - [`cancel`]: client-visible cancel keys → backend keys.
+//! - [`session`]: one client connection from first byte to last.
+//! - [`server`]: the listener and process-wide state.
+//! - [`dev`]: `pgweir dev`, a local cluster with pgweir in front.
+//! - [`pgcluster`]: starting and stopping local PostgreSQL clusters (dev mode, tests).
+
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod config;
+pub mod dev;
+pub mod net;
+pub mod pgcluster;
+pub mod pool;
+pub mod routing;
+pub mod server;
+pub mod session;
+pub mod tenant;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,154 @@
+//! The `pgweir` command: parses arguments, sets up logging and the runtime, and calls into the library.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use pgweir::auth::md5::md5_verifier;
+use pgweir::auth::scram::ScramVerifier;
+use pgweir::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "pgweir",
+    version,
+    about = "A multi-tenant PostgreSQL edge proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local PostgreSQL cluster, pgweir in front of it and a demo tenant; print its connection string.
+    Dev {
+        /// Folder for the cluster, certificate and generated config (reused on the next run).
+        #[arg(long, default_value = "./.pgweir/dev")]
+        data_dir: PathBuf,
+        /// Address pgweir listens on.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: std::net::SocketAddr,
+    },
+    /// Run the proxy from a config file.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file; list every problem and exit non-zero if there are any.
+    CheckConfig { file: PathBuf },
+    /// Turn a password into a SCRAM-SHA-256 verifier for the config (reads the password from stdin if not given).
+    HashPassword {
+        password: Option<String>,
+        /// Also print the md5 hash for this user name (for tenants that allow md5).
+        #[arg(long)]
+        md5_user: Option<String>,
+        #[arg(long, default_value_t = 4096)]
+        iterations: u32,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGWEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: OK", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {} problem(s):", file.display(), e.0.len());
+                for p in &e.0 {
+                    eprintln!("  - {p}");
+                }
+                ExitCode::FAILURE
+            }
+        },
+        Command::HashPassword {
+            password,
+            md5_user,
+            iterations,
+        } => {
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    if std::io::stdin().is_terminal() {
+                        eprint!("password: ");
+                        let _ = std::io::stderr().flush();
+                    }
+                    let mut line = String::new();
+                    if std::io::stdin().lock().read_line(&mut line).is_err() {
+                        eprintln!("could not read a password from stdin");
+                        return ExitCode::FAILURE;
+                    }
+                    line.trim_end_matches(['\r', '\n']).to_owned()
+                }
+            };
+            if password.is_empty() || !(1..=10_000_000).contains(&iterations) {
+                eprintln!("the password must not be empty and iterations must be 1..=10000000");
+                return ExitCode::FAILURE;
+            }
+            println!("{}", ScramVerifier::generate(&password, iterations));
+            if let Some(user) = md5_user {
+                println!("{}", md5_verifier(&password, &user));
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Serve { config } => {
+            init_tracing();
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: invalid config:\n{e}", config.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
+                rt.block_on(async {
+                    let directory = Arc::new(pgweir::tenant::StaticDirectory::from_config(&cfg));
+                    let server = pgweir::server::Server::bind(cfg, directory).await?;
+                    server.run(pgweir::server::shutdown_signal()).await;
+                    anyhow::Ok(())
+                })
+            });
+            report(result)
+        }
+        Command::Dev { data_dir, listen } => {
+            init_tracing();
+            let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
+                rt.block_on(pgweir::dev::run(pgweir::dev::DevOptions {
+                    data_dir,
+                    listen,
+                }))
+            });
+            report(result)
+        }
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgweir: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! Server connection pools, one per (cluster, physical database, backend role): bounded size, FIFO waiting with a
+//! timeout, health checks on checkout, reset before reuse, idle timeout and maximum lifetime.
+//!
+//! Architecture invariant: the pool never sees a client socket or SQL from clients. A connection leaves the pool
+//! as a [`Checkout`] guard; dropping the guard closes the connection, [`Checkout::release`] resets it and returns
+//! it. An idle connection that has anything to read (data or EOF) is closed, never handed out.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use dashmap::DashMap;
+use futures_util::FutureExt;
+use rustls::ClientConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::backend::{self, BackendError, ServerConn, StartupParams};
+use crate::config::PoolConfig;
+use crate::net::read_frame;
+use crate::tenant::BackendTarget;
+use crate::tls::backend_client_config;
+use crate::wire::msg;
+
+/// Identity of a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub cluster: String,
+    pub database: String,
+    pub user: String,
+}
+
+impl std::fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}@{}", self.cluster, self.database, self.user)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("no server connection available within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// Counters of one pool, in the vocabulary of PgBouncer's `SHOW POOLS`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub key: String,
+    pub server_total: usize,
+    pub server_idle: usize,
+    pub server_active: usize,
+    pub clients_waiting: usize,
+    pub max_wait_us: u64,
+}
+
+pub struct Pool {
+    key: PoolKey,
+    target: BackendTarget,
+    cfg: PoolConfig,
+    tls: Option<Arc<ClientConfig>>,
+    /// One permit per checked-out connection: bounds active connections and queues waiters in FIFO order.
+    slots: Arc<Semaphore>,
+    idle: Mutex<VecDeque<ServerConn>>,
+    /// Open connections: idle + checked out + being opened.
+    total: AtomicUsize,
+    waiting: AtomicUsize,
+    max_wait_us: AtomicU64,
+}
+
+impl Pool {
+    fn new(key: PoolKey, target: BackendTarget, cfg: PoolConfig) -> anyhow::Result<Arc<Pool>> {
+        let tls = backend_client_config(target.cluster.tls, target.cluster.ca_file.as_deref())?;
+        let pool = Arc::new(Pool {
+            key,
+            target,
+            cfg,
+            tls,
+            slots: Arc::new(Semaphore::new(cfg.max_size)),
+            idle: Mutex::new(VecDeque::new()),
+            total: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            max_wait_us: AtomicU64::new(0),
+        });
+        tokio::spawn(maintain(Arc::downgrade(&pool)));
+        Ok(pool)
+    }
+
+    pub fn key(&self) -> &PoolKey {
+        &self.key
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<ServerConn>> {
+        // A panic while holding this lock cannot leave the deque inconsistent: keep going.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits (FIFO, bounded by the checkout timeout) for a server connection opened with `startup`.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        startup: &StartupParams,
+    ) -> Result<Checkout, CheckoutError> {
+        let started = Instant::now();
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = tokio::time::timeout(
+            self.cfg.checkout_timeout,
+            self.slots.clone().acquire_owned(),
+        )
+        .await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        let permit = match permit {
+            Ok(Ok(p)) => p,
+            _ => return Err(CheckoutError::Timeout(self.cfg.checkout_timeout)),
+        };
+        self.max_wait_us
+            .fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+
+        while let Some(mut conn) = self.take_idle(startup) {
+            if is_quiet(&mut conn) {
+                return Ok(self.guard(conn, permit));
+            }
+            self.close(conn);
+        }
+        // Open a new connection; at the size limit, an idle one opened with other parameters makes room.
+        {
+            let mut idle = self.idle();
+            if self.total.load(Ordering::Relaxed) >= self.cfg.max_size {
+                if let Some(old) = idle.pop_front() {
+                    drop(idle);
+                    self.close(old);
+                }
+            }
+            self.total.fetch_add(1, Ordering::Relaxed);
+        }
+        match backend::connect(
+            &self.target,
+            startup.clone(),
+            self.tls.as_ref(),
+            self.cfg.connect_timeout,
+        )
+        .await
+        {
+            Ok(conn) => Ok(self.guard(conn, permit)),
+            Err(e) => {
+                self.total.fetch_sub(1, Ordering::Relaxed);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn take_idle(&self, startup: &StartupParams) -> Option<ServerConn> {
+        let mut idle = self.idle();
+        // Most recently used first: its caches are warm.
+        let i = idle.iter().rposition(|c| c.startup == *startup)?;
+        idle.remove(i)
+    }
+
+    fn guard(self: &Arc<Self>, conn: ServerConn, permit: OwnedSemaphorePermit) -> Checkout {
+        Checkout {
+            conn: Some(conn),
+            pool: self.clone(),
+            permit: Some(permit),
+        }
+    }
+
+    fn close(&self, conn: ServerConn) {
+        self.total.fetch_sub(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let mut conn = conn;
+            let mut out = BytesMut::new();
+            msg::terminate(&mut out);
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.stream.write_all(&out)).await;
+        });
+    }
+
+    fn put_idle(&self, mut conn: ServerConn) {
+        if conn.created.elapsed() >= self.cfg.max_lifetime {
+            self.close(conn);
+            return;
+        }
+        conn.idle_since = Instant::now();
+        self.idle().push_back(conn);
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let idle = self.idle().len();
+        let total = self.total.load(Ordering::Relaxed);
+        PoolStats {
+            key: self.key.to_string(),
+            server_total: total,
+            server_idle: idle,
+            server_active: total.saturating_sub(idle),
+            clients_waiting: self.waiting.load(Ordering::Relaxed),
+            max_wait_us: self.max_wait_us.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Closes idle connections past the idle timeout (keeping `min_size`) or past their lifetime, and opens
+    /// connections (with no extra startup parameters) up to `min_size`.
+    async fn maintain_once(self: &Arc<Self>) {
+        let expired: Vec<ServerConn> = {
+            let mut idle = self.idle();
+            let mut keep = VecDeque::with_capacity(idle.len());
+            let mut expired = Vec::new();
+            let mut total = self.total.load(Ordering::Relaxed);
+            while let Some(c) = idle.pop_front() {
+                let too_old = c.created.elapsed() >= self.cfg.max_lifetime;
+                let too_idle =
+                    c.idle_since.elapsed() >= self.cfg.idle_timeout && total > self.cfg.min_size;
+                if too_old || too_idle {
+                    total -= 1;
+                    expired.push(c);
+                } else {
+                    keep.push_back(c);
+                }
+            }
+            *idle = keep;
+            expired
+        };
+        for c in expired {
+            self.close(c);
+        }
+        let empty: StartupParams = Arc::from(Vec::new());
+        while self.total.load(Ordering::Relaxed) < self.cfg.min_size {
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                break;
+            };
+            self.total.fetch_add(1, Ordering::Relaxed);
+            match backend::connect(
+                &self.target,
+                empty.clone(),
+                self.tls.as_ref(),
+                self.cfg.connect_timeout,
+            )
+            .await
+            {
+                Ok(conn) => self.put_idle(conn),
+                Err(e) => {
+                    self.total.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!(pool = %self.key, error = %e, "could not open a min_size connection");
+                    break;
+                }
+            }
+            drop(permit);
+        }
+    }
+}
+
+async fn maintain(pool: Weak<Pool>) {
+    let interval = match pool.upgrade() {
+        Some(p) => {
+            (p.cfg.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
+        }
+        None => return,
+    };
+    loop {
+        match pool.upgrade() {
+            Some(p) => p.maintain_once().await,
+            None => return,
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// True when the idle connection has nothing to read: no stray message, no EOF, no error.
+fn is_quiet(conn: &mut ServerConn) -> bool {
+    if !conn.buf.is_empty() {
+        return false;
+    }
+    conn.buf.reserve(64);
+    matches!(conn.stream.read_buf(&mut conn.buf).now_or_never(), None)
+}
+
+/// A checked-out server connection. Dropping it closes the connection; [`Checkout::release`] returns it.
+pub struct Checkout {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Checkout {
+    pub fn conn(&mut self) -> &mut ServerConn {
+        self.conn
+            .as_mut()
+            .expect("a Checkout holds its connection until released or dropped")
+    }
+
+    pub fn conn_ref(&self) -> &ServerConn {
+        self.conn
+            .as_ref()
+            .expect("a Checkout holds its connection until released or dropped")
+    }
+
+    /// Returns the connection to the pool after resetting it (`ROLLBACK` when `tx_status` is not idle, then
+    /// `DISCARD ALL`) in the background. If the reset fails, the connection is closed.
+    pub fn release(mut self, tx_status: u8) {
+        let (Some(mut conn), Some(permit)) = (self.conn.take(), self.permit.take()) else {
+            return;
+        };
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(5), reset(&mut conn, tx_status)).await {
+                Ok(Ok(())) => pool.put_idle(conn),
+                Ok(Err(e)) => {
+                    tracing::debug!(pool = %pool.key, error = %e, "server reset failed; closing the connection");
+                    pool.close(conn)
+                }
+                Err(_) => {
+                    tracing::debug!(pool = %pool.key, "server reset timed out; closing the connection");
+                    pool.close(conn)
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.close(conn);
+        }
+    }
+}
+
+/// Brings a server connection back to a pristine session: no transaction, no session state.
+async fn reset(conn: &mut ServerConn, tx_status: u8) -> Result<(), String> {
+    let mut out = BytesMut::with_capacity(64);
+    let mut expected = 1;
+    if tx_status != b'I' {
+        msg::query("ROLLBACK", &mut out);
+        expected += 1;
+    }
+    msg::query("DISCARD ALL", &mut out);
+    conn.stream
+        .write_all(&out)
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.stream.flush().await.map_err(|e| e.to_string())?;
+    let mut status = 0;
+    while expected > 0 {
+        let frame = read_frame(&mut conn.stream, &mut conn.buf, 1 << 20)
+            .await
+            .map_err(|e| e.to_string())?;
+        match frame[0] {
+            b'Z' => {
+                expected -= 1;
+                status = frame.get(5).copied().unwrap_or(0);
+            }
+            b'S' => conn.observe_parameter_status(&frame),
+            b'E' => return Err("the server refused the reset".into()),
+            _ => {}
+        }
+    }
+    if status != b'I' {
+        return Err(format!(
+            "server still in transaction state '{}'",
+            status as char
+        ));
+    }
+    Ok(())
+}
+
+/// All pools of this process.
+#[derive(Default)]
+pub struct Pools {
+    map: DashMap<PoolKey, Arc<Pool>>,
+}
+
+impl Pools {
+    /// The pool for `target`, created with `cfg` on first use.
+    pub fn get(&self, target: &BackendTarget, cfg: PoolConfig) -> anyhow::Result<Arc<Pool>> {
+        let key = PoolKey {
+            cluster: target.cluster.name.clone(),
+            database: target.database.clone(),
+            user: target.user.clone(),
+        };
+        use dashmap::mapref::entry::Entry;
+        match self.map.entry(key) {
+            Entry::Occupied(e) if e.get().target == *target => Ok(e.get().clone()),
+            Entry::Occupied(mut e) => {
+                // The tenant's backend changed (e.g. a new password): new connections use the new target.
+                let pool = Pool::new(e.key().clone(), target.clone(), cfg)?;
+                e.insert(pool.clone());
+                Ok(pool)
+            }
+            Entry::Vacant(e) => {
+                let pool = Pool::new(e.key().clone(), target.clone(), cfg)?;
+                e.insert(pool.clone());
+                Ok(pool)
+            }
+        }
+    }
+
+    pub fn stats(&self) -> Vec<PoolStats> {
+        let mut v: Vec<PoolStats> = self.map.iter().map(|p| p.stats()).collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+}

@@ -1,0 +1,150 @@
+//! The proxy process: shared state ([`Proxy`]), the client listener with its connection cap, and signal handling.
+//!
+//! Architecture invariant: the accept loop only accepts, caps and spawns; everything about a connection happens in
+//! [`crate::session`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{error, info, warn};
+
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::pool::Pools;
+use crate::tenant::TenantDirectory;
+use crate::tls::TlsServer;
+use crate::wire::error::sqlstate;
+use crate::wire::PgError;
+
+/// State shared by every connection of the process.
+pub struct Proxy {
+    pub cfg: Config,
+    pub directory: Arc<dyn TenantDirectory>,
+    pub pools: Pools,
+    pub cancels: Arc<CancelRegistry>,
+    pub tls: Option<TlsServer>,
+    /// Process secret for deterministic dummy verifiers (unknown users).
+    pub secret: [u8; 32],
+}
+
+/// A bound, not yet running proxy.
+pub struct Server {
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+}
+
+impl Server {
+    pub async fn bind(cfg: Config, directory: Arc<dyn TenantDirectory>) -> anyhow::Result<Server> {
+        let tls = match &cfg.tls {
+            Some(t) => Some(TlsServer::load(t)?),
+            None => None,
+        };
+        let listener = TcpListener::bind(cfg.proxy.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.proxy.listen))?;
+        let proxy = Arc::new(Proxy {
+            cfg,
+            directory,
+            pools: Pools::default(),
+            cancels: Arc::new(CancelRegistry::default()),
+            tls,
+            secret: rand::random(),
+        });
+        Ok(Server { proxy, listener })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has a local address")
+    }
+
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.proxy.clone()
+    }
+
+    /// Accepts clients until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server { proxy, listener } = self;
+        let slots = Arc::new(Semaphore::new(proxy.cfg.proxy.max_client_connections));
+        info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgweir is accepting connections");
+        let reload = tokio::spawn(reload_on_sighup(proxy.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut shutdown => break,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // Usually EMFILE/ENFILE: back off instead of spinning.
+                    error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let proxy = proxy.clone();
+                    tokio::spawn(async move {
+                        crate::session::serve(proxy, tcp, peer).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    warn!(%peer, "client connection limit reached");
+                    tokio::spawn(async move {
+                        let mut tcp = tcp;
+                        let e = PgError::fatal(
+                            sqlstate::TOO_MANY_CONNECTIONS,
+                            "sorry, too many clients already",
+                        );
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            tcp.write_all(&e.to_bytes()),
+                        )
+                        .await;
+                    });
+                }
+            }
+        }
+        reload.abort();
+        info!("pgweir stopped accepting connections");
+    }
+}
+
+async fn reload_on_sighup(proxy: Arc<Proxy>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        if let Some(tls) = &proxy.tls {
+            match tls.reload() {
+                Ok(()) => info!("TLS certificate reloaded"),
+                Err(e) => error!(error = %e, "TLS certificate reload failed; keeping the old one"),
+            }
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}

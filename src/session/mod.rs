@@ -1,0 +1,451 @@
+//! One client connection, from its first byte to its last: TLS negotiation, startup, routing, authentication,
+//! attaching a server connection and forwarding in both directions.
+//!
+//! Architecture invariant: the session decodes only the startup-phase packets and the authentication exchange.
+//! After that it forwards the original bytes, framed by header; it inspects just the tags it must count to know
+//! whether the server connection is clean when the client leaves.
+
+mod auth;
+mod forward;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::backend::{ClientVisible, StartupParams};
+use crate::cancel::CancelTarget;
+use crate::config::DENIED_STARTUP_PARAMETERS;
+use crate::net::{ClientStream, Stream};
+use crate::pool::CheckoutError;
+use crate::routing::{self, RouteInput};
+use crate::server::Proxy;
+use crate::wire::error::sqlstate;
+use crate::wire::msg;
+use crate::wire::startup::{parse_packet, read_packet, FirstPacket, StartupMessage};
+use crate::wire::PgError;
+
+/// What TLS told us about the client connection.
+#[derive(Debug, Default, Clone)]
+pub struct TlsInfo {
+    pub sni: Option<String>,
+    pub channel_binding: Option<Vec<u8>>,
+}
+
+/// Serves one client connection until it ends. Never panics on client input; every error the client can act on
+/// is sent to it as an ErrorResponse.
+pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let login = tokio::time::timeout(proxy.cfg.proxy.login_timeout, login(&proxy, tcp));
+    let (mut stream, session) = match login.await {
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return,
+        Ok(Err((Some(mut stream), err))) => {
+            debug!(%peer, error = %err, "login failed");
+            send_error(&mut stream, &err).await;
+            return;
+        }
+        Ok(Err((None, err))) => {
+            debug!(%peer, error = %err, "connection refused before startup");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "login timeout");
+            return;
+        }
+    };
+    attach_and_forward(&proxy, &mut stream, session, peer).await;
+}
+
+/// A client that has logged in.
+struct Session {
+    tenant: String,
+    user: String,
+    target: crate::tenant::BackendTarget,
+    pool_cfg: crate::config::PoolConfig,
+    startup: StartupParams,
+}
+
+type LoginError = (Option<ClientStream>, PgError);
+
+/// Negotiates TLS, reads the startup packet, routes and authenticates. `Ok(None)`: the connection ended without
+/// anything to answer (a cancel request, or a client that hung up).
+async fn login(
+    proxy: &Proxy,
+    tcp: TcpStream,
+) -> Result<Option<(ClientStream, Session)>, LoginError> {
+    let Some((mut stream, startup, tls)) = negotiate(proxy, tcp).await? else {
+        return Ok(None);
+    };
+    macro_rules! fail {
+        ($e:expr) => {
+            return Err((Some(stream), $e))
+        };
+    }
+    if startup.minor_version > 0 || !startup.protocol_options.is_empty() {
+        let mut out = BytesMut::new();
+        msg::negotiate_protocol_version(startup.protocol_options.clone(), &mut out);
+        if stream.write_all(&out).await.is_err() {
+            return Ok(None);
+        }
+    }
+    if startup
+        .get("replication")
+        .is_some_and(|v| v != "false" && v != "0" && v != "off")
+    {
+        fail!(PgError::fatal(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "replication connections are not supported through pgweir"
+        ));
+    }
+    let Some(client_user) = startup.get("user").map(str::to_owned) else {
+        fail!(PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "no PostgreSQL user name specified in startup packet"
+        ));
+    };
+    let routed = match routing::route(
+        RouteInput {
+            sni: tls.sni.as_deref(),
+            user: &client_user,
+            options: startup.get("options"),
+            base_domain: proxy.cfg.proxy.base_domain.as_deref(),
+            default_tenant: proxy.cfg.proxy.default_tenant.as_deref(),
+        },
+        |t| proxy.directory.get(t).is_some(),
+    ) {
+        Ok(r) => r,
+        Err(e) => fail!(PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            e.to_string()
+        )),
+    };
+    let startup_params = match backend_startup_params(proxy, &startup, &routed.options) {
+        Ok(p) => p,
+        Err(e) => fail!(e),
+    };
+
+    let tenant = proxy.directory.get(&routed.endpoint.tenant);
+    let user = tenant.as_ref().and_then(|t| t.users.get(&routed.user));
+    let authenticated = match auth::authenticate(
+        proxy,
+        &mut stream,
+        &tls,
+        tenant.as_deref(),
+        user,
+        &routed.user,
+    )
+    .await
+    {
+        Ok(ok) => ok,
+        Err(auth::AuthFailure::Gone) => return Ok(None),
+        Err(auth::AuthFailure::Error(e)) => fail!(e),
+    };
+    let (Some(tenant), Some(user), true) = (tenant.as_deref(), user, authenticated) else {
+        fail!(PgError::auth_failed(&client_user));
+    };
+    if tenant.require_tls && !stream.is_tls() {
+        fail!(PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!("endpoint \"{}\" requires TLS", routed.endpoint)
+        )
+        .with_hint("connect with sslmode=require"));
+    }
+    let database = startup
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&routed.user);
+    let target = match tenant.target(user, database, routed.endpoint.branch.as_deref()) {
+        Ok(t) => t,
+        Err(e) => fail!(PgError::fatal(
+            sqlstate::INVALID_CATALOG_NAME,
+            e.to_string()
+        )),
+    };
+    Ok(Some((
+        stream,
+        Session {
+            tenant: tenant.id.clone(),
+            user: routed.user,
+            target,
+            pool_cfg: tenant.pool,
+            startup: startup_params,
+        },
+    )))
+}
+
+/// The startup parameters the backend gets: the client's own, minus those pgweir owns (`user`, `database`,
+/// `endpoint=` in `options`), refusing the deny-listed ones.
+fn backend_startup_params(
+    proxy: &Proxy,
+    startup: &StartupMessage,
+    options: &[String],
+) -> Result<StartupParams, PgError> {
+    let denied = |name: &str, value: &str| -> Option<PgError> {
+        let lname = name.to_ascii_lowercase();
+        let listed = DENIED_STARTUP_PARAMETERS.contains(&lname.as_str())
+            || proxy
+                .cfg
+                .proxy
+                .deny_startup_parameters
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(name));
+        // standard_conforming_strings=on is harmless; only turning it off is refused.
+        let harmless = lname == "standard_conforming_strings" && value.eq_ignore_ascii_case("on");
+        (listed && !harmless).then(|| {
+            PgError::fatal(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                format!("parameter \"{name}\" cannot be set through pgweir"),
+            )
+        })
+    };
+    let mut params: Vec<(String, String)> = Vec::with_capacity(startup.params.len());
+    for (k, v) in &startup.params {
+        match k.as_str() {
+            "user" | "database" | "options" | "replication" => continue,
+            _ => {}
+        }
+        if let Some(e) = denied(k, v) {
+            return Err(e);
+        }
+        params.push((k.clone(), v.clone()));
+    }
+    for s in routing::option_settings(options).into_iter().flatten() {
+        if let Some(e) = denied(&s.0, &s.1) {
+            return Err(e);
+        }
+    }
+    if !options.is_empty() {
+        params.push(("options".to_owned(), routing::join_options(options)));
+    }
+    params.sort();
+    Ok(Arc::from(params))
+}
+
+/// TLS and startup negotiation up to the StartupMessage.
+async fn negotiate(
+    proxy: &Proxy,
+    tcp: TcpStream,
+) -> Result<Option<(ClientStream, StartupMessage, TlsInfo)>, LoginError> {
+    let mut tls = TlsInfo::default();
+    // PG17 direct TLS: the connection starts with a TLS ClientHello.
+    let mut first = [0u8; 1];
+    let mut stream = match tcp.peek(&mut first).await {
+        Ok(1) if first[0] == 0x16 => match start_tls(proxy, tcp, &mut tls, true).await {
+            Some(s) => s,
+            None => return Ok(None),
+        },
+        Ok(_) => Stream::Plain(tcp),
+        Err(_) => return Ok(None),
+    };
+    loop {
+        let body = match read_packet(&mut stream).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err((Some(stream), e)),
+        };
+        let packet = match parse_packet(&body) {
+            Ok(p) => p,
+            Err(e) => return Err((Some(stream), e)),
+        };
+        match packet {
+            FirstPacket::SslRequest | FirstPacket::GssEncRequest if stream.is_tls() => {
+                return Err((
+                    Some(stream),
+                    PgError::protocol_violation(
+                        "encryption negotiation inside an encrypted connection",
+                    ),
+                ))
+            }
+            FirstPacket::SslRequest => {
+                let Stream::Plain(mut tcp) = stream else {
+                    return Ok(None);
+                };
+                if proxy.tls.is_none() {
+                    if tcp.write_all(&[msg::SSL_REFUSED]).await.is_err() {
+                        return Ok(None);
+                    }
+                    stream = Stream::Plain(tcp);
+                    continue;
+                }
+                if tcp.write_all(&[msg::SSL_ALLOWED]).await.is_err() {
+                    return Ok(None);
+                }
+                stream = match start_tls(proxy, tcp, &mut tls, false).await {
+                    Some(s) => s,
+                    None => return Ok(None),
+                };
+            }
+            FirstPacket::GssEncRequest => {
+                if stream.write_all(&[msg::SSL_REFUSED]).await.is_err() {
+                    return Ok(None);
+                }
+            }
+            FirstPacket::Cancel { pid, secret } => {
+                handle_cancel(proxy, pid, &secret).await;
+                return Ok(None);
+            }
+            FirstPacket::Startup(s) => return Ok(Some((stream, s, tls))),
+        }
+    }
+}
+
+async fn start_tls(
+    proxy: &Proxy,
+    tcp: TcpStream,
+    info: &mut TlsInfo,
+    direct: bool,
+) -> Option<ClientStream> {
+    let snapshot = proxy.tls.as_ref()?.current();
+    let tls = match snapshot.acceptor.accept(tcp).await {
+        Ok(t) => t,
+        Err(e) => {
+            debug!(error = %e, "TLS handshake failed");
+            return None;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    if direct && conn.alpn_protocol() != Some(crate::tls::ALPN_POSTGRESQL) {
+        debug!("direct TLS without the postgresql ALPN protocol");
+        return None;
+    }
+    info.sni = conn.server_name().map(str::to_owned);
+    info.channel_binding = snapshot.channel_binding.clone();
+    Some(Stream::Tls(Box::new(tls)))
+}
+
+async fn handle_cancel(proxy: &Proxy, pid: i32, secret: &[u8]) {
+    match proxy.cancels.lookup(pid, secret) {
+        Some(CancelTarget {
+            host,
+            port,
+            pid,
+            secret,
+        }) => {
+            if let Err(e) = crate::backend::send_cancel(&host, port, pid, &secret).await {
+                warn!(error = %e, "could not forward a cancel request");
+            }
+        }
+        None => debug!(pid, "cancel request with an unknown key ignored"),
+    }
+}
+
+async fn send_error<W: AsyncWrite + Unpin>(stream: &mut W, err: &PgError) {
+    let bytes = err.to_bytes();
+    let _ = stream.write_all(&bytes).await;
+    let _ = stream.flush().await;
+}
+
+async fn send_visible<W: AsyncWrite + Unpin>(stream: &mut W, err: &ClientVisible) {
+    match err {
+        ClientVisible::Error(e) => send_error(stream, e).await,
+        ClientVisible::Raw(frame) => {
+            let _ = stream.write_all(frame).await;
+            let _ = stream.flush().await;
+        }
+    }
+}
+
+/// After login: AuthenticationOk, a server connection, the server's parameters, a cancel key, then forwarding.
+async fn attach_and_forward(
+    proxy: &Arc<Proxy>,
+    stream: &mut ClientStream,
+    s: Session,
+    peer: SocketAddr,
+) {
+    let mut out = BytesMut::with_capacity(512);
+    msg::auth_ok(&mut out);
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    out.clear();
+    let pool = match proxy.pools.get(&s.target, s.pool_cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(tenant = %s.tenant, error = %e, "could not set up the pool");
+            send_error(
+                stream,
+                &PgError::fatal(
+                    sqlstate::INTERNAL_ERROR,
+                    "pgweir could not set up the backend pool",
+                ),
+            )
+            .await;
+            return;
+        }
+    };
+    let mut checkout = match pool.checkout(&s.startup).await {
+        Ok(c) => c,
+        Err(CheckoutError::Timeout(d)) => {
+            warn!(tenant = %s.tenant, pool = %pool.key(), "pool exhausted");
+            let e = PgError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "no server connection available within {}s: the pool is exhausted",
+                    d.as_secs_f32()
+                ),
+            );
+            send_error(stream, &e).await;
+            return;
+        }
+        Err(CheckoutError::Backend(e)) => {
+            warn!(tenant = %s.tenant, pool = %pool.key(), error = %e, "backend connection failed");
+            send_visible(stream, &e.client_error()).await;
+            return;
+        }
+    };
+    let conn = checkout.conn();
+    for (k, v) in &conn.params {
+        msg::parameter_status(k, v, &mut out);
+    }
+    let key = proxy.cancels.register(
+        conn.pid,
+        CancelTarget {
+            host: s.target.cluster.host.clone(),
+            port: s.target.cluster.port,
+            pid: conn.pid,
+            secret: conn.secret.clone(),
+        },
+    );
+    msg::backend_key_data(key.pid, key.secret, &mut out);
+    msg::ready_for_query(b'I', &mut out);
+    if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
+        return; // dropping the checkout closes the server connection: it is clean, but the client never used it
+    }
+    drop(out);
+    info!(%peer, tenant = %s.tenant, user = %s.user, server_pid = conn.pid, "client attached");
+
+    let end = forward::run(stream, checkout.conn(), proxy.cfg.proxy.max_message_bytes).await;
+    drop(key);
+    debug!(%peer, tenant = %s.tenant, outcome = ?end.reason, "session ended");
+    match end.reason {
+        forward::EndReason::ServerGone if end.server_at_boundary => {
+            let e = PgError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                "server closed the connection unexpectedly",
+            );
+            send_error(stream, &e).await;
+        }
+        forward::EndReason::ClientProtocol(ref e) => {
+            send_error(stream, &PgError::protocol_violation(e.to_string())).await;
+        }
+        forward::EndReason::ServerProtocol(ref e) => {
+            warn!(tenant = %s.tenant, error = %e, "server broke the protocol");
+            if end.server_at_boundary {
+                send_error(
+                    stream,
+                    &PgError::fatal(sqlstate::CONNECTION_FAILURE, "server connection lost"),
+                )
+                .await;
+            }
+        }
+        _ => {}
+    }
+    if end.server_clean {
+        checkout.release(end.tx_status);
+    }
+    let _ = stream.shutdown().await;
+}

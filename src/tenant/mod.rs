@@ -1,0 +1,196 @@
+//! Tenants as the data plane sees them, behind the [`TenantDirectory`] boundary. The config file is one source
+//! ([`StaticDirectory`]); the control plane's catalog will be another.
+//!
+//! Architecture invariant: a `Tenant` is immutable once built; a change replaces the whole `Arc<Tenant>`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::auth::scram::ScramVerifier;
+use crate::config::{AuthMethod, BackendTls, Config, PoolConfig};
+
+/// A backend Postgres cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: BackendTls,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A client login of a tenant.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub scram: ScramVerifier,
+    pub md5: Option<String>,
+    /// Passthrough tenants: password of the same-named backend role.
+    pub backend_password: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub id: String,
+    /// Logical database name clients use.
+    pub database: String,
+    pub cluster: Arc<Cluster>,
+    /// Physical database of the main branch (None for passthrough).
+    pub backend_database: Option<String>,
+    pub backend_user: Option<String>,
+    pub backend_password: Option<String>,
+    pub passthrough: bool,
+    pub require_tls: bool,
+    pub auth: Vec<AuthMethod>,
+    pub pool: PoolConfig,
+    pub users: HashMap<String, User>,
+    /// Branch name → physical database.
+    pub branches: HashMap<String, String>,
+}
+
+/// Where a connection lands on the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTarget {
+    pub cluster: Arc<Cluster>,
+    pub database: String,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+/// Why a logged-in client cannot be served by its tenant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("database \"{0}\" does not exist")]
+    NoSuchDatabase(String),
+    #[error("branch \"{branch}\" of \"{tenant}\" does not exist")]
+    NoSuchBranch { tenant: String, branch: String },
+}
+
+impl Tenant {
+    /// The backend target for `user` asking for `database` on `branch` (None = main). Only called after the
+    /// client has authenticated.
+    pub fn target(
+        &self,
+        user: &User,
+        database: &str,
+        branch: Option<&str>,
+    ) -> Result<BackendTarget, TargetError> {
+        if self.passthrough {
+            if branch.is_some() {
+                return Err(TargetError::NoSuchBranch {
+                    tenant: self.id.clone(),
+                    branch: branch.unwrap_or_default().to_owned(),
+                });
+            }
+            return Ok(BackendTarget {
+                cluster: self.cluster.clone(),
+                database: database.to_owned(),
+                user: user.name.clone(),
+                password: user.backend_password.clone(),
+            });
+        }
+        if database != self.database {
+            return Err(TargetError::NoSuchDatabase(database.to_owned()));
+        }
+        let physical = match branch {
+            None | Some("main") => self.backend_database.clone().unwrap_or_default(),
+            Some(b) => self
+                .branches
+                .get(b)
+                .cloned()
+                .ok_or_else(|| TargetError::NoSuchBranch {
+                    tenant: self.id.clone(),
+                    branch: b.to_owned(),
+                })?,
+        };
+        Ok(BackendTarget {
+            cluster: self.cluster.clone(),
+            database: physical,
+            user: self.backend_user.clone().unwrap_or_default(),
+            password: self.backend_password.clone(),
+        })
+    }
+}
+
+/// The data plane's view of tenants. Lookups never block on I/O.
+pub trait TenantDirectory: Send + Sync + 'static {
+    fn get(&self, id: &str) -> Option<Arc<Tenant>>;
+}
+
+/// Tenants from the config file.
+#[derive(Debug, Default)]
+pub struct StaticDirectory {
+    tenants: HashMap<String, Arc<Tenant>>,
+}
+
+impl StaticDirectory {
+    /// Builds the directory from a validated config (invalid entries were already refused by validation and are
+    /// skipped here).
+    pub fn from_config(cfg: &Config) -> Self {
+        let clusters: HashMap<&str, Arc<Cluster>> = cfg
+            .clusters
+            .iter()
+            .map(|(name, c)| {
+                (
+                    name.as_str(),
+                    Arc::new(Cluster {
+                        name: name.clone(),
+                        host: c.host.clone(),
+                        port: c.port,
+                        tls: c.tls,
+                        ca_file: c.ca_file.clone(),
+                    }),
+                )
+            })
+            .collect();
+        let mut tenants = HashMap::new();
+        for t in &cfg.tenants {
+            let Some(cluster) = clusters.get(t.cluster.as_str()) else {
+                continue;
+            };
+            let users = t
+                .users
+                .iter()
+                .filter_map(|u| {
+                    let scram = ScramVerifier::parse(&u.password).ok()?;
+                    Some((
+                        u.name.clone(),
+                        User {
+                            name: u.name.clone(),
+                            scram,
+                            md5: u.md5.clone(),
+                            backend_password: u.backend_password.clone(),
+                        },
+                    ))
+                })
+                .collect();
+            let tenant = Tenant {
+                id: t.id.clone(),
+                database: t.database.clone(),
+                cluster: cluster.clone(),
+                backend_database: t.backend_database.clone(),
+                backend_user: t.backend_user.clone(),
+                backend_password: t.backend_password.clone(),
+                passthrough: t.passthrough,
+                require_tls: t.require_tls,
+                auth: t.auth.clone(),
+                pool: t.pool.apply(cfg.pool),
+                users,
+                branches: t
+                    .branches
+                    .iter()
+                    .map(|b| (b.name.clone(), b.backend_database.clone()))
+                    .collect(),
+            };
+            tenants.insert(t.id.clone(), Arc::new(tenant));
+        }
+        StaticDirectory { tenants }
+    }
+}
+
+impl TenantDirectory for StaticDirectory {
+    fn get(&self, id: &str) -> Option<Arc<Tenant>> {
+        self.tenants.get(id).cloned()
+    }
+}
