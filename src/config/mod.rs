@@ -175,6 +175,7 @@ fn default_pg_port() -> u16 {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
     Md5,
     /// Cleartext password, checked against the SCRAM verifier; only ever offered over TLS.

@@ -1,0 +1,314 @@
+//! Test harness: a throw-away PostgreSQL 15 cluster with tenant databases and roles, and pgweir running in front of
+//! it on its own runtime thread. Everything is stopped when the `Env` is dropped, also when a test panics.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgweir::auth::md5::md5_verifier;
+use pgweir::auth::scram::ScramVerifier;
+use pgweir::config::Config;
+use pgweir::pgcluster::LocalCluster;
+use pgweir::server::{Proxy, Server};
+use pgweir::tenant::StaticDirectory;
+
+pub const OWNER_PASSWORD: &str = "owner-secret";
+pub const ALICE_PASSWORD: &str = "alice-secret";
+pub const BOB_PASSWORD: &str = "bob-secret";
+
+/// What the default test config contains:
+/// - tenant `acme` (database `app`): users `alice` (SCRAM) and `bob` (SCRAM + md5), branch `dev`;
+///   backend role `acme_owner`, databases `acme_main` and `acme_dev`;
+/// - tenant `beta` (database `app`): user `alice` with `BOB_PASSWORD`, backend database `beta_main`, require_tls;
+/// - tenant `legacy` (passthrough): user `app_user` → same-named role and database `app_user`... see `setup_sql`.
+pub struct Env {
+    pub cluster: LocalCluster,
+    pub addr: SocketAddr,
+    pub proxy: Arc<Proxy>,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub struct Setup {
+    /// Extra TOML appended to the default config (e.g. more `[[tenants]]`).
+    pub extra_config: String,
+    /// Replaces the `[pool]` section body.
+    pub pool: String,
+    /// Extra lines for the `[proxy]` section.
+    pub proxy: String,
+    pub tls: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            extra_config: String::new(),
+            pool: "max_size = 5\ncheckout_timeout = \"3s\"\nconnect_timeout = \"3s\"".into(),
+            proxy: String::new(),
+            tls: true,
+        }
+    }
+}
+
+pub fn scram(password: &str) -> String {
+    ScramVerifier::generate(password, 4096).to_string()
+}
+
+const SETUP_SQL: &str = "
+CREATE ROLE acme_owner LOGIN PASSWORD 'owner-secret';
+CREATE DATABASE acme_main OWNER acme_owner;
+CREATE DATABASE acme_dev OWNER acme_owner;
+CREATE DATABASE beta_main OWNER acme_owner;
+CREATE ROLE app_user LOGIN PASSWORD 'app-user-secret';
+CREATE DATABASE legacy_db OWNER app_user;
+";
+
+impl Env {
+    pub fn start() -> Env {
+        Env::with(Setup::default())
+    }
+
+    pub fn with(setup: Setup) -> Env {
+        let cluster = LocalCluster::temporary().expect("start a temporary PostgreSQL cluster");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for stmt in SETUP_SQL.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                cluster.execute("postgres", stmt).await.expect(stmt);
+            }
+            cluster
+                .execute("acme_dev", "CREATE TABLE branch_marker(name text); INSERT INTO branch_marker VALUES ('dev'); ALTER TABLE branch_marker OWNER TO acme_owner")
+                .await
+                .unwrap();
+        });
+        drop(rt);
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("server.crt");
+        let key = dir.path().join("server.key");
+        pgweir::tls::ensure_self_signed(&cert, &key, &["localhost", "*.db.test", "127.0.0.1"])
+            .unwrap();
+        let tls = if setup.tls {
+            format!("[tls]\ncert = {:?}\nkey = {:?}\n", cert, key)
+        } else {
+            String::new()
+        };
+        let text = format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+base_domain = "db.test"
+login_timeout = "5s"
+{proxy}
+
+{tls}
+
+[pool]
+{pool}
+
+[clusters.main]
+host = "127.0.0.1"
+port = {port}
+
+[[tenants]]
+id = "acme"
+database = "app"
+cluster = "main"
+backend_database = "acme_main"
+backend_user = "acme_owner"
+backend_password = "{OWNER_PASSWORD}"
+auth = ["scram-sha-256"]
+[[tenants.users]]
+name = "alice"
+password = "{alice}"
+[[tenants.users]]
+name = "bob"
+password = "{bob}"
+md5 = "{bob_md5}"
+[[tenants.branches]]
+name = "dev"
+backend_database = "acme_dev"
+
+[[tenants]]
+id = "beta"
+database = "app"
+cluster = "main"
+backend_database = "beta_main"
+backend_user = "acme_owner"
+backend_password = "{OWNER_PASSWORD}"
+require_tls = true
+[[tenants.users]]
+name = "alice"
+password = "{beta_alice}"
+
+[[tenants]]
+id = "legacy"
+cluster = "main"
+passthrough = true
+[[tenants.users]]
+name = "app_user"
+password = "{app_user}"
+backend_password = "app-user-secret"
+
+{extra}
+"#,
+            proxy = setup.proxy,
+            pool = setup.pool,
+            port = cluster.port(),
+            alice = scram(ALICE_PASSWORD),
+            bob = scram(BOB_PASSWORD),
+            bob_md5 = md5_verifier(BOB_PASSWORD, "bob"),
+            beta_alice = scram(BOB_PASSWORD),
+            app_user = scram("app-user-pw"),
+            extra = setup.extra_config,
+        );
+        let cfg =
+            Config::parse(&text).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let directory = Arc::new(StaticDirectory::from_config(&cfg));
+                let server = Server::bind(cfg, directory).await.expect("bind pgweir");
+                ready_tx
+                    .send((server.local_addr(), server.proxy()))
+                    .unwrap();
+                server
+                    .run(async {
+                        let _ = rx.await;
+                    })
+                    .await;
+            });
+            rt.shutdown_timeout(Duration::from_secs(2));
+        });
+        let (addr, proxy) = ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("pgweir started");
+        Env {
+            cluster,
+            addr,
+            proxy,
+            dir,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// A libpq connection string to pgweir.
+    pub fn url(&self, user: &str, password: &str, db: &str, extra: &str) -> String {
+        let mut s = format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={db} connect_timeout=10",
+            self.addr.port()
+        );
+        if !extra.is_empty() {
+            s.push(' ');
+            s.push_str(extra);
+        }
+        s
+    }
+
+    /// The usual login: alice on acme, routed by the options parameter, no TLS.
+    pub fn alice(&self) -> String {
+        self.url(
+            "alice",
+            ALICE_PASSWORD,
+            "app",
+            "options=endpoint=acme sslmode=disable",
+        )
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.path().join("server.crt")
+    }
+
+    /// tokio-postgres connection (no TLS) with the connection task spawned on the current runtime.
+    pub async fn connect(
+        &self,
+        conn_str: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(conn_str, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs psql with `-X -A -t -q` and ON_ERROR_STOP.
+pub fn psql(conn: &str, sql: &str) -> Output {
+    psql_args(conn, &["-c", sql])
+}
+
+pub fn psql_args(conn: &str, args: &[&str]) -> Output {
+    let bin = pgweir::pgcluster::PgBin::locate().unwrap().tool("psql");
+    Command::new(bin)
+        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", conn])
+        .args(args)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGPASSWORD")
+        .env_remove("PGSSLMODE")
+        .output()
+        .expect("run psql")
+}
+
+/// psql output that must have succeeded: stdout, trimmed.
+pub fn psql_ok(conn: &str, sql: &str) -> String {
+    let out = psql(conn, sql);
+    assert!(
+        out.status.success(),
+        "psql failed for {sql:?}:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// psql that must fail: stderr.
+pub fn psql_err(conn: &str, sql: &str) -> String {
+    let out = psql(conn, sql);
+    assert!(
+        !out.status.success(),
+        "psql unexpectedly succeeded for {sql:?}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Waits until `f` returns true, polling every 50 ms, for at most `timeout`.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// The SQLSTATE of a tokio-postgres error (from the server's ErrorResponse).
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_owned())
+}

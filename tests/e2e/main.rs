@@ -1,0 +1,5 @@
+//! End-to-end tests: real PostgreSQL 15, real pgweir, real clients (psql, pgbench, tokio-postgres).
+
+mod harness;
+
+mod basics;
