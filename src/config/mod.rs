@@ -51,8 +51,6 @@ pub struct ProxyConfig {
     pub default_tenant: Option<String>,
     /// Startup parameters that clients may not set (on top of the built-in deny-list).
     pub deny_startup_parameters: Vec<String>,
-    /// SCRAM iteration count for verifiers made by `hash-password` (Postgres' default is 4096).
-    pub scram_iterations: u32,
 }
 
 impl Default for ProxyConfig {
@@ -65,7 +63,6 @@ impl Default for ProxyConfig {
             base_domain: None,
             default_tenant: None,
             deny_startup_parameters: Vec::new(),
-            scram_iterations: 4096,
         }
     }
 }
@@ -302,9 +299,6 @@ impl Config {
         if self.proxy.login_timeout.is_zero() {
             p.push("proxy.login_timeout must be positive".into());
         }
-        if !(1..=10_000_000).contains(&self.proxy.scram_iterations) {
-            p.push("proxy.scram_iterations must be between 1 and 10000000".into());
-        }
         if let Some(d) = &self.proxy.base_domain {
             if d.is_empty() || d.starts_with('.') || d.ends_with('.') {
                 p.push(format!(
@@ -507,5 +501,17 @@ mod tests {
     fn unknown_keys_are_refused() {
         let e = Config::parse("[proxy]\nlisten_port = 1\n").unwrap_err();
         assert!(e.to_string().contains("listen_port"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgweir.example.toml");
+        let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.tenants.len(), 2);
     }
 }
