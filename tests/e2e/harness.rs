@@ -32,16 +32,20 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    _backend_tls_dir: tempfile::TempDir,
 }
 
 pub struct Setup {
-    /// Extra TOML appended to the default config (e.g. more `[[tenants]]`).
+    /// Extra TOML appended to the default config (e.g. more `[[tenants]]`); `$PORT` is replaced by the cluster's port.
     pub extra_config: String,
     /// Replaces the `[pool]` section body.
     pub pool: String,
     /// Extra lines for the `[proxy]` section.
     pub proxy: String,
     pub tls: bool,
+    /// TLS from pgweir to the backend: `Some("require")` or `Some("verify-full")` turns on `ssl` in the cluster
+    /// (certificate for `localhost`) and points `[clusters.main]` at it.
+    pub backend_tls: Option<&'static str>,
 }
 
 impl Default for Setup {
@@ -51,6 +55,7 @@ impl Default for Setup {
             pool: "max_size = 5\ncheckout_timeout = \"3s\"\nconnect_timeout = \"3s\"".into(),
             proxy: String::new(),
             tls: true,
+            backend_tls: None,
         }
     }
 }
@@ -74,7 +79,18 @@ impl Env {
     }
 
     pub fn with(setup: Setup) -> Env {
-        let cluster = LocalCluster::temporary().expect("start a temporary PostgreSQL cluster");
+        let backend_tls_dir = tempfile::Builder::new().prefix("pgweir-backend-tls-").tempdir().unwrap();
+        let mut cluster_settings: Vec<(String, String)> = Vec::new();
+        let mut cluster_lines = String::from("host = \"127.0.0.1\"");
+        if let Some(mode) = setup.backend_tls {
+            let (cert, key) = backend_certificate(backend_tls_dir.path());
+            cluster_settings.push(("ssl".into(), "on".into()));
+            cluster_settings.push(("ssl_cert_file".into(), cert.display().to_string()));
+            cluster_settings.push(("ssl_key_file".into(), key.display().to_string()));
+            cluster_lines = format!("host = \"localhost\"\ntls = \"{mode}\"\nca_file = {cert:?}");
+        }
+        let settings: Vec<(&str, &str)> = cluster_settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let cluster = LocalCluster::temporary_with(&settings).expect("start a temporary PostgreSQL cluster");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -113,7 +129,7 @@ login_timeout = "5s"
 {pool}
 
 [clusters.main]
-host = "127.0.0.1"
+{cluster_lines}
 port = {port}
 
 [[tenants]]
@@ -166,7 +182,7 @@ backend_password = "app-user-secret"
             bob_md5 = md5_verifier(BOB_PASSWORD, "bob"),
             beta_alice = scram(BOB_PASSWORD),
             app_user = scram("app-user-pw"),
-            extra = setup.extra_config,
+            extra = setup.extra_config.replace("$PORT", &cluster.port().to_string()),
         );
         let cfg =
             Config::parse(&text).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
@@ -202,6 +218,7 @@ backend_password = "app-user-secret"
             dir,
             shutdown: Some(tx),
             thread: Some(thread),
+            _backend_tls_dir: backend_tls_dir,
         }
     }
 
@@ -311,4 +328,23 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// The SQLSTATE of a tokio-postgres error (from the server's ErrorResponse).
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_owned())
+}
+
+/// A certificate for `localhost` that the cluster's postgres user can read (key mode 0600, owned by postgres when
+/// we are root, as Postgres demands).
+fn backend_certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let cert = dir.join("backend.crt");
+    let key = dir.join("backend.key");
+    pgweir::tls::ensure_self_signed(&cert, &key, &["localhost"]).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&cert, std::fs::Permissions::from_mode(0o644)).unwrap();
+    if unsafe { libc::geteuid() } == 0 {
+        let pw = unsafe { libc::getpwnam(c"postgres".as_ptr()) };
+        assert!(!pw.is_null(), "user postgres exists");
+        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+        std::os::unix::fs::chown(&key, Some(uid), Some(gid)).unwrap();
+        std::os::unix::fs::chown(&cert, Some(uid), Some(gid)).unwrap();
+    }
+    (cert, key)
 }

@@ -3,3 +3,5 @@
 mod harness;
 
 mod basics;
+mod robustness;
+mod backend;

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# pgweir as an extra target of ../shared/bench/peers.sh: writes a config from the BENCH_* variables and runs the
+# release binary in the foreground. Clients log in as bench/bench to database bench (auth = $BENCH_AUTH).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+bin="${PGWEIR_BIN:-$here/target/release/pgweir}"
+mkdir -p "$BENCH_CONF_DIR"
+verifier=$("$bin" hash-password bench --md5-user bench)
+scram=$(sed -n 1p <<<"$verifier")
+md5=$(sed -n 2p <<<"$verifier")
+case "${BENCH_AUTH:-md5}" in
+  md5) auth='["md5"]' ;;
+  *) auth='["scram-sha-256"]' ;;
+esac
+cat > "$BENCH_CONF_DIR/pgweir.toml" <<TOML
+[proxy]
+listen = "127.0.0.1:$BENCH_LISTEN_PORT"
+default_tenant = "bench"
+max_client_connections = 20000
+
+[pool]
+max_size = $BENCH_POOL_SIZE
+checkout_timeout = "60s"
+
+[clusters.bench]
+host = "$BENCH_PG_HOST"
+port = $BENCH_PG_PORT
+
+[[tenants]]
+id = "bench"
+database = "bench"
+cluster = "bench"
+backend_database = "$BENCH_PG_DB"
+backend_user = "$BENCH_PG_USER"
+backend_password = "$BENCH_PG_PASSWORD"
+auth = $auth
+
+[[tenants.users]]
+name = "bench"
+password = "$scram"
+md5 = "$md5"
+TOML
+export PGWEIR_LOG=${PGWEIR_LOG:-warn}
+if [ -n "${BENCH_WORKERS:-}" ]; then export TOKIO_WORKER_THREADS="$BENCH_WORKERS"; fi
+exec "$bin" serve --config "$BENCH_CONF_DIR/pgweir.toml"
