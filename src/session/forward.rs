@@ -11,7 +11,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::backend::ServerConn;
-use crate::net::ClientStream;
+use crate::net::{ClientStream, Stream};
 use crate::wire::frame::{FrameError, Scanner, Verdict};
 
 /// Read buffer size per direction.
@@ -70,11 +70,26 @@ pub async fn run(client: &mut ClientStream, conn: &mut ServerConn, max_message: 
         params,
         ..
     } = conn;
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut sr, mut sw) = tokio::io::split(server);
-    let reason = tokio::select! {
-        r = client_to_server(&mut cr, &mut sw, &mut client_buf, &mut c_scan, &shared) => r,
-        r = server_to_client(&mut sr, &mut cw, server_buf, &mut s_scan, params, &shared) => r,
+    let mut pumps = Pumps {
+        client_buf: &mut client_buf,
+        server_buf,
+        c_scan: &mut c_scan,
+        s_scan: &mut s_scan,
+        params,
+        shared: &shared,
+    };
+    // Plain TCP on both sides splits without a lock; TLS needs tokio's shared split.
+    let reason = match (client, server) {
+        (Stream::Plain(c), Stream::Plain(s)) => {
+            let (mut cr, mut cw) = c.split();
+            let (mut sr, mut sw) = s.split();
+            pumps.run(&mut cr, &mut cw, &mut sr, &mut sw).await
+        }
+        (client, server) => {
+            let (mut cr, mut cw) = tokio::io::split(client);
+            let (mut sr, mut sw) = tokio::io::split(server);
+            pumps.run(&mut cr, &mut cw, &mut sr, &mut sw).await
+        }
     };
     let requests = shared.requests.load(Ordering::Relaxed);
     let ready = shared.ready.load(Ordering::Relaxed);
@@ -89,6 +104,30 @@ pub async fn run(client: &mut ClientStream, conn: &mut ServerConn, max_message: 
         server_clean,
         server_at_boundary: s_scan.at_boundary(),
         tx_status: shared.tx_status.load(Ordering::Relaxed),
+    }
+}
+
+struct Pumps<'a> {
+    client_buf: &'a mut BytesMut,
+    server_buf: &'a mut BytesMut,
+    c_scan: &'a mut Scanner,
+    s_scan: &'a mut Scanner,
+    params: &'a mut Vec<(String, String)>,
+    shared: &'a Shared,
+}
+
+impl Pumps<'_> {
+    async fn run<CR, CW, SR, SW>(&mut self, cr: &mut CR, cw: &mut CW, sr: &mut SR, sw: &mut SW) -> EndReason
+    where
+        CR: AsyncRead + Unpin,
+        CW: AsyncWrite + Unpin,
+        SR: AsyncRead + Unpin,
+        SW: AsyncWrite + Unpin,
+    {
+        tokio::select! {
+            r = client_to_server(cr, sw, self.client_buf, self.c_scan, self.shared) => r,
+            r = server_to_client(sr, cw, self.server_buf, self.s_scan, self.params, self.shared) => r,
+        }
     }
 }
 
