@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::wire::frame::{header, FrameError};
@@ -115,4 +115,25 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             return Err(ReadFrameError::Closed);
         }
     }
+}
+
+/// Ends a connection on which pgweir has had its last word (typically a FATAL ErrorResponse): sends FIN after it,
+/// then reads and discards whatever the peer still sends until it closes (at most 1 s and 64 KiB). Closing a
+/// socket with unread input makes the kernel answer with a RST, which can destroy the error before the client has
+/// read it.
+pub async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+    const MAX_DISCARD: usize = 64 * 1024;
+    let drain = async {
+        let _ = s.shutdown().await;
+        let mut scratch = [0u8; 4096];
+        let mut discarded = 0;
+        while discarded < MAX_DISCARD {
+            match s.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }

@@ -110,6 +110,7 @@ impl Server {
                             tcp.write_all(&e.to_bytes()),
                         )
                         .await;
+                        crate::net::linger_close(&mut tcp).await;
                     });
                 }
             }

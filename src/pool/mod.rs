@@ -271,7 +271,7 @@ fn is_quiet(conn: &mut ServerConn) -> bool {
         return false;
     }
     conn.buf.reserve(64);
-    matches!(conn.stream.read_buf(&mut conn.buf).now_or_never(), None)
+    conn.stream.read_buf(&mut conn.buf).now_or_never().is_none()
 }
 
 /// A checked-out server connection. Dropping it closes the connection; [`Checkout::release`] returns it.

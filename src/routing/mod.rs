@@ -2,7 +2,8 @@
 //! suffix of its user name and the configured default — in that order, and every source that speaks must agree.
 //!
 //! Architecture invariant: pure functions over strings; no I/O, no tenant lookups beyond the `tenant_exists`
-//! predicate used to tell a routing suffix (`alice.acme`) from a user name that merely contains a dot.
+//! predicate used (only with a default tenant) to tell a routing suffix (`alice.acme`) from a user name that merely
+//! contains a dot.
 
 use crate::config::is_valid_label;
 
@@ -138,10 +139,14 @@ pub fn route(
         }
     }
 
+    // The user-name suffix. Without a default tenant (a multi-tenant deployment) any well-formed suffix routes, so
+    // that neither routing nor a conflict reveals whether a tenant exists (a dotted user name then carries the
+    // suffix: `john.doe.acme`). With a default tenant, only a suffix naming an existing tenant routes, so dotted
+    // user names of single-tenant deployments keep working.
     let mut user = input.user.to_owned();
     if let Some((name, suffix)) = input.user.rsplit_once('.') {
         if let Some(ep) = Endpoint::parse(suffix) {
-            if !name.is_empty() && tenant_exists(&ep.tenant) {
+            if !name.is_empty() && (input.default_tenant.is_none() || tenant_exists(&ep.tenant)) {
                 offer(ep, Source::UserSuffix)?;
                 user = name.to_owned();
             }

@@ -46,6 +46,7 @@ pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         Ok(Err((Some(mut stream), err))) => {
             debug!(%peer, error = %err, "login failed");
             send_error(&mut stream, &err).await;
+            crate::net::linger_close(&mut stream).await;
             return;
         }
         Ok(Err((None, err))) => {
@@ -58,6 +59,7 @@ pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     attach_and_forward(&proxy, &mut stream, session, peer).await;
+    crate::net::linger_close(&mut stream).await;
 }
 
 /// A client that has logged in.

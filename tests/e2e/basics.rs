@@ -33,7 +33,7 @@ fn routing_by_each_source() {
         "alice",
         ALICE_PASSWORD,
         "app",
-        &format!("host=acme.db.test hostaddr=127.0.0.1 sslmode=require"),
+        "host=acme.db.test hostaddr=127.0.0.1 sslmode=require",
     );
     assert_eq!(psql_ok(&url, "select current_database()"), "acme_main");
     // conflict
