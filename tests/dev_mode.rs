@@ -50,7 +50,17 @@ fn start_dev(data_dir: &std::path::Path, port: u16) -> (DevProcess, String) {
 
 fn psql(url: &str, sql: &str) -> String {
     let out = Command::new(PgBin::locate().unwrap().tool("psql"))
-        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", url, "-c", sql])
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            url,
+            "-c",
+            sql,
+        ])
         .env("PGCONNECT_TIMEOUT", "10")
         .output()
         .unwrap();
@@ -70,7 +80,10 @@ fn stop(mut p: DevProcess) {
             assert!(status.success(), "pgweir dev exited with {status}");
             return;
         }
-        assert!(Instant::now() < deadline, "pgweir dev did not stop on SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "pgweir dev did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -96,7 +109,10 @@ fn dev_mode_serves_psql_and_keeps_data_across_runs() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 
     let (proc, url2) = start_dev(&data_dir, port);
-    assert_eq!(url, url2, "the second run prints the same connection string");
+    assert_eq!(
+        url, url2,
+        "the second run prints the same connection string"
+    );
     assert_eq!(psql(&url2, "select body from notes"), "kept");
     stop(proc);
 }

@@ -36,6 +36,8 @@ pub struct End {
     pub server_clean: bool,
     /// The last forwarded server message was complete (an error can be appended for the client).
     pub server_at_boundary: bool,
+    /// The last server message was an ErrorResponse (e.g. the FATAL a server sends before it closes).
+    pub server_sent_error: bool,
     /// Transaction status of the last ReadyForQuery.
     pub tx_status: u8,
 }
@@ -51,6 +53,8 @@ struct Shared {
     /// A client message is partly written to the server.
     writing: AtomicBool,
     tx_status: AtomicU8,
+    /// Tag of the last message that started towards the client.
+    last_server_tag: AtomicU8,
 }
 
 pub async fn run(client: &mut ClientStream, conn: &mut ServerConn, max_message: usize) -> End {
@@ -60,6 +64,7 @@ pub async fn run(client: &mut ClientStream, conn: &mut ServerConn, max_message: 
         batch_open: AtomicBool::new(false),
         writing: AtomicBool::new(false),
         tx_status: AtomicU8::new(b'I'),
+        last_server_tag: AtomicU8::new(0),
     };
     let mut client_buf = BytesMut::with_capacity(CHUNK);
     let mut c_scan = Scanner::new(max_message);
@@ -103,6 +108,7 @@ pub async fn run(client: &mut ClientStream, conn: &mut ServerConn, max_message: 
         reason,
         server_clean,
         server_at_boundary: s_scan.at_boundary(),
+        server_sent_error: shared.last_server_tag.load(Ordering::Relaxed) == b'E',
         tx_status: shared.tx_status.load(Ordering::Relaxed),
     }
 }
@@ -117,7 +123,13 @@ struct Pumps<'a> {
 }
 
 impl Pumps<'_> {
-    async fn run<CR, CW, SR, SW>(&mut self, cr: &mut CR, cw: &mut CW, sr: &mut SR, sw: &mut SW) -> EndReason
+    async fn run<CR, CW, SR, SW>(
+        &mut self,
+        cr: &mut CR,
+        cw: &mut CW,
+        sr: &mut SR,
+        sw: &mut SW,
+    ) -> EndReason
     where
         CR: AsyncRead + Unpin,
         CW: AsyncWrite + Unpin,
@@ -207,6 +219,7 @@ where
             buf,
             |tag| tag == b'Z' || tag == b'S',
             |tag, frame| -> Result<Verdict, FrameError> {
+                shared.last_server_tag.store(tag, Ordering::Relaxed);
                 match (tag, frame) {
                     (b'Z', Some(f)) => {
                         shared.ready.fetch_add(1, Ordering::Relaxed);

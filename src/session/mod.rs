@@ -424,7 +424,7 @@ async fn attach_and_forward(
     drop(key);
     debug!(%peer, tenant = %s.tenant, outcome = ?end.reason, "session ended");
     match end.reason {
-        forward::EndReason::ServerGone if end.server_at_boundary => {
+        forward::EndReason::ServerGone if end.server_at_boundary && !end.server_sent_error => {
             let e = PgError::fatal(
                 sqlstate::CONNECTION_FAILURE,
                 "server closed the connection unexpectedly",

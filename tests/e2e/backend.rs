@@ -86,7 +86,10 @@ fn backend_auth_methods_scram_md5_cleartext_trust() {
     // pgweir's own backend credentials are wrong: the client learns that pgweir could not log in, not the
     // backend role's name or why.
     let err = psql_err(&login(&env, "bwrong"), "select 1");
-    assert!(err.contains("could not log in to the database server"), "{err}");
+    assert!(
+        err.contains("could not log in to the database server"),
+        "{err}"
+    );
     assert!(!err.contains("acme_owner"), "{err}");
 }
 
@@ -121,5 +124,8 @@ fn backend_tls_verify_full_refuses_an_unknown_certificate() {
     // Same server, two cluster entries: the one with the right CA works, the other is refused.
     assert_eq!(psql_ok(&env.alice(), "select 1"), "1");
     let err = psql_err(&login(&env, "wrongca"), "select 1");
-    assert!(err.contains("could not connect to the database server"), "{err}");
+    assert!(
+        err.contains("could not connect to the database server"),
+        "{err}"
+    );
 }

@@ -79,7 +79,10 @@ impl Env {
     }
 
     pub fn with(setup: Setup) -> Env {
-        let backend_tls_dir = tempfile::Builder::new().prefix("pgweir-backend-tls-").tempdir().unwrap();
+        let backend_tls_dir = tempfile::Builder::new()
+            .prefix("pgweir-backend-tls-")
+            .tempdir()
+            .unwrap();
         let mut cluster_settings: Vec<(String, String)> = Vec::new();
         let mut cluster_lines = String::from("host = \"127.0.0.1\"");
         if let Some(mode) = setup.backend_tls {
@@ -89,8 +92,12 @@ impl Env {
             cluster_settings.push(("ssl_key_file".into(), key.display().to_string()));
             cluster_lines = format!("host = \"localhost\"\ntls = \"{mode}\"\nca_file = {cert:?}");
         }
-        let settings: Vec<(&str, &str)> = cluster_settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let cluster = LocalCluster::temporary_with(&settings).expect("start a temporary PostgreSQL cluster");
+        let settings: Vec<(&str, &str)> = cluster_settings
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let cluster =
+            LocalCluster::temporary_with(&settings).expect("start a temporary PostgreSQL cluster");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -120,7 +127,7 @@ impl Env {
 [proxy]
 listen = "127.0.0.1:0"
 base_domain = "db.test"
-login_timeout = "5s"
+{login_timeout}
 {proxy}
 
 {tls}
@@ -174,6 +181,12 @@ backend_password = "app-user-secret"
 
 {extra}
 "#,
+            // A `login_timeout` in `setup.proxy` replaces the default (TOML refuses duplicate keys).
+            login_timeout = if setup.proxy.contains("login_timeout") {
+                ""
+            } else {
+                "login_timeout = \"5s\""
+            },
             proxy = setup.proxy,
             pool = setup.pool,
             port = cluster.port(),
@@ -182,7 +195,9 @@ backend_password = "app-user-secret"
             bob_md5 = md5_verifier(BOB_PASSWORD, "bob"),
             beta_alice = scram(BOB_PASSWORD),
             app_user = scram("app-user-pw"),
-            extra = setup.extra_config.replace("$PORT", &cluster.port().to_string()),
+            extra = setup
+                .extra_config
+                .replace("$PORT", &cluster.port().to_string()),
         );
         let cfg =
             Config::parse(&text).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));

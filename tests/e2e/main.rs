@@ -2,6 +2,8 @@
 
 mod harness;
 
-mod basics;
-mod robustness;
+mod auth;
 mod backend;
+mod basics;
+mod data;
+mod robustness;
