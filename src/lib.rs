@@ -12,6 +12,7 @@
 //! - [`pool`]: server connection pools, checkout guards, reset.
 //! - [`cancel`]: client-visible cancel keys → backend keys.
 //! - [`session`]: one client connection from first byte to last.
+//! - [`sqlscan`]: which SQL statements change session state (for transaction pooling); a lexer, no parser; pure.
 //! - [`server`]: the listener and process-wide state.
 //! - [`dev`]: `pgweir dev`, a local cluster with pgweir in front.
 //! - [`pgcluster`]: starting and stopping local PostgreSQL clusters (dev mode, tests).
@@ -27,6 +28,7 @@ pub mod pool;
 pub mod routing;
 pub mod server;
 pub mod session;
+pub mod sqlscan;
 pub mod tenant;
 pub mod tls;
 pub mod wire;

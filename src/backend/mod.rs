@@ -39,6 +39,10 @@ pub struct ServerConn {
     /// ParameterStatus values as the server reported them, in the order it sent them.
     pub params: Vec<(String, String)>,
     pub startup: StartupParams,
+    /// Transaction mode: the connection is shared between clients, which move their settings onto it.
+    pub shared: bool,
+    /// Session settings pgweir applied for the client now (or last) using a shared connection, by name.
+    pub applied: Vec<(String, String)>,
     pub created: Instant,
     pub idle_since: Instant,
     /// Bytes read from the server and not yet handled.
@@ -265,6 +269,8 @@ async fn connect_inner(
         secret,
         params: conn_params,
         startup,
+        shared: false,
+        applied: Vec::new(),
         created: now,
         idle_since: now,
         buf,
@@ -314,8 +320,9 @@ async fn next(stream: &mut ServerStream, buf: &mut BytesMut) -> Result<BytesMut,
         })
 }
 
-fn server_error(frame: BytesMut) -> BackendError {
-    let (code, message) = match decode_one::<ErrorResponse>(&frame, "ErrorResponse") {
+/// SQLSTATE and message of an ErrorResponse frame.
+pub fn error_fields(frame: &[u8]) -> (String, String) {
+    match decode_one::<ErrorResponse>(frame, "ErrorResponse") {
         Ok(e) => {
             let get = |t: u8| {
                 e.fields
@@ -327,7 +334,11 @@ fn server_error(frame: BytesMut) -> BackendError {
             (get(b'C'), get(b'M'))
         }
         Err(_) => (String::new(), "malformed error".to_owned()),
-    };
+    }
+}
+
+fn server_error(frame: BytesMut) -> BackendError {
+    let (code, message) = error_fields(&frame);
     if code.starts_with("28") {
         return BackendError::Auth(format!("{code} {message}"));
     }

@@ -1,14 +1,20 @@
 //! Cancel keys: every client gets a BackendKeyData whose secret is pgweir's own; a CancelRequest carrying it is
-//! mapped to the real backend key and address of the server connection the client is using. Forged or stale keys
-//! cancel nothing.
+//! mapped to the server connection the client is using *at that moment*. Forged or stale keys cancel nothing.
 //!
-//! Architecture invariant: knows keys and addresses only — not sessions, not pools.
+//! In session mode a client's slot points at one server for the whole session. In transaction mode the session
+//! links the slot to a server for each transaction and unlinks it before giving the server back; a cancel that is
+//! being forwarded holds the slot, so the server cannot go to another client until the cancel has been delivered
+//! (a late cancel can never hit someone else's query). A cancel for a client that waits for a server is remembered
+//! and answered by the session itself.
+//!
+//! Architecture invariant: knows keys, slots and addresses only — not sessions, not pools.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use rand::Rng;
+use tokio::sync::{Mutex, Notify};
 
 /// Where a cancel must go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,10 +25,46 @@ pub struct CancelTarget {
     pub secret: Bytes,
 }
 
-/// Client-visible key → backend key.
+/// What a client's cancel key currently refers to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SlotState {
+    /// Between transactions: a cancel does nothing.
+    #[default]
+    Idle,
+    /// A request waits for a server connection; `cancelled` once a cancel arrived.
+    Waiting { cancelled: bool },
+    /// A server is running the client's requests.
+    Linked(CancelTarget),
+}
+
+/// The per-client cancel slot.
+#[derive(Debug, Default)]
+pub struct CancelSlot {
+    state: Mutex<SlotState>,
+    /// Woken when a cancel arrives for a waiting request.
+    pub cancelled: Notify,
+}
+
+impl CancelSlot {
+    /// Sets the slot. Waits while a cancel for the previous state is being forwarded.
+    pub async fn set(&self, state: SlotState) {
+        *self.state.lock().await = state;
+    }
+
+    /// True if a cancel arrived while waiting; resets the flag.
+    pub async fn take_cancelled(&self) -> bool {
+        let mut s = self.state.lock().await;
+        if let SlotState::Waiting { cancelled } = &mut *s {
+            return std::mem::take(cancelled);
+        }
+        false
+    }
+}
+
+/// Client-visible key → slot.
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
-    map: DashMap<(i32, i32), CancelTarget>,
+    map: DashMap<(i32, i32), Arc<CancelSlot>>,
 }
 
 /// Unregisters its key when dropped.
@@ -30,6 +72,7 @@ pub struct CancelKey {
     registry: Arc<CancelRegistry>,
     pub pid: i32,
     pub secret: i32,
+    pub slot: Arc<CancelSlot>,
 }
 
 impl Drop for CancelKey {
@@ -38,30 +81,71 @@ impl Drop for CancelKey {
     }
 }
 
+/// What a cancel request led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    UnknownKey,
+    /// The client was between transactions.
+    Idle,
+    /// The waiting request was marked cancelled.
+    MarkedWaiting,
+    Forwarded,
+    ForwardFailed(String),
+}
+
 impl CancelRegistry {
-    /// Registers `target` under the client-visible `pid` (the server's pid in session mode) and a fresh random
-    /// secret.
-    pub fn register(self: &Arc<Self>, pid: i32, target: CancelTarget) -> CancelKey {
+    /// Registers a new slot under the client-visible `pid` (the server's pid in session mode, a random one in
+    /// transaction mode) and a fresh random secret.
+    pub fn register(self: &Arc<Self>, pid: i32, state: SlotState) -> CancelKey {
         let mut rng = rand::thread_rng();
+        let slot = Arc::new(CancelSlot {
+            state: Mutex::new(state),
+            cancelled: Notify::new(),
+        });
         loop {
             let secret: i32 = rng.gen();
             if let dashmap::mapref::entry::Entry::Vacant(e) = self.map.entry((pid, secret)) {
-                e.insert(target);
+                e.insert(slot.clone());
                 return CancelKey {
                     registry: self.clone(),
                     pid,
                     secret,
+                    slot,
                 };
             }
         }
     }
 
-    /// The target of a CancelRequest, if the key is live.
-    pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<CancelTarget> {
+    fn lookup(&self, pid: i32, secret: &[u8]) -> Option<Arc<CancelSlot>> {
         let secret: [u8; 4] = secret.try_into().ok()?;
         self.map
             .get(&(pid, i32::from_be_bytes(secret)))
-            .map(|t| t.clone())
+            .map(|s| s.clone())
+    }
+
+    /// Handles a CancelRequest. While the request is forwarded the slot stays locked, so the session cannot unlink
+    /// (and give its server to someone else) until the server has received the cancel.
+    pub async fn cancel<F, Fut>(&self, pid: i32, secret: &[u8], forward: F) -> CancelOutcome
+    where
+        F: FnOnce(CancelTarget) -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<()>>,
+    {
+        let Some(slot) = self.lookup(pid, secret) else {
+            return CancelOutcome::UnknownKey;
+        };
+        let mut state = slot.state.lock().await;
+        match &mut *state {
+            SlotState::Idle => CancelOutcome::Idle,
+            SlotState::Waiting { cancelled } => {
+                *cancelled = true;
+                slot.cancelled.notify_one();
+                CancelOutcome::MarkedWaiting
+            }
+            SlotState::Linked(target) => match forward(target.clone()).await {
+                Ok(()) => CancelOutcome::Forwarded,
+                Err(e) => CancelOutcome::ForwardFailed(e.to_string()),
+            },
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -77,25 +161,68 @@ impl CancelRegistry {
 mod tests {
     use super::*;
 
-    #[test]
-    fn keys_live_while_held() {
-        let reg = Arc::new(CancelRegistry::default());
-        let t = CancelTarget {
+    fn target() -> CancelTarget {
+        CancelTarget {
             host: "h".into(),
             port: 1,
             pid: 42,
             secret: Bytes::from_static(b"abcd"),
-        };
-        let key = reg.register(42, t.clone());
-        assert_eq!(reg.lookup(42, &key.secret.to_be_bytes()), Some(t));
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_live_while_held_and_follow_the_slot() {
+        let reg = Arc::new(CancelRegistry::default());
+        let key = reg.register(42, SlotState::Linked(target()));
+        let secret = key.secret.to_be_bytes();
+        let ok = |_t: CancelTarget| async { Ok(()) };
+        assert_eq!(reg.cancel(42, &secret, ok).await, CancelOutcome::Forwarded);
+        let wrong = key.secret.wrapping_add(1).to_be_bytes();
+        assert_eq!(reg.cancel(42, &wrong, ok).await, CancelOutcome::UnknownKey);
+        assert_eq!(reg.cancel(43, &secret, ok).await, CancelOutcome::UnknownKey);
+        assert_eq!(reg.cancel(42, b"abc", ok).await, CancelOutcome::UnknownKey);
+
+        key.slot.set(SlotState::Idle).await;
+        assert_eq!(reg.cancel(42, &secret, ok).await, CancelOutcome::Idle);
+        key.slot.set(SlotState::Waiting { cancelled: false }).await;
         assert_eq!(
-            reg.lookup(42, &key.secret.wrapping_add(1).to_be_bytes()),
-            None
+            reg.cancel(42, &secret, ok).await,
+            CancelOutcome::MarkedWaiting
         );
-        assert_eq!(reg.lookup(43, &key.secret.to_be_bytes()), None);
-        assert_eq!(reg.lookup(42, b"abc"), None);
-        let secret = key.secret;
+        assert!(key.slot.take_cancelled().await);
+        assert!(!key.slot.take_cancelled().await);
+
         drop(key);
-        assert_eq!(reg.lookup(42, &secret.to_be_bytes()), None);
+        assert_eq!(reg.cancel(42, &secret, ok).await, CancelOutcome::UnknownKey);
+        assert!(reg.is_empty());
+    }
+
+    #[tokio::test]
+    async fn unlinking_waits_for_a_cancel_in_flight() {
+        let reg = Arc::new(CancelRegistry::default());
+        let key = reg.register(7, SlotState::Linked(target()));
+        let secret = key.secret.to_be_bytes();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let reg2 = reg.clone();
+        let cancel = tokio::spawn(async move {
+            reg2.cancel(7, &secret, |_t| async move {
+                let _ = rx.await;
+                Ok(())
+            })
+            .await
+        });
+        // Let the cancel take the slot.
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let slot = key.slot.clone();
+        let unlink = tokio::spawn(async move { slot.set(SlotState::Idle).await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            !unlink.is_finished(),
+            "unlink must wait for the cancel in flight"
+        );
+        tx.send(()).unwrap();
+        assert_eq!(cancel.await.unwrap(), CancelOutcome::Forwarded);
+        unlink.await.unwrap();
     }
 }

@@ -168,6 +168,32 @@ fn default_pg_port() -> u16 {
     5432
 }
 
+/// How long a client keeps its server connection.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    /// For the whole client session; the connection is reset (`DISCARD ALL`) when the client leaves.
+    #[default]
+    Session,
+    /// For one transaction; session settings follow the client from server to server. Session state that cannot
+    /// move (LISTEN, session advisory locks, temp tables, WITH HOLD cursors, SQL PREPARE, named protocol-level
+    /// prepared statements) pins the client to its server connection for the rest of the session.
+    Transaction,
+}
+
+impl std::str::FromStr for PoolMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "session" => Ok(PoolMode::Session),
+            "transaction" => Ok(PoolMode::Transaction),
+            _ => Err(format!(
+                "invalid pool mode \"{s}\": expected session or transaction"
+            )),
+        }
+    }
+}
+
 /// Client authentication methods a tenant accepts.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "kebab-case")]
@@ -208,6 +234,9 @@ pub struct TenantConfig {
     /// Pool settings for this tenant.
     #[serde(default)]
     pub pool: PoolOverride,
+    /// Pool mode of the tenant's clients (a user or the client itself may override it: `options=pool_mode=session`).
+    #[serde(default)]
+    pub pool_mode: PoolMode,
     #[serde(default)]
     pub users: Vec<UserConfig>,
     #[serde(default)]
@@ -232,6 +261,8 @@ pub struct UserConfig {
     pub md5: Option<String>,
     /// Passthrough tenants: password of the same-named backend role.
     pub backend_password: Option<String>,
+    /// Pool mode for this user (default: the tenant's).
+    pub pool_mode: Option<PoolMode>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -5,7 +5,7 @@
 //! as a [`Checkout`] guard; dropping the guard closes the connection, [`Checkout::release`] resets it and returns
 //! it. An idle connection that has anything to read (data or EOF) is closed, never handed out.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -69,7 +69,17 @@ pub struct Pool {
     total: AtomicUsize,
     waiting: AtomicUsize,
     max_wait_us: AtomicU64,
+    /// Transaction mode: the ParameterStatus values a server reports once a client's startup settings are applied,
+    /// by those settings — so a login needs no server connection when another client logged in alike recently.
+    login_params: Mutex<HashMap<Settings, (Instant, Settings)>>,
 }
+
+/// Name/value pairs: session settings or ParameterStatus values.
+type Settings = Vec<(String, String)>;
+
+/// How long a remembered login answer is used.
+const LOGIN_PARAMS_TTL: Duration = Duration::from_secs(60);
+const LOGIN_PARAMS_MAX: usize = 1024;
 
 impl Pool {
     fn new(key: PoolKey, target: BackendTarget, cfg: PoolConfig) -> anyhow::Result<Arc<Pool>> {
@@ -84,6 +94,7 @@ impl Pool {
             total: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             max_wait_us: AtomicU64::new(0),
+            login_params: Mutex::new(HashMap::new()),
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
         Ok(pool)
@@ -93,15 +104,38 @@ impl Pool {
         &self.key
     }
 
+    /// The remembered ParameterStatus values for a login with `settings`, if fresh.
+    pub fn login_params(&self, settings: &[(String, String)]) -> Option<Vec<(String, String)>> {
+        let cache = self.login_params.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.get(settings) {
+            Some((at, params)) if at.elapsed() < LOGIN_PARAMS_TTL => Some(params.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn remember_login_params(
+        &self,
+        settings: Vec<(String, String)>,
+        params: Vec<(String, String)>,
+    ) {
+        let mut cache = self.login_params.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= LOGIN_PARAMS_MAX {
+            cache.clear();
+        }
+        cache.insert(settings, (Instant::now(), params));
+    }
+
     fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<ServerConn>> {
         // A panic while holding this lock cannot leave the deque inconsistent: keep going.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits (FIFO, bounded by the checkout timeout) for a server connection opened with `startup`.
+    /// Waits (FIFO, bounded by the checkout timeout) for a server connection: a dedicated one opened with `startup`
+    /// (session mode), or a `shared` one (transaction mode; opened without client parameters).
     pub async fn checkout(
         self: &Arc<Self>,
         startup: &StartupParams,
+        shared: bool,
     ) -> Result<Checkout, CheckoutError> {
         let started = Instant::now();
         self.waiting.fetch_add(1, Ordering::Relaxed);
@@ -118,12 +152,14 @@ impl Pool {
         self.max_wait_us
             .fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
 
-        while let Some(mut conn) = self.take_idle(startup) {
+        while let Some(mut conn) = self.take_idle(startup, shared) {
             if is_quiet(&mut conn) {
                 return Ok(self.guard(conn, permit));
             }
+            tracing::debug!(pool = %self.key, server_pid = conn.pid, "idle server connection had something to read; closing it");
             self.close(conn);
         }
+        tracing::debug!(pool = %self.key, shared, "opening a server connection");
         // Open a new connection; at the size limit, an idle one opened with other parameters makes room.
         {
             let mut idle = self.idle();
@@ -143,7 +179,10 @@ impl Pool {
         )
         .await
         {
-            Ok(conn) => Ok(self.guard(conn, permit)),
+            Ok(mut conn) => {
+                conn.shared = shared;
+                Ok(self.guard(conn, permit))
+            }
             Err(e) => {
                 self.total.fetch_sub(1, Ordering::Relaxed);
                 Err(e.into())
@@ -151,10 +190,12 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self, startup: &StartupParams) -> Option<ServerConn> {
+    fn take_idle(&self, startup: &StartupParams, shared: bool) -> Option<ServerConn> {
         let mut idle = self.idle();
         // Most recently used first: its caches are warm.
-        let i = idle.iter().rposition(|c| c.startup == *startup)?;
+        let i = idle
+            .iter()
+            .rposition(|c| c.shared == shared && c.startup == *startup)?;
         idle.remove(i)
     }
 
@@ -294,6 +335,15 @@ impl Checkout {
             .expect("a Checkout holds its connection until released or dropped")
     }
 
+    /// Returns a connection that is idle ('I') and in protocol sync to the pool as it is (transaction mode: the
+    /// settings pgweir applied stay, recorded in `applied`).
+    pub fn release_idle(mut self) {
+        if let (Some(conn), Some(permit)) = (self.conn.take(), self.permit.take()) {
+            self.pool.put_idle(conn);
+            drop(permit);
+        }
+    }
+
     /// Returns the connection to the pool after resetting it (`ROLLBACK` when `tx_status` is not idle, then
     /// `DISCARD ALL`) in the background. If the reset fails, the connection is closed.
     pub fn release(mut self, tx_status: u8) {
@@ -361,6 +411,7 @@ async fn reset(conn: &mut ServerConn, tx_status: u8) -> Result<(), String> {
             status as char
         ));
     }
+    conn.applied.clear();
     Ok(())
 }
 

@@ -63,8 +63,10 @@ pub struct Routed {
     pub source: Source,
     /// The user name with a routing suffix removed.
     pub user: String,
-    /// The `options` tokens other than `endpoint=…`, unescaped.
+    /// The `options` tokens other than pgweir's own (`endpoint=…`, `pool_mode=…`), unescaped.
     pub options: Vec<String>,
+    /// `pool_mode=…` from `options`, if the client asked for one.
+    pub pool_mode: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -129,13 +131,15 @@ pub fn route(
     }
 
     let mut options = Vec::new();
+    let mut pool_mode = None;
     for token in split_options(input.options.unwrap_or("")) {
-        match token.strip_prefix("endpoint=") {
-            Some(v) => {
-                let ep = Endpoint::parse(v).ok_or_else(|| RouteError::BadEndpoint(v.to_owned()))?;
-                offer(ep, Source::Options)?;
-            }
-            None => options.push(token),
+        if let Some(v) = token.strip_prefix("endpoint=") {
+            let ep = Endpoint::parse(v).ok_or_else(|| RouteError::BadEndpoint(v.to_owned()))?;
+            offer(ep, Source::Options)?;
+        } else if let Some(v) = token.strip_prefix("pool_mode=") {
+            pool_mode = Some(v.to_owned());
+        } else {
+            options.push(token);
         }
     }
 
@@ -171,6 +175,7 @@ pub fn route(
         source,
         user,
         options,
+        pool_mode,
     })
 }
 

@@ -1,21 +1,34 @@
 //! Full-duplex forwarding between a client and its server connection. Each direction reads into one reused
 //! buffer, frames by header and writes the original bytes on; memory stays bounded whatever the message sizes.
 //!
-//! To know whether the server connection is clean when the client leaves, the client→server side counts the
-//! messages that each end in exactly one ReadyForQuery (Query, Sync, FunctionCall) and notes open extended-protocol
-//! batches; the server→client side counts ReadyForQuery and keeps the last transaction status.
+//! To know whether the server connection is clean (and, in transaction mode, when a transaction ends), the
+//! client→server side counts the messages that each end in exactly one ReadyForQuery (Query, Sync, FunctionCall)
+//! and notes open extended-protocol batches; the server→client side counts ReadyForQuery and keeps the last
+//! transaction status. In transaction mode the client→server side also reads Query and Parse texts for their
+//! effect on session state (`crate::sqlscan`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::backend::ServerConn;
 use crate::net::{ClientStream, Stream};
-use crate::wire::frame::{FrameError, Scanner, Verdict};
+use crate::sqlscan::{self, Effect};
+use crate::wire::frame::{body, FrameError, Scanner, Verdict};
+use crate::wire::msg::cstr;
 
 /// Read buffer size per direction.
-const CHUNK: usize = 16 * 1024;
+pub const CHUNK: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward until either side leaves.
+    Session,
+    /// Also stop after the ReadyForQuery that ends a transaction (status 'I', nothing outstanding).
+    Transaction,
+}
 
 #[derive(Debug)]
 pub enum EndReason {
@@ -27,6 +40,8 @@ pub enum EndReason {
     /// The server's connection closed or failed.
     ServerGone,
     ServerProtocol(FrameError),
+    /// Transaction mode: the transaction ended and the server is idle and in sync.
+    TransactionEnd,
 }
 
 #[derive(Debug)]
@@ -40,10 +55,15 @@ pub struct End {
     pub server_sent_error: bool,
     /// Transaction status of the last ReadyForQuery.
     pub tx_status: u8,
+    /// Transaction mode: session-state effects of the statements the client sent.
+    pub effects: Vec<Effect>,
+    /// ParameterStatus values the server reported during the run.
+    pub reported: Vec<(String, String)>,
 }
 
 /// State shared by the two directions (atomics: both run in one task, but the task must be `Send`).
 struct Shared {
+    mode: Mode,
     /// Messages sent that each end in one ReadyForQuery.
     requests: AtomicU64,
     /// ReadyForQuery messages received.
@@ -52,23 +72,61 @@ struct Shared {
     batch_open: AtomicBool,
     /// A client message is partly written to the server.
     writing: AtomicBool,
+    /// The client side has consumed part of a message that is not forwarded yet.
+    client_mid_frame: AtomicBool,
     tx_status: AtomicU8,
     /// Tag of the last message that started towards the client.
     last_server_tag: AtomicU8,
+    effects: Mutex<Vec<Effect>>,
 }
 
-pub async fn run(client: &mut ClientStream, conn: &mut ServerConn, max_message: usize) -> End {
+impl Shared {
+    fn record_effects(&self, sql: &[u8]) {
+        let Ok(sql) = std::str::from_utf8(sql) else {
+            // Not UTF-8: pgweir cannot tell what it does; treat it as moving session state it cannot follow.
+            self.push(Effect::SessionStateUnknown);
+            return;
+        };
+        if sqlscan::has_session_effects(sql) {
+            let found = sqlscan::session_effects(sql);
+            self.effects
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(found);
+        }
+    }
+
+    fn push(&self, e: Effect) {
+        self.effects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(e);
+    }
+}
+
+/// Forwards between `client` and `conn` until one side leaves, or (transaction mode) a transaction ends.
+/// `client_buf` holds client bytes read but not yet forwarded; it is scanned before anything is read.
+pub async fn run(
+    client: &mut ClientStream,
+    client_buf: &mut BytesMut,
+    conn: &mut ServerConn,
+    max_message: usize,
+    mode: Mode,
+) -> End {
     let shared = Shared {
+        mode,
         requests: AtomicU64::new(0),
         ready: AtomicU64::new(0),
         batch_open: AtomicBool::new(false),
         writing: AtomicBool::new(false),
+        client_mid_frame: AtomicBool::new(false),
         tx_status: AtomicU8::new(b'I'),
         last_server_tag: AtomicU8::new(0),
+        effects: Mutex::new(Vec::new()),
     };
-    let mut client_buf = BytesMut::with_capacity(CHUNK);
     let mut c_scan = Scanner::new(max_message);
     let mut s_scan = Scanner::new(max_message);
+    let mut reported = Vec::new();
     let ServerConn {
         stream: server,
         buf: server_buf,
@@ -76,11 +134,12 @@ pub async fn run(client: &mut ClientStream, conn: &mut ServerConn, max_message: 
         ..
     } = conn;
     let mut pumps = Pumps {
-        client_buf: &mut client_buf,
+        client_buf,
         server_buf,
         c_scan: &mut c_scan,
         s_scan: &mut s_scan,
         params,
+        reported: &mut reported,
         shared: &shared,
     };
     // Plain TCP on both sides splits without a lock; TLS needs tokio's shared split.
@@ -98,8 +157,10 @@ pub async fn run(client: &mut ClientStream, conn: &mut ServerConn, max_message: 
     };
     let requests = shared.requests.load(Ordering::Relaxed);
     let ready = shared.ready.load(Ordering::Relaxed);
-    let server_clean = matches!(reason, EndReason::ClientTerminated | EndReason::ClientGone)
-        && requests == ready
+    let server_clean = matches!(
+        reason,
+        EndReason::ClientTerminated | EndReason::ClientGone | EndReason::TransactionEnd
+    ) && requests == ready
         && !shared.batch_open.load(Ordering::Relaxed)
         && !shared.writing.load(Ordering::Relaxed)
         && s_scan.at_boundary()
@@ -110,6 +171,11 @@ pub async fn run(client: &mut ClientStream, conn: &mut ServerConn, max_message: 
         server_at_boundary: s_scan.at_boundary(),
         server_sent_error: shared.last_server_tag.load(Ordering::Relaxed) == b'E',
         tx_status: shared.tx_status.load(Ordering::Relaxed),
+        effects: shared
+            .effects
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner()),
+        reported,
     }
 }
 
@@ -119,6 +185,7 @@ struct Pumps<'a> {
     c_scan: &'a mut Scanner,
     s_scan: &'a mut Scanner,
     params: &'a mut Vec<(String, String)>,
+    reported: &'a mut Vec<(String, String)>,
     shared: &'a Shared,
 }
 
@@ -138,8 +205,16 @@ impl Pumps<'_> {
     {
         tokio::select! {
             r = client_to_server(cr, sw, self.client_buf, self.c_scan, self.shared) => r,
-            r = server_to_client(sr, cw, self.server_buf, self.s_scan, self.params, self.shared) => r,
+            r = server_to_client(sr, cw, self.server_buf, self.s_scan, self.params, self.reported, self.shared) => r,
         }
+    }
+}
+
+/// Makes room for the next read.
+#[inline]
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < CHUNK / 4 {
+        buf.reserve(CHUNK);
     }
 }
 
@@ -154,30 +229,45 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let txn = shared.mode == Mode::Transaction;
     loop {
-        if buf.capacity() - buf.len() < CHUNK / 4 {
-            buf.reserve(CHUNK);
-        }
-        match r.read_buf(buf).await {
-            Ok(0) | Err(_) => return EndReason::ClientGone,
-            Ok(_) => {}
-        }
         let scan = scanner.scan(
             buf,
-            |tag| tag == b'X',
-            |tag, _| -> Result<Verdict, FrameError> {
+            |tag| tag == b'X' || (txn && (tag == b'Q' || tag == b'P')),
+            |tag, frame| -> Result<Verdict, FrameError> {
                 match tag {
                     b'X' => return Ok(Verdict::Stop),
-                    b'Q' | b'F' => {
+                    b'Q' => {
+                        shared.requests.fetch_add(1, Ordering::Relaxed);
+                        if let Some(f) = frame {
+                            let sql = body(f);
+                            shared.record_effects(sql.strip_suffix(&[0]).unwrap_or(sql));
+                        }
+                    }
+                    b'F' => {
                         shared.requests.fetch_add(1, Ordering::Relaxed);
                     }
                     b'S' => {
                         shared.requests.fetch_add(1, Ordering::Relaxed);
                         shared.batch_open.store(false, Ordering::Relaxed);
                     }
-                    b'P' | b'B' | b'D' | b'E' | b'C' => {
-                        shared.batch_open.store(true, Ordering::Relaxed)
+                    b'P' => {
+                        shared.batch_open.store(true, Ordering::Relaxed);
+                        if let Some(f) = frame {
+                            match cstr(body(f)) {
+                                Some((name, rest)) => {
+                                    if !name.is_empty() {
+                                        shared.push(Effect::Pin(sqlscan::PinReason::Other));
+                                    }
+                                    if let Some((sql, _)) = cstr(rest) {
+                                        shared.record_effects(sql);
+                                    }
+                                }
+                                None => shared.push(Effect::SessionStateUnknown),
+                            }
+                        }
                     }
+                    b'B' | b'D' | b'E' | b'C' => shared.batch_open.store(true, Ordering::Relaxed),
                     _ => {}
                 }
                 Ok(Verdict::Forward)
@@ -187,6 +277,9 @@ where
             Ok(s) => s,
             Err(e) => return EndReason::ClientProtocol(e),
         };
+        shared
+            .client_mid_frame
+            .store(!scanner.at_boundary(), Ordering::Relaxed);
         if scan.forward > 0 {
             shared.writing.store(true, Ordering::Relaxed);
             if w.write_all(&buf[..scan.forward]).await.is_err() || w.flush().await.is_err() {
@@ -198,6 +291,11 @@ where
         if scan.stopped {
             return EndReason::ClientTerminated;
         }
+        make_room(buf);
+        match r.read_buf(buf).await {
+            Ok(0) | Err(_) => return EndReason::ClientGone,
+            Ok(_) => {}
+        }
     }
 }
 
@@ -207,6 +305,7 @@ async fn server_to_client<R, W>(
     buf: &mut BytesMut,
     scanner: &mut Scanner,
     params: &mut Vec<(String, String)>,
+    reported: &mut Vec<(String, String)>,
     shared: &Shared,
 ) -> EndReason
 where
@@ -222,12 +321,25 @@ where
                 shared.last_server_tag.store(tag, Ordering::Relaxed);
                 match (tag, frame) {
                     (b'Z', Some(f)) => {
-                        shared.ready.fetch_add(1, Ordering::Relaxed);
-                        shared
-                            .tx_status
-                            .store(f.get(5).copied().unwrap_or(b'I'), Ordering::Relaxed);
+                        let ready = shared.ready.fetch_add(1, Ordering::Relaxed) + 1;
+                        let status = f.get(5).copied().unwrap_or(b'I');
+                        shared.tx_status.store(status, Ordering::Relaxed);
+                        if shared.mode == Mode::Transaction
+                            && status == b'I'
+                            && ready == shared.requests.load(Ordering::Relaxed)
+                            && !shared.batch_open.load(Ordering::Relaxed)
+                            && !shared.writing.load(Ordering::Relaxed)
+                            && !shared.client_mid_frame.load(Ordering::Relaxed)
+                        {
+                            return Ok(Verdict::Last);
+                        }
                     }
-                    (b'S', Some(f)) => crate::backend::record_parameter_status(params, f),
+                    (b'S', Some(f)) => {
+                        crate::backend::record_parameter_status(params, f);
+                        if shared.mode == Mode::Transaction {
+                            crate::backend::record_parameter_status(reported, f);
+                        }
+                    }
                     _ => {}
                 }
                 Ok(Verdict::Forward)
@@ -243,9 +355,10 @@ where
             }
             buf.advance(scan.forward);
         }
-        if buf.capacity() - buf.len() < CHUNK / 4 {
-            buf.reserve(CHUNK);
+        if scan.stopped {
+            return EndReason::TransactionEnd;
         }
+        make_room(buf);
         match r.read_buf(buf).await {
             Ok(0) | Err(_) => return EndReason::ServerGone,
             Ok(_) => {}

@@ -7,6 +7,7 @@
 
 mod auth;
 mod forward;
+mod txn;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,8 +18,8 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::backend::{ClientVisible, StartupParams};
-use crate::cancel::CancelTarget;
-use crate::config::DENIED_STARTUP_PARAMETERS;
+use crate::cancel::{CancelOutcome, CancelTarget, SlotState};
+use crate::config::{PoolMode, DENIED_STARTUP_PARAMETERS};
 use crate::net::{ClientStream, Stream};
 use crate::pool::CheckoutError;
 use crate::routing::{self, RouteInput};
@@ -69,6 +70,7 @@ struct Session {
     target: crate::tenant::BackendTarget,
     pool_cfg: crate::config::PoolConfig,
     startup: StartupParams,
+    mode: PoolMode,
 }
 
 type LoginError = (Option<ClientStream>, PgError);
@@ -156,6 +158,13 @@ async fn login(
         )
         .with_hint("connect with sslmode=require"));
     }
+    let mode = match &routed.pool_mode {
+        Some(m) => match m.parse::<PoolMode>() {
+            Ok(m) => m,
+            Err(e) => fail!(PgError::fatal(sqlstate::INVALID_PARAMETER_VALUE, e)),
+        },
+        None => user.pool_mode.unwrap_or(tenant.pool_mode),
+    };
     let database = startup
         .get("database")
         .filter(|d| !d.is_empty())
@@ -175,6 +184,7 @@ async fn login(
             target,
             pool_cfg: tenant.pool,
             startup: startup_params,
+            mode,
         },
     )))
 }
@@ -320,18 +330,16 @@ async fn start_tls(
 }
 
 async fn handle_cancel(proxy: &Proxy, pid: i32, secret: &[u8]) {
-    match proxy.cancels.lookup(pid, secret) {
-        Some(CancelTarget {
-            host,
-            port,
-            pid,
-            secret,
-        }) => {
-            if let Err(e) = crate::backend::send_cancel(&host, port, pid, &secret).await {
-                warn!(error = %e, "could not forward a cancel request");
-            }
-        }
-        None => debug!(pid, "cancel request with an unknown key ignored"),
+    let outcome = proxy
+        .cancels
+        .cancel(pid, secret, |t| async move {
+            crate::backend::send_cancel(&t.host, t.port, t.pid, &t.secret).await
+        })
+        .await;
+    match outcome {
+        CancelOutcome::ForwardFailed(e) => warn!(error = %e, "could not forward a cancel request"),
+        CancelOutcome::UnknownKey => debug!(pid, "cancel request with an unknown key ignored"),
+        o => debug!(pid, outcome = ?o, "cancel request handled"),
     }
 }
 
@@ -364,6 +372,9 @@ async fn attach_and_forward(
         return;
     }
     out.clear();
+    if s.mode == PoolMode::Transaction {
+        return txn::run(proxy, stream, s, peer).await;
+    }
     let pool = match proxy.pools.get(&s.target, s.pool_cfg) {
         Ok(p) => p,
         Err(e) => {
@@ -379,7 +390,7 @@ async fn attach_and_forward(
             return;
         }
     };
-    let mut checkout = match pool.checkout(&s.startup).await {
+    let mut checkout = match pool.checkout(&s.startup, false).await {
         Ok(c) => c,
         Err(CheckoutError::Timeout(d)) => {
             warn!(tenant = %s.tenant, pool = %pool.key(), "pool exhausted");
@@ -405,12 +416,12 @@ async fn attach_and_forward(
     }
     let key = proxy.cancels.register(
         conn.pid,
-        CancelTarget {
+        SlotState::Linked(CancelTarget {
             host: s.target.cluster.host.clone(),
             port: s.target.cluster.port,
             pid: conn.pid,
             secret: conn.secret.clone(),
-        },
+        }),
     );
     msg::backend_key_data(key.pid, key.secret, &mut out);
     msg::ready_for_query(b'I', &mut out);
@@ -420,7 +431,15 @@ async fn attach_and_forward(
     drop(out);
     info!(%peer, tenant = %s.tenant, user = %s.user, server_pid = conn.pid, "client attached");
 
-    let end = forward::run(stream, checkout.conn(), proxy.cfg.proxy.max_message_bytes).await;
+    let mut client_buf = BytesMut::with_capacity(forward::CHUNK);
+    let end = forward::run(
+        stream,
+        &mut client_buf,
+        checkout.conn(),
+        proxy.cfg.proxy.max_message_bytes,
+        forward::Mode::Session,
+    )
+    .await;
     drop(key);
     debug!(%peer, tenant = %s.tenant, outcome = ?end.reason, "session ended");
     match end.reason {

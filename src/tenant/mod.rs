@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::auth::scram::ScramVerifier;
-use crate::config::{AuthMethod, BackendTls, Config, PoolConfig};
+use crate::config::{AuthMethod, BackendTls, Config, PoolConfig, PoolMode};
 
 /// A backend Postgres cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +28,8 @@ pub struct User {
     pub md5: Option<String>,
     /// Passthrough tenants: password of the same-named backend role.
     pub backend_password: Option<String>,
+    /// Overrides the tenant's pool mode.
+    pub pool_mode: Option<PoolMode>,
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +46,7 @@ pub struct Tenant {
     pub require_tls: bool,
     pub auth: Vec<AuthMethod>,
     pub pool: PoolConfig,
+    pub pool_mode: PoolMode,
     pub users: HashMap<String, User>,
     /// Branch name → physical database.
     pub branches: HashMap<String, String>,
@@ -161,6 +164,7 @@ impl StaticDirectory {
                             scram,
                             md5: u.md5.clone(),
                             backend_password: u.backend_password.clone(),
+                            pool_mode: u.pool_mode,
                         },
                     ))
                 })
@@ -176,6 +180,7 @@ impl StaticDirectory {
                 require_tls: t.require_tls,
                 auth: t.auth.clone(),
                 pool: t.pool.apply(cfg.pool),
+                pool_mode: t.pool_mode,
                 users,
                 branches: t
                     .branches

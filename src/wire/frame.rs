@@ -45,6 +45,8 @@ pub enum Verdict {
     Forward,
     /// Stop before this frame: it is not forwarded and stays at the front of the unforwarded bytes.
     Stop,
+    /// Forward this frame and stop after it (only for whole, inspected frames; treated as `Forward` otherwise).
+    Last,
 }
 
 /// Result of one [`Scanner::scan`] pass.
@@ -52,7 +54,8 @@ pub enum Verdict {
 pub struct Scan {
     /// Bytes at the front of the buffer that can be forwarded now.
     pub forward: usize,
-    /// The inspector stopped at a frame that starts at `forward`.
+    /// The visitor ended the pass: `Stop` (the frame at `forward` is not forwarded) or `Last` (the frame ending at
+    /// `forward` is the last one forwarded).
     pub stopped: bool,
 }
 
@@ -112,6 +115,12 @@ impl Scanner {
             }
             if whole {
                 pos += total;
+                if verdict == Verdict::Last {
+                    return Ok(Scan {
+                        forward: pos,
+                        stopped: true,
+                    });
+                }
             } else {
                 self.skip = total - (buf.len() - pos);
                 pos = buf.len();

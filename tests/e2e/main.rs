@@ -7,3 +7,4 @@ mod backend;
 mod basics;
 mod data;
 mod robustness;
+mod txn;

@@ -1,0 +1,527 @@
+//! Transaction pooling: the client holds a server connection from the first message of a transaction until the
+//! ReadyForQuery that ends it (status 'I', nothing outstanding), then gives it back.
+//!
+//! The client's session settings (its startup parameters, and what it changes with `SET`, `RESET`, `set_config`
+//! or reported parameters) are kept here and moved onto whichever server connection it lands on; every shared
+//! server connection remembers what was applied to it (`ServerConn::applied`). Session state that cannot move
+//! (see `sqlscan::PinReason`) pins the client to its server connection for the rest of its session.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, info, warn};
+
+use crate::backend::{ServerConn, StartupParams};
+use crate::cancel::{CancelKey, CancelTarget, SlotState};
+use crate::net::{read_frame, ClientStream};
+use crate::pool::{Checkout, CheckoutError, Pool};
+use crate::routing;
+use crate::server::Proxy;
+use crate::sqlscan::{self, Effect};
+use crate::wire::error::sqlstate;
+use crate::wire::msg;
+use crate::wire::PgError;
+
+use super::forward::{self, EndReason, Mode};
+use super::{send_error, send_visible, Session};
+
+/// Reported parameters a client cannot set: never moved between server connections.
+const READ_ONLY_REPORTED: &[&str] = &[
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "session_authorization",
+    "in_hot_standby",
+];
+
+/// The client's session settings: name (lowercase) → value, as `set_config` takes them.
+type Settings = Vec<(String, String)>;
+
+fn set(settings: &mut Settings, name: &str, value: &str) {
+    match settings.iter_mut().find(|(k, _)| k == name) {
+        Some((_, v)) => *v = value.to_owned(),
+        None => settings.push((name.to_owned(), value.to_owned())),
+    }
+}
+
+fn get<'a>(settings: &'a Settings, name: &str) -> Option<&'a str> {
+    settings
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The client's startup parameters as settings (`options=-c …` included).
+fn startup_settings(startup: &StartupParams) -> Result<Settings, PgError> {
+    let mut out = Settings::new();
+    for (k, v) in startup.iter() {
+        if k == "options" {
+            for s in routing::option_settings(&routing::split_options(v)) {
+                match s {
+                    Ok((name, value)) => set(&mut out, &name.to_ascii_lowercase(), &value),
+                    Err(token) => {
+                        return Err(PgError::fatal(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            format!("option \"{token}\" is not supported in transaction pooling mode: use -c name=value"),
+                        ))
+                    }
+                }
+            }
+        } else {
+            set(&mut out, &k.to_ascii_lowercase(), v);
+        }
+    }
+    Ok(out)
+}
+
+/// Serves a logged-in client in transaction mode (AuthenticationOk has been sent).
+pub(super) async fn run(
+    proxy: &Arc<Proxy>,
+    stream: &mut ClientStream,
+    s: Session,
+    peer: SocketAddr,
+) {
+    let startup = match startup_settings(&s.startup) {
+        Ok(v) => v,
+        Err(e) => return send_error(stream, &e).await,
+    };
+    let pool = match proxy.pools.get(&s.target, s.pool_cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(tenant = %s.tenant, error = %e, "could not set up the pool");
+            let e = PgError::fatal(
+                sqlstate::INTERNAL_ERROR,
+                "pgweir could not set up the backend pool",
+            );
+            return send_error(stream, &e).await;
+        }
+    };
+    let no_params: StartupParams = Arc::from(Vec::new());
+    let mut desired = startup.clone();
+    let fake_pid = rand::random::<i32>() & 0x3fff_ffff;
+    let key = proxy.cancels.register(fake_pid.max(1), SlotState::Idle);
+
+    // Login: the parameters the client sees are a server's, with its settings applied. A server connection tells
+    // them, unless a client with the same settings logged in recently.
+    let params = match pool.login_params(&desired) {
+        Some(p) => p,
+        None => {
+            let mut first = match checkout_shared(&pool, &no_params, stream, &s.tenant).await {
+                Some(c) => c,
+                None => return,
+            };
+            if let Err(e) = sync(first.conn(), &desired).await {
+                // A startup parameter the server refuses: as on a direct connection, the login fails.
+                return send_error(stream, &e).await;
+            }
+            let params = first.conn_ref().params.clone();
+            first.release_idle();
+            pool.remember_login_params(desired.clone(), params.clone());
+            params
+        }
+    };
+    let mut out = BytesMut::with_capacity(512);
+    for (k, v) in &params {
+        msg::parameter_status(k, v, &mut out);
+    }
+    msg::backend_key_data(key.pid, key.secret, &mut out);
+    msg::ready_for_query(b'I', &mut out);
+    if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
+        return;
+    }
+    drop(out);
+    info!(%peer, tenant = %s.tenant, user = %s.user, mode = "transaction", "client attached");
+
+    let max = proxy.cfg.proxy.max_message_bytes;
+    let mut buf = BytesMut::new();
+    loop {
+        // Idle: no server connection until the client sends something.
+        if buf.is_empty() {
+            buf.reserve(forward::CHUNK / 4);
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        if buf[0] == b'X' {
+            break;
+        }
+        key.slot.set(SlotState::Waiting { cancelled: false }).await;
+        let got = tokio::select! {
+            c = checkout_shared(&pool, &no_params, stream, &s.tenant) => c,
+            _ = key.slot.cancelled.notified() => {
+                key.slot.set(SlotState::Idle).await;
+                if answer_cancelled(stream, &mut buf, max).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(mut checkout) = got else {
+            break;
+        };
+        // A cancel that arrived between the wake-up and here still counts.
+        if key.slot.take_cancelled().await {
+            checkout.release_idle();
+            key.slot.set(SlotState::Idle).await;
+            if answer_cancelled(stream, &mut buf, max).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        link(&key, &s, checkout.conn_ref()).await;
+        if let Err(e) = sync(checkout.conn(), &desired).await {
+            warn!(tenant = %s.tenant, error = %e, "could not move session settings to a server connection");
+            send_error(stream, &e).await;
+            break;
+        }
+        let end = forward::run(stream, &mut buf, checkout.conn(), max, Mode::Transaction).await;
+        key.slot.set(SlotState::Idle).await;
+
+        for (name, value) in &end.reported {
+            let name = name.to_ascii_lowercase();
+            if !READ_ONLY_REPORTED.contains(&name.as_str()) {
+                set(&mut desired, &name, value);
+                set(&mut checkout.conn().applied, &name, value);
+            }
+        }
+        let pinned = end
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::Pin(_) | Effect::SessionStateUnknown));
+        match end.reason {
+            EndReason::TransactionEnd if end.server_clean => {
+                if pinned {
+                    debug!(%peer, tenant = %s.tenant, "session state that cannot move: pinned to its server connection");
+                    link(&key, &s, checkout.conn_ref()).await;
+                    return session_rest(proxy, stream, buf, checkout).await;
+                }
+                if !end.effects.is_empty() {
+                    if let Err(e) =
+                        follow_effects(checkout.conn(), &end.effects, &startup, &mut desired).await
+                    {
+                        warn!(tenant = %s.tenant, error = %e, "could not read back session settings");
+                        send_error(stream, &e).await;
+                        break;
+                    }
+                }
+                checkout.release_idle();
+            }
+            EndReason::ClientTerminated | EndReason::ClientGone => {
+                if end.server_clean {
+                    checkout.release(end.tx_status);
+                }
+                break;
+            }
+            EndReason::ServerGone => {
+                if end.server_at_boundary && !end.server_sent_error {
+                    let e = PgError::fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        "server closed the connection unexpectedly",
+                    );
+                    send_error(stream, &e).await;
+                }
+                break;
+            }
+            EndReason::ClientProtocol(ref e) => {
+                send_error(stream, &PgError::protocol_violation(e.to_string())).await;
+                break;
+            }
+            EndReason::ServerProtocol(_) | EndReason::TransactionEnd => {
+                warn!(tenant = %s.tenant, reason = ?end.reason, "server connection out of sync; closing it");
+                if end.server_at_boundary {
+                    let e = PgError::fatal(sqlstate::CONNECTION_FAILURE, "server connection lost");
+                    send_error(stream, &e).await;
+                }
+                break;
+            }
+        }
+    }
+    drop(key);
+}
+
+/// The rest of a pinned session: session-mode forwarding on the server connection it holds.
+async fn session_rest(
+    proxy: &Arc<Proxy>,
+    stream: &mut ClientStream,
+    mut buf: BytesMut,
+    mut checkout: Checkout,
+) {
+    let max = proxy.cfg.proxy.max_message_bytes;
+    let end = forward::run(stream, &mut buf, checkout.conn(), max, Mode::Session).await;
+    match end.reason {
+        EndReason::ServerGone if end.server_at_boundary && !end.server_sent_error => {
+            let e = PgError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                "server closed the connection unexpectedly",
+            );
+            send_error(stream, &e).await;
+        }
+        EndReason::ClientProtocol(ref e) => {
+            send_error(stream, &PgError::protocol_violation(e.to_string())).await
+        }
+        _ => {}
+    }
+    if end.server_clean {
+        checkout.release(end.tx_status);
+    }
+}
+
+async fn link(key: &CancelKey, s: &Session, conn: &ServerConn) {
+    key.slot
+        .set(SlotState::Linked(CancelTarget {
+            host: s.target.cluster.host.clone(),
+            port: s.target.cluster.port,
+            pid: conn.pid,
+            secret: conn.secret.clone(),
+        }))
+        .await;
+}
+
+/// Checks out a shared server connection; on failure tells the client and returns None.
+async fn checkout_shared(
+    pool: &Arc<Pool>,
+    no_params: &StartupParams,
+    stream: &mut ClientStream,
+    tenant: &str,
+) -> Option<Checkout> {
+    match pool.checkout(no_params, true).await {
+        Ok(c) => Some(c),
+        Err(CheckoutError::Timeout(d)) => {
+            warn!(%tenant, pool = %pool.key(), "pool exhausted");
+            let e = PgError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "no server connection available within {}s: the pool is exhausted",
+                    d.as_secs_f32()
+                ),
+            );
+            send_error(stream, &e).await;
+            None
+        }
+        Err(CheckoutError::Backend(e)) => {
+            warn!(%tenant, pool = %pool.key(), error = %e, "backend connection failed");
+            send_visible(stream, &e.client_error()).await;
+            None
+        }
+    }
+}
+
+/// Answers a request that was cancelled while it waited for a server connection, as Postgres would: the request
+/// (a Query, or extended-protocol messages up to their Sync) is dropped and the client gets 57014 and
+/// ReadyForQuery.
+async fn answer_cancelled(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> std::io::Result<()> {
+    loop {
+        let frame = match read_frame(stream, buf, max).await {
+            Ok(f) => f,
+            Err(_) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+        };
+        if matches!(frame[0], b'Q' | b'S' | b'F') {
+            break;
+        }
+        if frame[0] == b'X' {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    let mut out = BytesMut::new();
+    PgError::error(
+        sqlstate::QUERY_CANCELED,
+        "canceling statement due to user request",
+    )
+    .encode(&mut out);
+    msg::ready_for_query(b'I', &mut out);
+    stream.write_all(&out).await?;
+    stream.flush().await
+}
+
+/// Makes the server connection's session settings equal `desired` (set_config for differences, RESET for
+/// settings the previous user had and this client has not). The server's answers stay with pgweir.
+async fn sync(conn: &mut ServerConn, desired: &Settings) -> Result<(), PgError> {
+    let mut sets = Vec::new();
+    for (k, v) in desired {
+        if get(&conn.applied, k) != Some(v.as_str()) {
+            sets.push(format!(
+                "set_config({}, {}, false)",
+                sqlscan::quote_literal(k),
+                sqlscan::quote_literal(v)
+            ));
+        }
+    }
+    let mut sql = String::new();
+    if !sets.is_empty() {
+        sql = format!("SELECT {}", sets.join(", "));
+    }
+    for (k, _) in &conn.applied {
+        if get(desired, k).is_none() {
+            if !sql.is_empty() {
+                sql.push_str("; ");
+            }
+            sql.push_str("RESET ");
+            sql.push_str(&sqlscan::quote_ident(k));
+        }
+    }
+    if sql.is_empty() {
+        return Ok(());
+    }
+    run_internal(conn, &sql, |_| {})
+        .await
+        .map_err(|e| e.to_client())?;
+    conn.applied = desired.clone();
+    Ok(())
+}
+
+/// After a transaction that changed session settings: learn their values (read back from the server, so a SET
+/// that failed or was rolled back is not taken) and record them as the client's.
+async fn follow_effects(
+    conn: &mut ServerConn,
+    effects: &[Effect],
+    startup: &Settings,
+    desired: &mut Settings,
+) -> Result<(), PgError> {
+    let mut names: Vec<String> = Vec::new();
+    for e in effects {
+        match e {
+            Effect::Set {
+                name,
+                value: Some(_),
+            } => names.push(name.to_ascii_lowercase()),
+            Effect::Set { name, value: None } => {
+                // RESET returns to the client's startup value, as on a direct connection.
+                let name = name.to_ascii_lowercase();
+                match get(startup, &name) {
+                    Some(v) => {
+                        let v = v.to_owned();
+                        set(desired, &name, &v);
+                        conn.applied.retain(|(k, _)| *k != name);
+                    }
+                    None => {
+                        desired.retain(|(k, _)| *k != name);
+                        conn.applied.retain(|(k, _)| *k != name);
+                    }
+                }
+            }
+            Effect::ResetAll | Effect::DiscardAll => {
+                *desired = startup.clone();
+                conn.applied.clear();
+                names.clear();
+            }
+            _ => {}
+        }
+    }
+    names.sort();
+    names.dedup();
+    if !names.is_empty() {
+        let cols: Vec<String> = names
+            .iter()
+            .map(|n| format!("current_setting({}, true)", sqlscan::quote_literal(n)))
+            .collect();
+        let mut values: Vec<Option<String>> = Vec::new();
+        run_internal(conn, &format!("SELECT {}", cols.join(", ")), |row| {
+            values = row
+        })
+        .await
+        .map_err(|e| e.to_client())?;
+        for (name, value) in names.iter().zip(values) {
+            match value {
+                Some(v) => {
+                    set(desired, name, &v);
+                    set(&mut conn.applied, name, &v);
+                }
+                None => {
+                    desired.retain(|(k, _)| k != name);
+                    conn.applied.retain(|(k, _)| k != name);
+                }
+            }
+        }
+    }
+    sync(conn, desired).await
+}
+
+/// Why pgweir's own query on a server connection failed.
+#[derive(Debug)]
+enum InternalError {
+    Lost,
+    Refused { code: String, message: String },
+}
+
+impl InternalError {
+    fn to_client(&self) -> PgError {
+        match self {
+            InternalError::Lost => {
+                PgError::fatal(sqlstate::CONNECTION_FAILURE, "server connection lost")
+            }
+            InternalError::Refused { code, message } => PgError::fatal(
+                sqlstate::INVALID_PARAMETER_VALUE,
+                format!("session setting refused by the server: {message} ({code})"),
+            ),
+        }
+    }
+}
+
+/// Runs pgweir's own simple query on a server connection and consumes the answer up to ReadyForQuery.
+/// `on_row` sees each DataRow's columns.
+async fn run_internal(
+    conn: &mut ServerConn,
+    sql: &str,
+    mut on_row: impl FnMut(Vec<Option<String>>),
+) -> Result<(), InternalError> {
+    let lost = |_| InternalError::Lost;
+    let mut out = BytesMut::with_capacity(sql.len() + 8);
+    msg::query(sql, &mut out);
+    conn.stream.write_all(&out).await.map_err(lost)?;
+    conn.stream.flush().await.map_err(lost)?;
+    let mut error: Option<InternalError> = None;
+    loop {
+        let frame = read_frame(&mut conn.stream, &mut conn.buf, 1 << 20)
+            .await
+            .map_err(|_| InternalError::Lost)?;
+        match frame[0] {
+            b'Z' => break,
+            b'S' => conn.observe_parameter_status(&frame),
+            b'D' => on_row(data_row(&frame)),
+            b'E' => {
+                let (code, message) = crate::backend::error_fields(&frame);
+                error = Some(InternalError::Refused { code, message });
+            }
+            _ => {}
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Text columns of a DataRow frame.
+fn data_row(frame: &[u8]) -> Vec<Option<String>> {
+    let mut b = &frame[5.min(frame.len())..];
+    let mut cols = Vec::new();
+    if b.len() < 2 {
+        return cols;
+    }
+    let n = b.get_i16();
+    for _ in 0..n {
+        if b.len() < 4 {
+            break;
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            cols.push(None);
+        } else if b.len() >= len as usize {
+            cols.push(Some(
+                String::from_utf8_lossy(&b[..len as usize]).into_owned(),
+            ));
+            b.advance(len as usize);
+        } else {
+            break;
+        }
+    }
+    cols
+}

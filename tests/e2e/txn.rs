@@ -1,0 +1,328 @@
+//! Transaction pooling: clients share few server connections; settings follow each client; state that cannot
+//! move pins; cancels reach only the right query.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// Tenant `tx`: same backend as `acme`, transaction pooling, pool of `size` server connections.
+fn tx_env(size: usize) -> Env {
+    tx_env_with(size, "10s")
+}
+
+fn tx_env_with(size: usize, checkout_timeout: &str) -> Env {
+    Env::with(Setup {
+        pool: format!("max_size = {size}\ncheckout_timeout = \"{checkout_timeout}\"\nconnect_timeout = \"3s\""),
+        extra_config: format!(
+            r#"
+[[tenants]]
+id = "tx"
+database = "app"
+cluster = "main"
+backend_database = "acme_main"
+backend_user = "acme_owner"
+backend_password = "{OWNER_PASSWORD}"
+pool_mode = "transaction"
+[[tenants.users]]
+name = "alice"
+password = "{}"
+"#,
+            scram(ALICE_PASSWORD)
+        ),
+        ..Setup::default()
+    })
+}
+
+fn tx_url(env: &Env, extra: &str) -> String {
+    env.url(
+        "alice",
+        ALICE_PASSWORD,
+        "app",
+        &format!("options=endpoint=tx sslmode=disable {extra}"),
+    )
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = client.simple_query(sql).await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn many_clients_share_few_server_connections() {
+    let env = tx_env(2);
+    rt().block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(env.connect(&tx_url(&env, "")).await.unwrap());
+        }
+        // Eight idle clients hold no server connections; all eight can run queries.
+        for (i, c) in clients.iter().enumerate() {
+            assert_eq!(one(c, &format!("select {i}")).await, i.to_string());
+        }
+        let pids: std::collections::BTreeSet<String> = {
+            let mut s = std::collections::BTreeSet::new();
+            for c in &clients {
+                s.insert(one(c, "select pg_backend_pid()").await);
+            }
+            s
+        };
+        assert!(pids.len() <= 2, "at most 2 server connections: {pids:?}");
+        // A transaction keeps its server connection from BEGIN to COMMIT.
+        let c = &clients[0];
+        c.batch_execute("BEGIN").await.unwrap();
+        let p1 = one(c, "select pg_backend_pid()").await;
+        for other in &clients[1..4] {
+            one(other, "select 1").await;
+        }
+        let p2 = one(c, "select pg_backend_pid()").await;
+        c.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(p1, p2);
+    });
+}
+
+#[test]
+fn settings_follow_each_client_across_a_shared_connection() {
+    let env = tx_env(1);
+    rt().block_on(async {
+        let a = env
+            .connect(&env.url(
+                "alice",
+                ALICE_PASSWORD,
+                "app",
+                "options='endpoint=tx -c search_path=a_path,public' sslmode=disable",
+            ))
+            .await
+            .unwrap();
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        a.batch_execute("SET TimeZone = 'UTC'; SET statement_timeout = '1234ms'")
+            .await
+            .unwrap();
+        b.batch_execute("SET TimeZone = 'Asia/Tokyo'")
+            .await
+            .unwrap();
+        for _ in 0..20 {
+            assert_eq!(one(&a, "show timezone").await, "UTC");
+            assert_eq!(one(&b, "show timezone").await, "Asia/Tokyo");
+            assert_eq!(one(&a, "show statement_timeout").await, "1234ms");
+            assert_eq!(one(&b, "show statement_timeout").await, "0");
+            assert_eq!(one(&a, "show search_path").await, "a_path,public");
+            assert_eq!(one(&b, "show search_path").await, "\"$user\", public");
+        }
+        // Both run on the one server connection.
+        assert_eq!(
+            one(&a, "select pg_backend_pid()").await,
+            one(&b, "select pg_backend_pid()").await
+        );
+        // RESET returns to the client's startup value; RESET ALL to all of them.
+        a.batch_execute("SET search_path = other").await.unwrap();
+        assert_eq!(one(&a, "show search_path").await, "other");
+        one(&b, "select 1").await;
+        a.batch_execute("RESET search_path").await.unwrap();
+        assert_eq!(one(&a, "show search_path").await, "a_path,public");
+        a.batch_execute("RESET ALL").await.unwrap();
+        one(&b, "select 1").await;
+        assert_eq!(one(&a, "show statement_timeout").await, "0");
+        assert_eq!(one(&a, "show search_path").await, "a_path,public");
+        // A SET rolled back is not kept; set_config(…, false) is.
+        a.batch_execute("BEGIN; SET statement_timeout = 999; ROLLBACK")
+            .await
+            .unwrap();
+        one(&b, "select 1").await;
+        assert_eq!(one(&a, "show statement_timeout").await, "0");
+        a.simple_query("select set_config('work_mem', '7MB', false)")
+            .await
+            .unwrap();
+        one(&b, "select 1").await;
+        assert_eq!(one(&a, "show work_mem").await, "7MB");
+        assert_eq!(one(&b, "show work_mem").await, "4MB");
+    });
+}
+
+#[test]
+fn listen_and_prepared_statements_pin_and_keep_working() {
+    let env = tx_env(2);
+    rt().block_on(async {
+        let a = env.connect(&tx_url(&env, "")).await.unwrap();
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        // Named prepared statements (tokio-postgres prepares every query) pin the client.
+        let stmt = a.prepare("select $1::int + 1").await.unwrap();
+        for i in 0..20 {
+            let row = a.query_one(&stmt, &[&i]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), i + 1);
+        }
+        let pinned_pid = a
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0);
+        // b still gets the other server connection, again and again.
+        for _ in 0..5 {
+            let pid: String = one(&b, "select pg_backend_pid()").await;
+            assert_ne!(pid, pinned_pid.to_string());
+        }
+        let again = a
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0);
+        assert_eq!(pinned_pid, again);
+    });
+}
+
+#[test]
+fn cancels_reach_only_the_right_query() {
+    let env = tx_env(1);
+    rt().block_on(async {
+        let a = env.connect(&tx_url(&env, "")).await.unwrap();
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        // A cancel of an idle client does nothing, even while another client runs on the same server connection.
+        let a_token = a.cancel_token();
+        let running = tokio::spawn(async move {
+            let started = Instant::now();
+            b.simple_query("select pg_sleep(1.5)")
+                .await
+                .map(|_| (started.elapsed(), b))
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a_token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        let (elapsed, b) = running.await.unwrap().expect("b's query is not cancelled");
+        assert!(elapsed >= Duration::from_millis(1400), "{elapsed:?}");
+
+        // A cancel of a running query cancels it.
+        let b_token = b.cancel_token();
+        let running =
+            tokio::spawn(async move { b.simple_query("select pg_sleep(30)").await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        b_token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        let err = running.await.unwrap().unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+
+        // A cancel while the query waits for a server connection is not lost.
+        a.batch_execute("BEGIN").await.unwrap(); // a holds the only server connection
+        let c = env.connect(&tx_url(&env, "")).await.unwrap();
+        let c_token = c.cancel_token();
+        let waiting =
+            tokio::spawn(async move { (c.simple_query("select 42").await.map(|_| ()), c) });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c_token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        let (res, c) = waiting.await.unwrap();
+        let err = res.unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+        a.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(one(&c, "select 7").await, "7");
+    });
+}
+
+#[test]
+fn disconnect_mid_transaction_rolls_back() {
+    let env = tx_env(1);
+    rt().block_on(async {
+        let setup = env.connect(&tx_url(&env, "")).await.unwrap();
+        setup
+            .batch_execute("CREATE TABLE IF NOT EXISTS tx_t(v int)")
+            .await
+            .unwrap();
+        let a = env.connect(&tx_url(&env, "")).await.unwrap();
+        a.batch_execute("BEGIN; INSERT INTO tx_t VALUES (1)")
+            .await
+            .unwrap();
+        drop(a);
+        // The server connection comes back rolled back and usable.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = one(&setup, "select count(*) from tx_t").await;
+            if n == "0" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "insert still visible: {n}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(one(&setup, "select 1").await, "1");
+    });
+}
+
+#[test]
+fn pgbench_simple_and_extended_with_more_clients_than_server_connections() {
+    let env = tx_env(2);
+    let pgbench = pgweir::pgcluster::PgBin::locate().unwrap().tool("pgbench");
+    let url = tx_url(&env, "");
+    let init = std::process::Command::new(&pgbench)
+        .args(["-i", "-s", "1", "-q", &url])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    for mode in ["simple", "extended"] {
+        let out = std::process::Command::new(&pgbench)
+            .args(["-n", "-c", "8", "-j", "2", "-t", "100", "-M", mode, &url])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("number of transactions actually processed: 800/800"),
+            "{mode}: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn client_can_ask_for_session_mode() {
+    let env = tx_env_with(1, "1s");
+    let session_url = env.url(
+        "alice",
+        ALICE_PASSWORD,
+        "app",
+        "options='endpoint=tx pool_mode=session' sslmode=disable",
+    );
+    rt().block_on(async {
+        // A session-mode client keeps its server connection while idle: the pool of one is taken.
+        let s = env.connect(&session_url).await.unwrap();
+        assert_eq!(one(&s, "select 1").await, "1");
+        let err = env.connect(&tx_url(&env, "")).await.unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+        drop(s);
+        // Once it leaves, a transaction-mode client gets the connection; idle, it does not hold it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let t = loop {
+            match env.connect(&tx_url(&env, "")).await {
+                Ok(t) => break t,
+                Err(e) => assert!(Instant::now() < deadline, "{e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let t2 = env.connect(&tx_url(&env, "")).await.unwrap();
+        assert_eq!(one(&t, "select 2").await, "2");
+        assert_eq!(one(&t2, "select 3").await, "3");
+    });
+    let bad = env.url(
+        "alice",
+        ALICE_PASSWORD,
+        "app",
+        "options='endpoint=tx pool_mode=statement' sslmode=disable",
+    );
+    let err = psql_err(&bad, "select 1");
+    assert!(err.contains("invalid pool mode"), "{err}");
+}
