@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # pgweir as an extra target of ../shared/bench/peers.sh: writes a config from the BENCH_* variables and runs the
 # release binary in the foreground. Clients log in as bench/bench to database bench (auth = $BENCH_AUTH).
+# PGWEIR_POOL_MODE=session|transaction (default transaction, as the harness runs every pooler).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin="${PGWEIR_BIN:-$here/target/release/pgweir}"
@@ -34,6 +35,7 @@ backend_database = "$BENCH_PG_DB"
 backend_user = "$BENCH_PG_USER"
 backend_password = "$BENCH_PG_PASSWORD"
 auth = $auth
+pool_mode = "${PGWEIR_POOL_MODE:-transaction}"
 
 [[tenants.users]]
 name = "bench"
