@@ -351,6 +351,19 @@ fn server_error(frame: BytesMut) -> BackendError {
 
 /// Sends a CancelRequest for (`pid`, `secret`) to the server at `host:port`.
 pub async fn send_cancel(host: &str, port: u16, pid: i32, secret: &[u8]) -> std::io::Result<()> {
+    // Bounded: the caller holds the client's cancel slot meanwhile.
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        send_cancel_inner(host, port, pid, secret),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+async fn send_cancel_inner(host: &str, port: u16, pid: i32, secret: &[u8]) -> std::io::Result<()> {
     let mut tcp = TcpStream::connect((host, port)).await?;
     let mut req = Vec::with_capacity(12 + secret.len());
     req.extend_from_slice(&((12 + secret.len()) as u32).to_be_bytes());
@@ -360,6 +373,6 @@ pub async fn send_cancel(host: &str, port: u16, pid: i32, secret: &[u8]) -> std:
     tcp.write_all(&req).await?;
     // The server closes the connection without answering once it has handled the request.
     let mut sink = [0u8; 1];
-    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;
+    let _ = tcp.read(&mut sink).await;
     Ok(())
 }

@@ -51,6 +51,18 @@ impl CancelSlot {
         *self.state.lock().await = state;
     }
 
+    /// Links the slot to `target` unless a cancel arrived while waiting (then the flag is reset and false returned),
+    /// in one step, so that no cancel falls between the check and the link.
+    pub async fn link_unless_cancelled(&self, target: CancelTarget) -> bool {
+        let mut s = self.state.lock().await;
+        if let SlotState::Waiting { cancelled: true } = &*s {
+            *s = SlotState::Waiting { cancelled: false };
+            return false;
+        }
+        *s = SlotState::Linked(target);
+        true
+    }
+
     /// True if a cancel arrived while waiting; resets the flag.
     pub async fn take_cancelled(&self) -> bool {
         let mut s = self.state.lock().await;

@@ -138,13 +138,13 @@ impl Pool {
         shared: bool,
     ) -> Result<Checkout, CheckoutError> {
         let started = Instant::now();
-        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let waiting = Counted::new(&self.waiting);
         let permit = tokio::time::timeout(
             self.cfg.checkout_timeout,
             self.slots.clone().acquire_owned(),
         )
         .await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        drop(waiting);
         let permit = match permit {
             Ok(Ok(p)) => p,
             _ => return Err(CheckoutError::Timeout(self.cfg.checkout_timeout)),
@@ -171,14 +171,18 @@ impl Pool {
             }
             self.total.fetch_add(1, Ordering::Relaxed);
         }
-        match backend::connect(
+        // Counted from here: if this future is dropped while connecting (the client left, or a cancel answered
+        // its request), the count must come down again.
+        let opening = Opening(self);
+        let conn = backend::connect(
             &self.target,
             startup.clone(),
             self.tls.as_ref(),
             self.cfg.connect_timeout,
         )
-        .await
-        {
+        .await;
+        std::mem::forget(opening);
+        match conn {
             Ok(mut conn) => {
                 conn.shared = shared;
                 Ok(self.guard(conn, permit))
@@ -218,7 +222,8 @@ impl Pool {
     }
 
     fn put_idle(&self, mut conn: ServerConn) {
-        if conn.created.elapsed() >= self.cfg.max_lifetime {
+        // Unread bytes on a connection about to idle mean it is not where pgweir thinks it is: never reuse it.
+        if conn.created.elapsed() >= self.cfg.max_lifetime || !conn.buf.is_empty() {
             self.close(conn);
             return;
         }
@@ -306,6 +311,31 @@ async fn maintain(pool: Weak<Pool>) {
     }
 }
 
+/// Counts itself in an `AtomicUsize` while it lives (also when its future is dropped).
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Counted(c)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection being opened: counted in `total` until it exists or has failed.
+struct Opening<'a>(&'a Pool);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// True when the idle connection has nothing to read: no stray message, no EOF, no error.
 fn is_quiet(conn: &mut ServerConn) -> bool {
     if !conn.buf.is_empty() {
@@ -378,6 +408,9 @@ impl Drop for Checkout {
 
 /// Brings a server connection back to a pristine session: no transaction, no session state.
 async fn reset(conn: &mut ServerConn, tx_status: u8) -> Result<(), String> {
+    if !conn.buf.is_empty() {
+        return Err("unread server bytes before the reset".into());
+    }
     let mut out = BytesMut::with_capacity(64);
     let mut expected = 1;
     if tx_status != b'I' {

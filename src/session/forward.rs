@@ -77,6 +77,10 @@ struct Shared {
     tx_status: AtomicU8,
     /// Tag of the last message that started towards the client.
     last_server_tag: AtomicU8,
+    /// The server is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone/CopyFail.
+    copy_in: AtomicBool,
+    /// Syncs sent since the last Execute or Query: if that one starts a COPY FROM STDIN, the server ignores them.
+    syncs_since_start: AtomicU64,
     effects: Mutex<Vec<Effect>>,
 }
 
@@ -122,6 +126,8 @@ pub async fn run(
         client_mid_frame: AtomicBool::new(false),
         tx_status: AtomicU8::new(b'I'),
         last_server_tag: AtomicU8::new(0),
+        copy_in: AtomicBool::new(false),
+        syncs_since_start: AtomicU64::new(0),
         effects: Mutex::new(Vec::new()),
     };
     let mut c_scan = Scanner::new(max_message);
@@ -210,6 +216,18 @@ impl Pumps<'_> {
     }
 }
 
+/// Transaction mode: every request got its ReadyForQuery (`ready` of them so far), no extended-protocol batch is
+/// open and nothing of the client's is half forwarded.
+#[inline]
+fn transaction_finished(shared: &Shared, ready: u64) -> bool {
+    shared.mode == Mode::Transaction
+        && shared.tx_status.load(Ordering::Relaxed) == b'I'
+        && ready == shared.requests.load(Ordering::Relaxed)
+        && !shared.batch_open.load(Ordering::Relaxed)
+        && !shared.writing.load(Ordering::Relaxed)
+        && !shared.client_mid_frame.load(Ordering::Relaxed)
+}
+
 /// Makes room for the next read.
 #[inline]
 fn make_room(buf: &mut BytesMut) {
@@ -239,6 +257,7 @@ where
                     b'X' => return Ok(Verdict::Stop),
                     b'Q' => {
                         shared.requests.fetch_add(1, Ordering::Relaxed);
+                        shared.syncs_since_start.store(0, Ordering::Relaxed);
                         if let Some(f) = frame {
                             let sql = body(f);
                             shared.record_effects(sql.strip_suffix(&[0]).unwrap_or(sql));
@@ -247,10 +266,18 @@ where
                     b'F' => {
                         shared.requests.fetch_add(1, Ordering::Relaxed);
                     }
+                    // During COPY FROM STDIN the server ignores Sync.
+                    b'S' if shared.copy_in.load(Ordering::Relaxed) => {}
                     b'S' => {
                         shared.requests.fetch_add(1, Ordering::Relaxed);
+                        shared.syncs_since_start.fetch_add(1, Ordering::Relaxed);
                         shared.batch_open.store(false, Ordering::Relaxed);
                     }
+                    b'E' => {
+                        shared.batch_open.store(true, Ordering::Relaxed);
+                        shared.syncs_since_start.store(0, Ordering::Relaxed);
+                    }
+                    b'c' | b'f' => shared.copy_in.store(false, Ordering::Relaxed),
                     b'P' => {
                         shared.batch_open.store(true, Ordering::Relaxed);
                         if let Some(f) = frame {
@@ -267,8 +294,11 @@ where
                             }
                         }
                     }
-                    b'B' | b'D' | b'E' | b'C' => shared.batch_open.store(true, Ordering::Relaxed),
-                    _ => {}
+                    b'B' | b'D' | b'C' => shared.batch_open.store(true, Ordering::Relaxed),
+                    // Flush and COPY data: forwarded as they are.
+                    b'H' | b'd' => {}
+                    // Anything else would make the server end the connection behind pgweir's back.
+                    tag => return Err(FrameError::UnexpectedTag { tag }),
                 }
                 Ok(Verdict::Forward)
             },
@@ -324,15 +354,16 @@ where
                         let ready = shared.ready.fetch_add(1, Ordering::Relaxed) + 1;
                         let status = f.get(5).copied().unwrap_or(b'I');
                         shared.tx_status.store(status, Ordering::Relaxed);
-                        if shared.mode == Mode::Transaction
-                            && status == b'I'
-                            && ready == shared.requests.load(Ordering::Relaxed)
-                            && !shared.batch_open.load(Ordering::Relaxed)
-                            && !shared.writing.load(Ordering::Relaxed)
-                            && !shared.client_mid_frame.load(Ordering::Relaxed)
-                        {
+                        if status == b'I' && transaction_finished(shared, ready) {
                             return Ok(Verdict::Last);
                         }
+                    }
+                    (b'G', _) => {
+                        // CopyInResponse: Syncs the client sent after the statement that started the COPY are
+                        // ignored by the server, so they get no ReadyForQuery.
+                        shared.copy_in.store(true, Ordering::Relaxed);
+                        let ignored = shared.syncs_since_start.swap(0, Ordering::Relaxed);
+                        shared.requests.fetch_sub(ignored, Ordering::Relaxed);
                     }
                     (b'S', Some(f)) => {
                         crate::backend::record_parameter_status(params, f);
@@ -350,12 +381,17 @@ where
             Err(e) => return EndReason::ServerProtocol(e),
         };
         if scan.forward > 0 {
-            if w.write_all(&buf[..scan.forward]).await.is_err() || w.flush().await.is_err() {
+            // Take the scanned bytes out of the server connection's buffer before writing: if the write fails or
+            // this future is dropped, bytes that were already counted must not stay behind on a connection that
+            // looks clean (the next user would read them as its own answers).
+            let out = buf.split_to(scan.forward);
+            if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
                 return EndReason::ClientGone;
             }
-            buf.advance(scan.forward);
         }
-        if scan.stopped {
+        // The transaction looked finished when its ReadyForQuery was scanned; while it was being written, the
+        // client may have sent more (pipelining). Only stop if it is still finished.
+        if scan.stopped && transaction_finished(shared, shared.ready.load(Ordering::Relaxed)) {
             return EndReason::TransactionEnd;
         }
         make_room(buf);

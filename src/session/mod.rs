@@ -440,6 +440,8 @@ async fn attach_and_forward(
         forward::Mode::Session,
     )
     .await;
+    // Unlink before the server can go to another client: waits for a cancel that is being delivered.
+    key.slot.set(SlotState::Idle).await;
     drop(key);
     debug!(%peer, tenant = %s.tenant, outcome = ?end.reason, "session ended");
     match end.reason {

@@ -150,9 +150,29 @@ pub(super) async fn run(
             break;
         }
         key.slot.set(SlotState::Waiting { cancelled: false }).await;
-        let got = tokio::select! {
-            c = checkout_shared(&pool, &no_params, stream, &s.tenant) => c,
-            _ = key.slot.cancelled.notified() => {
+        // Wait for a server connection, unless the request is cancelled first (a wake-up left over from an earlier
+        // cancel is checked against the slot and ignored).
+        let got = {
+            let wait = pool.checkout(&no_params, true);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    c = &mut wait => break Some(c),
+                    _ = key.slot.cancelled.notified() => {
+                        if key.slot.take_cancelled().await {
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
+        let mut checkout = match got {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                report_checkout_error(stream, &pool, &s.tenant, e).await;
+                break;
+            }
+            None => {
                 key.slot.set(SlotState::Idle).await;
                 if answer_cancelled(stream, &mut buf, max).await.is_err() {
                     break;
@@ -160,11 +180,12 @@ pub(super) async fn run(
                 continue;
             }
         };
-        let Some(mut checkout) = got else {
-            break;
-        };
-        // A cancel that arrived between the wake-up and here still counts.
-        if key.slot.take_cancelled().await {
+        // Linking and a cancel that arrived meanwhile exclude each other.
+        if !key
+            .slot
+            .link_unless_cancelled(target_of(&s, checkout.conn_ref()))
+            .await
+        {
             checkout.release_idle();
             key.slot.set(SlotState::Idle).await;
             if answer_cancelled(stream, &mut buf, max).await.is_err() {
@@ -172,7 +193,6 @@ pub(super) async fn run(
             }
             continue;
         }
-        link(&key, &s, checkout.conn_ref()).await;
         if let Err(e) = sync(checkout.conn(), &desired).await {
             warn!(tenant = %s.tenant, error = %e, "could not move session settings to a server connection");
             send_error(stream, &e).await;
@@ -197,15 +217,23 @@ pub(super) async fn run(
                 if pinned {
                     debug!(%peer, tenant = %s.tenant, "session state that cannot move: pinned to its server connection");
                     link(&key, &s, checkout.conn_ref()).await;
-                    return session_rest(proxy, stream, buf, checkout).await;
+                    return session_rest(proxy, stream, buf, checkout, &key).await;
                 }
                 if !end.effects.is_empty() {
-                    if let Err(e) =
-                        follow_effects(checkout.conn(), &end.effects, &startup, &mut desired).await
+                    match follow_effects(checkout.conn(), &end.effects, &startup, &mut desired)
+                        .await
                     {
-                        warn!(tenant = %s.tenant, error = %e, "could not read back session settings");
-                        send_error(stream, &e).await;
-                        break;
+                        Ok(false) => {}
+                        Ok(true) => {
+                            debug!(%peer, tenant = %s.tenant, "session settings that cannot move: pinned");
+                            link(&key, &s, checkout.conn_ref()).await;
+                            return session_rest(proxy, stream, buf, checkout, &key).await;
+                        }
+                        Err(e) => {
+                            warn!(tenant = %s.tenant, error = %e, "could not read back session settings");
+                            send_error(stream, &e).await;
+                            break;
+                        }
                     }
                 }
                 checkout.release_idle();
@@ -249,6 +277,7 @@ async fn session_rest(
     stream: &mut ClientStream,
     mut buf: BytesMut,
     mut checkout: Checkout,
+    key: &CancelKey,
 ) {
     let max = proxy.cfg.proxy.max_message_bytes;
     let end = forward::run(stream, &mut buf, checkout.conn(), max, Mode::Session).await;
@@ -265,20 +294,24 @@ async fn session_rest(
         }
         _ => {}
     }
+    // Unlink first: a cancel being delivered for this client must land before the server goes to someone else.
+    key.slot.set(SlotState::Idle).await;
     if end.server_clean {
         checkout.release(end.tx_status);
     }
 }
 
+fn target_of(s: &Session, conn: &ServerConn) -> CancelTarget {
+    CancelTarget {
+        host: s.target.cluster.host.clone(),
+        port: s.target.cluster.port,
+        pid: conn.pid,
+        secret: conn.secret.clone(),
+    }
+}
+
 async fn link(key: &CancelKey, s: &Session, conn: &ServerConn) {
-    key.slot
-        .set(SlotState::Linked(CancelTarget {
-            host: s.target.cluster.host.clone(),
-            port: s.target.cluster.port,
-            pid: conn.pid,
-            secret: conn.secret.clone(),
-        }))
-        .await;
+    key.slot.set(SlotState::Linked(target_of(s, conn))).await;
 }
 
 /// Checks out a shared server connection; on failure tells the client and returns None.
@@ -290,7 +323,22 @@ async fn checkout_shared(
 ) -> Option<Checkout> {
     match pool.checkout(no_params, true).await {
         Ok(c) => Some(c),
-        Err(CheckoutError::Timeout(d)) => {
+        Err(e) => {
+            report_checkout_error(stream, pool, tenant, e).await;
+            None
+        }
+    }
+}
+
+/// Tells the client why it got no server connection.
+async fn report_checkout_error(
+    stream: &mut ClientStream,
+    pool: &Pool,
+    tenant: &str,
+    e: CheckoutError,
+) {
+    match e {
+        CheckoutError::Timeout(d) => {
             warn!(%tenant, pool = %pool.key(), "pool exhausted");
             let e = PgError::fatal(
                 sqlstate::TOO_MANY_CONNECTIONS,
@@ -300,12 +348,10 @@ async fn checkout_shared(
                 ),
             );
             send_error(stream, &e).await;
-            None
         }
-        Err(CheckoutError::Backend(e)) => {
+        CheckoutError::Backend(e) => {
             warn!(%tenant, pool = %pool.key(), error = %e, "backend connection failed");
             send_visible(stream, &e.client_error()).await;
-            None
         }
     }
 }
@@ -345,7 +391,12 @@ async fn answer_cancelled(
 /// settings the previous user had and this client has not). The server's answers stay with pgweir.
 async fn sync(conn: &mut ServerConn, desired: &Settings) -> Result<(), PgError> {
     let mut sets = Vec::new();
-    for (k, v) in desired {
+    // client_encoding last: the server reads the rest of this SQL in the encoding in force when it arrives.
+    let ordered = desired
+        .iter()
+        .filter(|(k, _)| k != "client_encoding")
+        .chain(desired.iter().filter(|(k, _)| k == "client_encoding"));
+    for (k, v) in ordered {
         if get(&conn.applied, k) != Some(v.as_str()) {
             sets.push(format!(
                 "set_config({}, {}, false)",
@@ -355,20 +406,31 @@ async fn sync(conn: &mut ServerConn, desired: &Settings) -> Result<(), PgError> 
         }
     }
     let mut sql = String::new();
-    if !sets.is_empty() {
-        sql = format!("SELECT {}", sets.join(", "));
-    }
     for (k, _) in &conn.applied {
         if get(desired, k).is_none() {
-            if !sql.is_empty() {
-                sql.push_str("; ");
-            }
             sql.push_str("RESET ");
             sql.push_str(&sqlscan::quote_ident(k));
+            sql.push_str("; ");
         }
+    }
+    if !sets.is_empty() {
+        sql.push_str("SELECT ");
+        sql.push_str(&sets.join(", "));
     }
     if sql.is_empty() {
         return Ok(());
+    }
+    // The previous user's client_encoding would garble non-ASCII values: switch to UTF8 in a message of its own.
+    let encoding = conn
+        .params
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("client_encoding"))
+        .map(|(_, v)| v.as_str());
+    if !sql.is_ascii() && encoding != Some("UTF8") {
+        run_internal(conn, "SET client_encoding TO 'UTF8'", |_| {})
+            .await
+            .map_err(|e| e.to_client())?;
+        set(&mut conn.applied, "client_encoding", "UTF8");
     }
     run_internal(conn, &sql, |_| {})
         .await
@@ -377,71 +439,91 @@ async fn sync(conn: &mut ServerConn, desired: &Settings) -> Result<(), PgError> 
     Ok(())
 }
 
-/// After a transaction that changed session settings: learn their values (read back from the server, so a SET
-/// that failed or was rolled back is not taken) and record them as the client's.
+/// Settings whose changes pin the client instead of being moved: they change how the server reads pgweir's own
+/// `sync` SQL (`standard_conforming_strings`, `client_encoding`), or cannot be read back (`seed`).
+const PIN_ON_SET: &[&str] = &["standard_conforming_strings", "client_encoding", "seed"];
+
+/// After a transaction that changed session settings: read back from the server what they are now (so a SET or
+/// RESET that failed or was rolled back is not taken), record that as the truth of the connection and as the
+/// client's settings (a RESET that took effect returns to the client's startup value, as on a direct connection),
+/// and make the connection match. Returns true when the client must be pinned instead.
 async fn follow_effects(
     conn: &mut ServerConn,
     effects: &[Effect],
     startup: &Settings,
     desired: &mut Settings,
-) -> Result<(), PgError> {
-    let mut names: Vec<String> = Vec::new();
+) -> Result<bool, PgError> {
+    // Per name: the last thing the client did to it (true = SET, false = RESET).
+    let mut touched: Vec<(String, bool)> = Vec::new();
+    let mut reset_all = false;
     for e in effects {
         match e {
-            Effect::Set {
-                name,
-                value: Some(_),
-            } => names.push(name.to_ascii_lowercase()),
-            Effect::Set { name, value: None } => {
-                // RESET returns to the client's startup value, as on a direct connection.
+            Effect::Set { name, value } => {
                 let name = name.to_ascii_lowercase();
-                match get(startup, &name) {
-                    Some(v) => {
-                        let v = v.to_owned();
-                        set(desired, &name, &v);
-                        conn.applied.retain(|(k, _)| *k != name);
-                    }
-                    None => {
-                        desired.retain(|(k, _)| *k != name);
-                        conn.applied.retain(|(k, _)| *k != name);
-                    }
+                if PIN_ON_SET.contains(&name.as_str()) {
+                    return Ok(true);
+                }
+                match touched.iter_mut().find(|(k, _)| *k == name) {
+                    Some((_, v)) => *v = value.is_some(),
+                    None => touched.push((name, value.is_some())),
                 }
             }
             Effect::ResetAll | Effect::DiscardAll => {
-                *desired = startup.clone();
-                conn.applied.clear();
-                names.clear();
+                reset_all = true;
+                touched.iter_mut().for_each(|(_, s)| *s = false);
             }
             _ => {}
         }
     }
-    names.sort();
-    names.dedup();
-    if !names.is_empty() {
-        let cols: Vec<String> = names
+    if reset_all {
+        for (name, _) in desired
             .iter()
-            .map(|n| format!("current_setting({}, true)", sqlscan::quote_literal(n)))
-            .collect();
-        let mut values: Vec<Option<String>> = Vec::new();
-        run_internal(conn, &format!("SELECT {}", cols.join(", ")), |row| {
-            values = row
-        })
-        .await
-        .map_err(|e| e.to_client())?;
-        for (name, value) in names.iter().zip(values) {
-            match value {
-                Some(v) => {
-                    set(desired, name, &v);
-                    set(&mut conn.applied, name, &v);
-                }
-                None => {
-                    desired.retain(|(k, _)| k != name);
-                    conn.applied.retain(|(k, _)| k != name);
-                }
+            .chain(conn.applied.iter())
+            .chain(startup.iter())
+        {
+            if !touched.iter().any(|(k, _)| k == name) {
+                touched.push((name.clone(), false));
             }
         }
     }
-    sync(conn, desired).await
+    touched.retain(|(name, _)| name != "seed");
+    if touched.is_empty() {
+        return Ok(false);
+    }
+    let cols: Vec<String> = touched
+        .iter()
+        .map(|(n, _)| format!("current_setting({}, true)", sqlscan::quote_literal(n)))
+        .collect();
+    let mut values: Vec<Option<String>> = Vec::new();
+    run_internal(conn, &format!("SELECT {}", cols.join(", ")), |row| {
+        values = row
+    })
+    .await
+    .map_err(|e| e.to_client())?;
+    if values.len() != touched.len() {
+        return Err(InternalError::Lost.to_client());
+    }
+    for ((name, is_set), value) in touched.iter().zip(values) {
+        let Some(now) = value else {
+            // The setting does not exist (any more).
+            desired.retain(|(k, _)| k != name);
+            conn.applied.retain(|(k, _)| k != name);
+            continue;
+        };
+        set(&mut conn.applied, name, &now);
+        if *is_set {
+            set(desired, name, &now);
+        } else if get(desired, name) != Some(now.as_str()) {
+            // The RESET took effect: the client expects its startup value back.
+            let value = get(startup, name).unwrap_or(&now).to_owned();
+            set(desired, name, &value);
+        }
+    }
+    if get(desired, "search_path").is_some_and(|p| p.contains("pg_temp")) {
+        // Tables created through pg_temp are temporary whatever the statement says.
+        return Ok(true);
+    }
+    sync(conn, desired).await.map(|()| false)
 }
 
 /// Why pgweir's own query on a server connection failed.

@@ -2,11 +2,17 @@
 //!
 //! Classification is decided by the statement's first keyword; only the generic path (every statement that is not
 //! `SET`, `RESET`, `LISTEN`, … — in particular `SELECT`/`INSERT`/`UPDATE`/`DELETE`) scans the rest of the statement,
-//! looking for a handful of function calls and `SELECT … INTO TEMP`. Nothing here allocates.
+//! looking for a handful of function calls, writes to `pg_settings` and `SELECT … INTO TEMP`. Nothing here allocates.
+//!
+//! Everything is linear in the length of the text: the main scan reads each token once, and every look-ahead is
+//! bounded by a constant number of tokens (a `set_config` argument list longer than [`MAX_SET_CONFIG_TOKENS`] is
+//! not read to its end but reported as [`Raw::Unknown`]), so no input can make the scan revisit text many times.
 
 use std::ops::ControlFlow::{self, Break, Continue};
 
-use super::lexer::{is_closed, str_content, Kind, Lexer, Token};
+use super::lexer::{
+    is_closed, is_uescape_char, str_content, unicode_ident_content, Kind, Lexer, StrMode, Token,
+};
 use super::quote::is_reserved;
 use super::PinReason;
 
@@ -189,11 +195,12 @@ impl PinReason {
     }
 }
 
-/// The sink for one statement's findings: drops repeated pins/unpins of the same reason.
+/// The sink for one statement's findings: drops repeated pins/unpins of the same reason and repeated unknowns.
 struct Out<'f, F> {
     f: &'f mut F,
     pinned: u8,
     unpinned: u8,
+    unknown: bool,
 }
 
 impl<'a, F: FnMut(Raw<'a>) -> ControlFlow<()>> Out<'_, F> {
@@ -201,6 +208,11 @@ impl<'a, F: FnMut(Raw<'a>) -> ControlFlow<()>> Out<'_, F> {
         let (seen, bit) = match r {
             Raw::Pin(p) => (&mut self.pinned, p.bit()),
             Raw::Unpin(p) => (&mut self.unpinned, p.bit()),
+            Raw::Unknown if self.unknown => return Continue(()),
+            Raw::Unknown => {
+                self.unknown = true;
+                return (self.f)(r);
+            }
             _ => return (self.f)(r),
         };
         if *seen & bit != 0 {
@@ -220,6 +232,7 @@ where
         f,
         pinned: 0,
         unpinned: 0,
+        unknown: false,
     };
     let Some(mut first) = st.next() else {
         return Continue(());
@@ -245,6 +258,7 @@ where
     let mut buf = [0u8; 12];
     match lower(st.text(first), &mut buf) {
         b"select" | b"with" => finished(body(st, &mut out, Scan::SELECT)),
+        b"update" | b"insert" | b"merge" => finished(body(st, &mut out, Scan::WRITE)),
         b"set" => set_stmt(st, &mut out),
         b"reset" => reset_stmt(st, &mut out),
         b"discard" => {
@@ -332,20 +346,27 @@ struct Scan {
     select_into: bool,
     /// `pg_temp.` qualified names and `ON COMMIT DROP` (for `CREATE`).
     create: bool,
+    /// The statement's (consumed) first keyword was `UPDATE`, `INSERT` or `MERGE`.
+    write: bool,
 }
 
 impl Scan {
     const PLAIN: Scan = Scan {
         select_into: false,
         create: false,
+        write: false,
     };
     const SELECT: Scan = Scan {
         select_into: true,
-        create: false,
+        ..Scan::PLAIN
     };
     const CREATE: Scan = Scan {
-        select_into: false,
         create: true,
+        ..Scan::PLAIN
+    };
+    const WRITE: Scan = Scan {
+        write: true,
+        ..Scan::PLAIN
     };
 }
 
@@ -404,6 +425,42 @@ fn is_temp_schema(name: &str, quoted: bool) -> bool {
             .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// `pg_settings`, the view whose update rule calls `set_config`.
+fn is_pg_settings(name: &str, quoted: bool) -> bool {
+    name.len() == 11
+        && if quoted {
+            name == "pg_settings"
+        } else {
+            kw_eq(name, "pg_settings")
+        }
+}
+
+/// `UPDATE`, `INSERT` or `MERGE`.
+fn is_write_kw(name: &str) -> bool {
+    matches!(name.len(), 5 | 6)
+        && (kw_eq(name, "update") || kw_eq(name, "insert") || kw_eq(name, "merge"))
+}
+
+/// The `U&"…"` identifier `t`, decoded into `buf`; consumes its `UESCAPE 'c'` clause if it has one. `None` if it
+/// cannot be decoded (see [`unicode_ident_content`]), which callers must take as "could be any name".
+fn unicode_ident<'b>(st: &mut Stmt<'_>, t: Token, buf: &'b mut [u8; 32]) -> Option<&'b str> {
+    let mut esc = Some(b'\\');
+    if st.peek_kw("uescape") {
+        let mut ahead = *st;
+        ahead.next();
+        if let Some(lit) = ahead.peek().filter(|l| matches!(l.kind, Kind::Str(_))) {
+            ahead.next();
+            *st = ahead;
+            // Only the plain `'c'` spelling is decoded; others (E'…', continuations) are left undecoded.
+            esc = match (lit.kind, st.text(lit).as_bytes()) {
+                (Kind::Str(StrMode::Standard), &[b'\'', c, b'\'']) if is_uescape_char(c) => Some(c),
+                _ => None,
+            };
+        }
+    }
+    unicode_ident_content(st.sql(), t, esc?, buf)
+}
+
 /// Scan the rest of a statement for session-affecting function calls (and what `scan` asks for).
 fn body<'a, F>(st: &mut Stmt<'a>, out: &mut Out<'_, F>, scan: Scan) -> ControlFlow<(), Facts>
 where
@@ -411,16 +468,33 @@ where
 {
     let mut facts = Facts::default();
     let mut prev: Option<Token> = None;
+    // An `UPDATE`/`INSERT`/`MERGE` anywhere in a statement that names `pg_settings`: the view's rules call
+    // `set_config`, with whatever values the statement computes. Conservatively reported as unknown.
+    let mut writes = scan.write;
+    let mut settings = false;
+    let mut settings_reported = false;
+    let mut buf = [0u8; 32];
     while let Some(t) = st.next() {
         let name = match t.kind {
             Kind::Ident => Some((st.text(t), false)),
-            // Only a plain `"…"` can spell one of the names we look for; its text is the name itself.
-            Kind::QuotedIdent => {
+            // A plain `"…"` spells one of the names we look for only as the name itself (no `""` inside).
+            Kind::QuotedIdent if st.text(t).starts_with('"') => {
                 let text = st.text(t);
                 text.strip_prefix('"')
                     .and_then(|s| s.strip_suffix('"'))
                     .map(|inner| (inner, true))
             }
+            Kind::QuotedIdent => match unicode_ident(st, t, &mut buf) {
+                Some(decoded) => Some((decoded, true)),
+                None => {
+                    // Undecodable: it could be any name, so a call of it could be any function.
+                    settings = true;
+                    if st.peek_is(Kind::Punct(b'(')) {
+                        out.emit(Raw::Unknown)?;
+                    }
+                    None
+                }
+            },
             _ => None,
         };
         if let Some((name, quoted)) = name {
@@ -431,6 +505,14 @@ where
                         Call::SetConfig => set_config(*st, out)?,
                     }
                 }
+            } else if is_pg_settings(name, quoted) {
+                settings = true;
+            } else if !quoted
+                && is_write_kw(name)
+                // `SELECT … FOR [NO KEY] UPDATE` only locks rows.
+                && !prev.is_some_and(|p| st.is_kw(p, "for") || st.is_kw(p, "key"))
+            {
+                writes = true;
             } else if scan.select_into
                 && !quoted
                 && kw_eq(name, "into")
@@ -448,6 +530,10 @@ where
                     }
                 }
             }
+        }
+        if writes && settings && !settings_reported {
+            settings_reported = true;
+            out.emit(Raw::Unknown)?;
         }
         prev = Some(t);
     }
@@ -481,7 +567,13 @@ enum Arg {
     Many,
 }
 
-/// `set_config(` … with `st` just before the `(`.
+/// How many tokens of a `set_config` argument list are read, at most: `('name', 'value', false)` takes 6, and a
+/// longer list can only be `is_local = true` with computed arguments (or unknown). Reading further is what would
+/// make the scan quadratic (`set_config(set_config(set_config(…`), so a longer list is reported as unknown.
+pub(super) const MAX_SET_CONFIG_TOKENS: usize = 64;
+
+/// `set_config(` … with `st` just before the `(`. Reads a copy of the statement, so calls inside the arguments are
+/// still seen by the main scan.
 fn set_config<'a, F>(mut st: Stmt<'a>, out: &mut Out<'_, F>) -> ControlFlow<()>
 where
     F: FnMut(Raw<'a>) -> ControlFlow<()>,
@@ -491,10 +583,15 @@ where
     let mut n = 0usize;
     let mut cur = Arg::Empty;
     let mut depth = 0u32;
+    let mut budget = MAX_SET_CONFIG_TOKENS;
     loop {
         let Some(t) = st.next() else {
             return out.emit(Raw::Unknown);
         };
+        if budget == 0 {
+            return out.emit(Raw::Unknown);
+        }
+        budget -= 1;
         let end_arg = match t.kind {
             Kind::Punct(b'(' | b'[') => {
                 depth += 1;
@@ -537,7 +634,14 @@ where
         _ => None,
     };
     match is_local {
-        Some(true) => Continue(()),
+        // A transaction-scoped change of how later statements lex still hides them from this scanner; a name that
+        // is a literal but not a plain one is taken to be such a change.
+        Some(true) => match args[0] {
+            Arg::One(t) if is_string(t) && plain_str(sql, t).is_none_or(is_lexing_var) => {
+                out.emit(Raw::Unknown)
+            }
+            _ => Continue(()),
+        },
         None => out.emit(Raw::Unknown),
         Some(false) => {
             let name = match args[0] {
@@ -680,7 +784,14 @@ where
         return out.emit(raw);
     }
     if st.peek_kw("local") {
-        return out.emit(Raw::TransactionScoped);
+        let mut ahead = *st;
+        ahead.next();
+        // A transaction-scoped change of how later statements lex still hides them from this scanner.
+        let raw = match ahead.next() {
+            Some(t) if changes_lexing(&mut ahead, t) => Raw::Unknown,
+            _ => Raw::TransactionScoped,
+        };
+        return out.emit(raw);
     }
     if st.peek_kw("session") {
         let mut ahead = *st;
@@ -730,6 +841,52 @@ where
         _ => Raw::Unknown,
     };
     out.emit(raw)
+}
+
+/// Variables that change how PostgreSQL reads later statements — which this module cannot follow, since it assumes
+/// `standard_conforming_strings = on` and reads the text as UTF-8.
+const LEXING_VARS: [&str; 2] = ["standard_conforming_strings", "client_encoding"];
+
+fn is_lexing_var(name: &str) -> bool {
+    LEXING_VARS.iter().any(|v| kw_eq(name, v))
+}
+
+/// Whether the variable named at `t` (the token after `SET LOCAL`) is one of [`LEXING_VARS`] (or `NAMES`, which sets
+/// `client_encoding`), or might be. Variable names are case-insensitive even when quoted.
+fn changes_lexing(st: &mut Stmt<'_>, t: Token) -> bool {
+    let text = st.text(t);
+    match t.kind {
+        Kind::Ident => kw_eq(text, "names") || is_lexing_var(text),
+        Kind::QuotedIdent if text.starts_with('"') => text
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .is_some_and(is_lexing_var),
+        Kind::QuotedIdent => {
+            let mut buf = [0u8; 32];
+            unicode_ident(st, t, &mut buf).is_none_or(is_lexing_var)
+        }
+        _ => false,
+    }
+}
+
+/// The contents of a string literal token when they can be had without allocating: `None` for a literal with
+/// `''`, a continuation, or an escape.
+fn plain_str(sql: &str, t: Token) -> Option<&str> {
+    let text = &sql[t.start..t.end];
+    match t.kind {
+        Kind::Dollar => str_content(sql, t).and_then(|c| match c {
+            std::borrow::Cow::Borrowed(b) => Some(b),
+            std::borrow::Cow::Owned(_) => None,
+        }),
+        Kind::Str(mode) => {
+            let open = text.find('\'')?;
+            let inner = text[open + 1..].strip_suffix('\'')?;
+            let plain =
+                !inner.contains('\'') && (mode == StrMode::Standard || !inner.contains('\\'));
+            plain.then_some(inner)
+        }
+        _ => None,
+    }
 }
 
 /// Whether a replayable value is the single word `none` (as `SET ROLE NONE` / `SET ROLE 'none'` spell it).

@@ -166,18 +166,25 @@ fn quoted_end(s: &[u8], i: usize) -> usize {
     scan_quoted(s, i).0
 }
 
-/// First occurrence of `needle` in `s` at or after `from`.
+/// First occurrence of a dollar-quote tag `needle` (`$`, tag characters, `$`) in `s` at or after `from`.
+///
+/// Linear: a candidate starts at a `$`, and its comparison stops at the first mismatch, which comes no later than the
+/// next `$` of `s` (the tag's inner characters are never `$`); the next candidate is searched from there.
 fn find(s: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
     let hay = s.get(from..)?;
-    let first = *needle.first()?;
+    let (&first, rest) = needle.split_first()?;
     let mut i = 0;
     while i + needle.len() <= hay.len() {
-        let p = hay[i..].iter().position(|&b| b == first)?;
-        i += p;
-        if hay.get(i..i + needle.len()) == Some(needle) {
+        i += hay[i..].iter().position(|&b| b == first)?;
+        let matched = hay[i + 1..]
+            .iter()
+            .zip(rest)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if matched == rest.len() {
             return Some(from + i);
         }
-        i += 1;
+        i += 1 + matched.min(rest.len().saturating_sub(1));
     }
     None
 }
@@ -401,4 +408,54 @@ pub(super) fn is_closed(sql: &str, t: Token) -> bool {
         Kind::Dollar => str_content(sql, t).is_some(),
         _ => true,
     }
+}
+
+/// The name a `U&"…"` identifier token stands for, decoded into `buf`, with `esc` as the escape character (`\`
+/// unless a `UESCAPE` clause says otherwise): `esc esc` is `esc`, `esc XXXX` and `esc + XXXXXX` are code points in
+/// hex, `""` is `"`. `None` if that is not a valid spelling (PostgreSQL rejects it), if the token is unterminated, or
+/// if the name is not short ASCII — so `None` says "not decoded", never "not interesting".
+pub(super) fn unicode_ident_content<'b>(
+    sql: &str,
+    t: Token,
+    esc: u8,
+    buf: &'b mut [u8; 32],
+) -> Option<&'b str> {
+    let text = &sql[t.start..t.end];
+    let body = text.get(3..)?.strip_suffix('"')?.as_bytes();
+    let hex = |digits: &[u8]| -> Option<u8> {
+        let mut cp = 0u32;
+        for &d in digits {
+            cp = cp * 16 + char::from(d).to_digit(16)?;
+        }
+        // A NUL is rejected by PostgreSQL; anything past ASCII cannot spell a name this module looks for.
+        u8::try_from(cp).ok().filter(|c| (1..0x80).contains(c))
+    };
+    let mut n = 0;
+    let mut i = 0;
+    while i < body.len() {
+        let c = body[i];
+        let (byte, len) = if c == b'"' {
+            // Inside a terminated token a `"` is always doubled.
+            (body.get(i + 1).filter(|&&q| q == b'"').copied()?, 2)
+        } else if c == esc {
+            match body.get(i + 1) {
+                Some(&e) if e == esc => (esc, 2),
+                Some(b'+') => (hex(body.get(i + 2..i + 8)?)?, 8),
+                _ => (hex(body.get(i + 1..i + 5)?)?, 5),
+            }
+        } else if c.is_ascii() {
+            (c, 1)
+        } else {
+            return None;
+        };
+        *buf.get_mut(n)? = byte;
+        n += 1;
+        i += len;
+    }
+    std::str::from_utf8(&buf[..n]).ok()
+}
+
+/// Whether `c` may follow `UESCAPE` as the escape character of a Unicode literal, as PostgreSQL checks it.
+pub(super) fn is_uescape_char(c: u8) -> bool {
+    !(c.is_ascii_hexdigit() || matches!(c, b'+' | b'\'' | b'"') || is_space(c))
 }

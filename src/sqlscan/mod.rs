@@ -13,8 +13,9 @@
 //! keyword is not one of the session-changing ones (`SET`, `RESET`, `DISCARD`, `LISTEN`, `UNLISTEN`, `PREPARE`,
 //! `DEALLOCATE`, `CLOSE`, `DECLARE`, `CREATE`, `LOAD`) the rest of the statement is only checked, one identifier
 //! at a time against a length-keyed table, for the few functions that matter (`pg_advisory_lock` and friends,
-//! `set_config`, `dblink_connect`) and, after `SELECT`/`WITH`, for `INTO TEMP`. [`session_effects`] allocates only
-//! for what it returns.
+//! `set_config`, `dblink_connect`; quoted or `U&"…"`-spelled ones too), for a write to `pg_settings` and, after
+//! `SELECT`/`WITH`, for `INTO TEMP`. [`session_effects`] allocates only for what it returns. Both take time linear
+//! in the length of the text, whatever it holds: every look-ahead is bounded by a constant number of tokens.
 //!
 //! What it cannot see: effects hidden in function bodies, `DO` blocks, `EXECUTE` of an earlier `PREPARE` (which pins
 //! anyway), or dynamic SQL. A client that sets `standard_conforming_strings = off` (reported as a [`Effect::Set`]
@@ -62,8 +63,12 @@ pub enum Effect {
     /// `SET SESSION AUTHORIZATION DEFAULT`, …). Whether the connection can then be released is the caller's call.
     Unpin(PinReason),
     /// The statement changes session state in a way that cannot be described: a `set_config` whose arguments are
-    /// not plain literals, `SET x FROM CURRENT`, a malformed `SET`/`RESET`, `SET TIME ZONE INTERVAL …`. Callers
-    /// should treat the session as dirty.
+    /// not plain literals (or are more than a few dozen tokens long), `SET x FROM CURRENT`, a malformed
+    /// `SET`/`RESET`, `SET TIME ZONE INTERVAL …`, an `UPDATE`/`INSERT`/`MERGE` statement that names `pg_settings`
+    /// (whose rules call `set_config`), a call of a `U&"…"` function whose name cannot be decoded, and a
+    /// transaction-scoped change (`SET LOCAL`, `set_config(…, true)`) of `standard_conforming_strings` or
+    /// `client_encoding`, after which the rest of the transaction may lex differently from what is assumed here.
+    /// Callers should treat the session as dirty.
     SessionStateUnknown,
     /// Nothing of interest. Never returned by [`session_effects`], which leaves such statements out.
     None,
@@ -104,8 +109,8 @@ fn scan<'a>(sql: &'a str, mut f: impl FnMut(Raw<'a>) -> ControlFlow<()>) {
 
 /// Effects of every statement of a (possibly multi-statement) SQL string, in statement order. Statements with no
 /// effect are omitted; a statement may contribute more than one (`SELECT pg_advisory_lock(1), set_config(…)`;
-/// `SET SESSION CHARACTERISTICS` with several modes), and a repeated pin or unpin within one statement is reported
-/// once. Returns an empty `Vec` — no allocation — when nothing is of interest.
+/// `SET SESSION CHARACTERISTICS` with several modes), and a repeated pin, unpin or unknown within one statement is
+/// reported once. Returns an empty `Vec` — no allocation — when nothing is of interest.
 pub fn session_effects(sql: &str) -> Vec<Effect> {
     let mut out = Vec::new();
     scan(sql, |raw| {

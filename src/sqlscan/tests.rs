@@ -1,4 +1,4 @@
-use super::lexer::{Kind, Lexer, StrMode};
+use super::lexer::{self, Kind, Lexer, StrMode};
 use super::*;
 use proptest::prelude::*;
 use Effect::{
@@ -838,6 +838,300 @@ fn set_effects_replay_to_themselves() {
                 "{sql} → {replay}"
             );
         }
+    }
+}
+
+#[test]
+fn unicode_identifiers() {
+    check_all(&[
+        ("SELECT U&\"pg_advisory_lock\"(42)", &[Pin(AdvisoryLock)]),
+        (
+            "SELECT u&\"pg\\005fadvisory\\005flock\" (42)",
+            &[Pin(AdvisoryLock)],
+        ),
+        (
+            "SELECT U&\"pg\\+00005fadvisory_lock\"(42)",
+            &[Pin(AdvisoryLock)],
+        ),
+        (
+            "SELECT U&\"pg!005fadvisory!005flock\" UESCAPE '!' (42)",
+            &[Pin(AdvisoryLock)],
+        ),
+        (
+            "SELECT U&\"pg_catalog\".U&\"pg_try_advisory_lock\"(1)",
+            &[Pin(AdvisoryLock)],
+        ),
+        (
+            "SELECT U&\"set_config\"('search_path','evil',false)",
+            &[set("search_path", "evil")],
+        ),
+        (
+            "SELECT U&\"set\\005fconfig\"('a.b', '1', false)",
+            &[set("a.b", "'1'")],
+        ),
+        ("SELECT U&\"set_config\"('a.b', '1', true)", &[]),
+        ("SELECT U&\"set_config\"('a.b', $1, false)", &[Unknown]),
+        (
+            "CREATE TABLE U&\"pg\\005ftemp\".t (a int)",
+            &[Pin(TempTable)],
+        ),
+        // Names that decode to something uninteresting, or are no call.
+        ("SELECT U&\"lower\"('X')", &[]),
+        ("SELECT U&\"a\"\"b\"(1)", &[]),
+        ("SELECT U&\"pg_advisory_lock\"", &[]),
+        ("SELECT U&\"pg_advisory_lock\" UESCAPE", &[]),
+        ("SELECT U&\"pg_advisory_lock\"(", &[Pin(AdvisoryLock)]),
+        ("SELECT U&\"pg_advisory_lock(1)", &[]),
+        ("SELECT * FROM U&\"t\\00e9\"", &[]),
+        // Quoted names are case-sensitive: these are other (nonexistent) functions.
+        ("SELECT U&\"PG_ADVISORY_LOCK\"(1)", &[]),
+        ("SELECT \"PG_ADVISORY_LOCK\"(1)", &[]),
+        ("SELECT \"Set_Config\"('a.b', '1', false)", &[]),
+        // Names that cannot be decoded might be anything.
+        ("SELECT U&\"\\00e9t\\00e9\"(1)", &[Unknown]),
+        ("SELECT U&\"bad\\zzzz\"(1)", &[Unknown]),
+        ("SELECT U&\"x\\0000\"(1)", &[Unknown]),
+        ("SELECT U&\"pg_advisory_lock\" UESCAPE E'!' (1)", &[Unknown]),
+        ("SELECT U&\"pg_advisory_lock\" UESCAPE '+' (1)", &[Unknown]),
+        (
+            "SELECT U&\"a_very_long_function_name_of_forty_bytes\"(1)",
+            &[Unknown],
+        ),
+        ("SELECT U&\"\\00e9\"(1), U&\"\\00e8\"(2)", &[Unknown]),
+    ]);
+}
+
+#[test]
+fn unicode_identifier_decoding() {
+    let decode = |sql: &str, esc: u8| {
+        let t = Lexer::new(sql).next().unwrap();
+        let mut buf = [0u8; 32];
+        lexer::unicode_ident_content(sql, t, esc, &mut buf).map(str::to_owned)
+    };
+    assert_eq!(decode("U&\"abc\"", b'\\').as_deref(), Some("abc"));
+    assert_eq!(decode("U&\"a\\0062c\"", b'\\').as_deref(), Some("abc"));
+    assert_eq!(decode("U&\"a\\+000062c\"", b'\\').as_deref(), Some("abc"));
+    assert_eq!(decode("U&\"a\\\\b\"", b'\\').as_deref(), Some("a\\b"));
+    assert_eq!(decode("U&\"a!!b!0063\"", b'!').as_deref(), Some("a!bc"));
+    assert_eq!(decode("U&\"a\\b\"", b'!').as_deref(), Some("a\\b"));
+    assert_eq!(decode("U&\"a\"\"b\"", b'\\').as_deref(), Some("a\"b"));
+    assert_eq!(decode("U&\"\"", b'\\').as_deref(), Some(""));
+    for bad in [
+        "U&\"a\\006\"",
+        "U&\"a\\+0061\"",
+        "U&\"a\\x\"",
+        "U&\"\\0000\"",
+        "U&\"\\00e9\"",
+        "U&\"é\"",
+        "U&\"abc",
+        "U&\"abc\"\"",
+        "U&\"0123456789012345678901234567890123\"",
+    ] {
+        assert_eq!(decode(bad, b'\\'), None, "{bad}");
+    }
+}
+
+#[test]
+fn writes_to_pg_settings() {
+    check_all(&[
+        (
+            "UPDATE pg_settings SET setting = 'evil' WHERE name = 'search_path'",
+            &[Unknown],
+        ),
+        (
+            "update pg_catalog.pg_settings set setting = '1' where name = 'x'",
+            &[Unknown],
+        ),
+        (
+            "UPDATE \"pg_settings\" SET setting = '1' WHERE name = 'x'",
+            &[Unknown],
+        ),
+        (
+            "UPDATE U&\"pg\\005fsettings\" SET setting = '1' WHERE name = 'x'",
+            &[Unknown],
+        ),
+        (
+            "UPDATE U&\"\\00e9\" SET setting = '1' WHERE name = 'x'",
+            &[Unknown],
+        ),
+        (
+            "UPDATE ONLY PG_SETTINGS AS s SET setting = '1' WHERE s.name = 'x'",
+            &[Unknown],
+        ),
+        (
+            "INSERT INTO pg_settings (name, setting) VALUES ('a', 'b')",
+            &[Unknown],
+        ),
+        (
+            "MERGE INTO pg_settings s USING (VALUES ('search_path', 'evil')) v (n, x) ON s.name = v.n \
+             WHEN MATCHED THEN UPDATE SET setting = v.x",
+            &[Unknown],
+        ),
+        (
+            "WITH u AS (UPDATE pg_settings SET setting = 'x' WHERE name = 'y' RETURNING *) SELECT * FROM u",
+            &[Unknown],
+        ),
+        (
+            "EXPLAIN ANALYZE UPDATE pg_settings SET setting = 'x' WHERE name = 'y'",
+            &[Unknown],
+        ),
+        (
+            "COPY (UPDATE pg_settings SET setting = 'x' WHERE name = 'y' RETURNING 1) TO STDOUT",
+            &[Unknown],
+        ),
+        (
+            "UPDATE pg_settings SET setting = set_config('a.b', '1', false) WHERE name = 'x'",
+            &[Unknown, set("a.b", "'1'")],
+        ),
+        (
+            "UPDATE pg_settings SET setting = '1' WHERE name = 'x'; UPDATE pg_settings SET setting = '2' WHERE name = 'y'",
+            &[Unknown, Unknown],
+        ),
+        // Reading pg_settings, or writing elsewhere, is harmless.
+        ("SELECT * FROM pg_settings", &[]),
+        ("SELECT setting FROM pg_catalog.pg_settings WHERE name = 'x'", &[]),
+        ("SELECT * FROM pg_settings FOR UPDATE", &[]),
+        ("SELECT * FROM pg_settings FOR NO KEY UPDATE", &[]),
+        ("UPDATE t SET a = 'pg_settings'", &[]),
+        ("UPDATE \"PG_SETTINGS\" SET a = 1", &[]),
+        ("UPDATE t SET a = 1 -- pg_settings\n", &[]),
+    ]);
+}
+
+/// Variables that change how later statements lex are ordinary session `Set`s (the caller pins on them); set for the
+/// transaction only they still hide what follows in it, so they are unknown.
+#[test]
+fn lexing_variables() {
+    check_all(&[
+        (
+            "SET standard_conforming_strings = off",
+            &[set("standard_conforming_strings", "off")],
+        ),
+        (
+            "SET standard_conforming_strings TO 'on'",
+            &[set("standard_conforming_strings", "'on'")],
+        ),
+        (
+            "SET SESSION standard_conforming_strings = off",
+            &[set("standard_conforming_strings", "off")],
+        ),
+        (
+            "SET Standard_Conforming_Strings = off",
+            &[set("standard_conforming_strings", "off")],
+        ),
+        (
+            "RESET standard_conforming_strings",
+            &[reset("standard_conforming_strings")],
+        ),
+        (
+            "SELECT set_config('standard_conforming_strings', 'off', false)",
+            &[set("standard_conforming_strings", "'off'")],
+        ),
+        (
+            "SET client_encoding = 'LATIN1'",
+            &[set("client_encoding", "'LATIN1'")],
+        ),
+        (
+            "SET client_encoding TO DEFAULT",
+            &[reset("client_encoding")],
+        ),
+        ("SET NAMES 'SJIS'", &[set("client_encoding", "'SJIS'")]),
+        ("SET NAMES DEFAULT", &[reset("client_encoding")]),
+        ("RESET client_encoding", &[reset("client_encoding")]),
+        (
+            "SELECT set_config('client_encoding', 'SJIS', false)",
+            &[set("client_encoding", "'SJIS'")],
+        ),
+        ("SET LOCAL standard_conforming_strings = off", &[Unknown]),
+        ("SET LOCAL \"Client_Encoding\" = 'SJIS'", &[Unknown]),
+        ("SET LOCAL U&\"client\\005fencoding\" = 'SJIS'", &[Unknown]),
+        ("SET LOCAL U&\"\\00e9\" = 'SJIS'", &[Unknown]),
+        ("SET LOCAL NAMES 'SJIS'", &[Unknown]),
+        ("SET LOCAL work_mem = '1MB'", &[Tx]),
+        ("SET LOCAL \"names\" = 1", &[Tx]),
+        (
+            "SELECT set_config('standard_conforming_strings', 'off', true)",
+            &[Unknown],
+        ),
+        (
+            "SELECT set_config($$CLIENT_ENCODING$$, 'SJIS', true)",
+            &[Unknown],
+        ),
+        (
+            "SELECT set_config('client_' \n 'encoding', 'SJIS', true)",
+            &[Unknown],
+        ),
+        (
+            "SELECT set_config(U&'client\\005fencoding', 'SJIS', true)",
+            &[Unknown],
+        ),
+        ("SELECT set_config('work_mem', '1MB', true)", &[]),
+        ("SELECT set_config('request.jwt.claims', $1, true)", &[]),
+    ]);
+}
+
+/// Inputs built to make a scanner revisit text: every one must take time linear in its length.
+#[test]
+fn adversarial_inputs_take_linear_time() {
+    const MB: usize = 1 << 20;
+    fn repeat(head: &str, unit: &str, tail: &str) -> String {
+        let mut s = String::with_capacity(MB + 64);
+        s.push_str(head);
+        while s.len() + unit.len() <= MB {
+            s.push_str(unit);
+        }
+        s.push_str(tail);
+        s
+    }
+    let tag = "a".repeat(MB / 2);
+    let inputs = [
+        repeat("SELECT ", "set_config(", ""),
+        repeat("SELECT ", "set_config (", ")"),
+        repeat("SELECT ", "pg_catalog.set_config(1,", ""),
+        repeat("SELECT ", "set_config('a','b',false),", "1"),
+        repeat("SELECT ", "set_config('a','b',true),", "1"),
+        repeat("SELECT ", "pg_advisory_lock(", ""),
+        repeat("SELECT ", "U&\"set_config\"(", ""),
+        repeat("SELECT ", "U&\"x\" UESCAPE '!' (", ""),
+        repeat("SELECT ", "U&\"\\00e9\"(", ""),
+        repeat("SELECT ", "(", ""),
+        repeat("SELECT set_config", "(", ""),
+        repeat("EXPLAIN ", "(", ""),
+        repeat("EXPLAIN ", "EXPLAIN ", ""),
+        repeat("", ";", ""),
+        repeat("", "SELECT 1 INTO TEMP t;", ""),
+        repeat("SELECT ", "into ", ""),
+        repeat("UPDATE ", "pg_settings ", ""),
+        repeat("INSERT INTO t SELECT ", "pg_settings, ", "1"),
+        repeat("SET ", "a.", "b = 1"),
+        repeat("SET LOCAL ", "a.", "b = 1"),
+        repeat("RESET ", "a.", "b"),
+        repeat("DECLARE c ", "with ", ""),
+        repeat("CREATE FUNCTION f() BEGIN ATOMIC ", "CASE ", ""),
+        repeat("CREATE TABLE ", "pg_temp.", "t"),
+        repeat(
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ",
+            "READ ONLY, ",
+            "READ WRITE",
+        ),
+        repeat("SELECT ", "/*", ""),
+        repeat("SELECT ", "'a'\n", ""),
+        repeat("SELECT ", "E'\\'", ""),
+        repeat("SELECT ", "$a", ""),
+        format!("SELECT ${tag}$ {}", "$".repeat(MB / 2)),
+        format!("SELECT ${tag}$ {}", format!("${}", &tag[1..]).repeat(2)),
+    ];
+    let limit = if cfg!(debug_assertions) { 60.0 } else { 2.0 };
+    for sql in &inputs {
+        let start = std::time::Instant::now();
+        let effects = session_effects(sql);
+        assert_eq!(has_session_effects(sql), !effects.is_empty());
+        let elapsed = start.elapsed().as_secs_f64();
+        assert!(
+            elapsed < limit,
+            "{elapsed:.2} s for {:?}…",
+            &sql[..sql.len().min(40)]
+        );
     }
 }
 

@@ -13,6 +13,8 @@ pub enum FrameError {
     BadLength { tag: u8, len: u32 },
     #[error("message of type '{}' is {len} bytes long, over the limit of {max} bytes", char::from(*tag))]
     TooLarge { tag: u8, len: usize, max: usize },
+    #[error("invalid frontend message type {tag}")]
+    UnexpectedTag { tag: u8 },
 }
 
 /// Reads the header at the start of `buf`: `(tag, total frame length including the tag)`.

@@ -326,3 +326,58 @@ fn client_can_ask_for_session_mode() {
     let err = psql_err(&bad, "select 1");
     assert!(err.contains("invalid pool mode"), "{err}");
 }
+
+#[test]
+fn failed_resets_do_not_leak_settings_to_the_next_client() {
+    let env = tx_env(1);
+    rt().block_on(async {
+        let a = env.connect(&tx_url(&env, "")).await.unwrap();
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        a.batch_execute("SET statement_timeout = '1s'; SET app.user_id = '42'")
+            .await
+            .unwrap();
+        // A RESET rolled back with its failing implicit transaction, and a DISCARD ALL that fails inside one.
+        assert!(a
+            .batch_execute("RESET statement_timeout; SELECT 1/0")
+            .await
+            .is_err());
+        assert!(a.batch_execute("SELECT 1; DISCARD ALL").await.is_err());
+        assert_eq!(one(&a, "show statement_timeout").await, "1s");
+        assert_eq!(one(&a, "select current_setting('app.user_id')").await, "42");
+        // b runs on the same server connection and sees none of it.
+        assert_eq!(one(&b, "show statement_timeout").await, "0");
+        assert_eq!(
+            one(
+                &b,
+                "select coalesce(current_setting('app.user_id', true), '')"
+            )
+            .await,
+            ""
+        );
+        // A RESET that works returns a to the default; b is still clean.
+        a.batch_execute("RESET statement_timeout").await.unwrap();
+        assert_eq!(one(&a, "show statement_timeout").await, "0");
+        assert_eq!(one(&b, "show statement_timeout").await, "0");
+    });
+}
+
+#[test]
+fn pipelined_queries_keep_pooling() {
+    let env = tx_env(1);
+    rt().block_on(async {
+        let a = env.connect(&tx_url(&env, "")).await.unwrap();
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        // tokio-postgres pipelines concurrent queries of one client on its connection.
+        // Concurrent simple queries of one client are pipelined on its connection (tokio-postgres' prepared
+        // statements would pin the client, so simple queries keep it in transaction pooling).
+        for round in 0..50 {
+            let (s1, s2) = (format!("select {round}"), format!("select {round} + 1000"));
+            let (r1, r2) = tokio::join!(one(&a, &s1), one(&a, &s2));
+            assert_eq!(r1, round.to_string());
+            assert_eq!(r2, (round + 1000).to_string());
+        }
+        // The one server connection went back to the pool after the pipeline: b can use it while a is idle.
+        let b_query = tokio::time::timeout(Duration::from_secs(5), one(&b, "select 3"));
+        assert_eq!(b_query.await.expect("b is not blocked by a"), "3");
+    });
+}
