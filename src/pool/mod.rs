@@ -132,7 +132,20 @@ impl Pool {
 
     /// Waits (FIFO, bounded by the checkout timeout) for a server connection: a dedicated one opened with `startup`
     /// (session mode), or a `shared` one (transaction mode; opened without client parameters).
-    pub async fn checkout(
+    ///
+    /// The returned future is boxed: its connect and TLS state is large and would otherwise be part of every
+    /// session's (idle) state.
+    pub fn checkout<'a>(
+        self: &'a Arc<Self>,
+        startup: &'a StartupParams,
+        shared: bool,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Checkout, CheckoutError>> + Send + 'a>,
+    > {
+        Box::pin(self.checkout_inner(startup, shared))
+    }
+
+    async fn checkout_inner(
         self: &Arc<Self>,
         startup: &StartupParams,
         shared: bool,

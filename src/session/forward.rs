@@ -231,8 +231,9 @@ fn transaction_finished(shared: &Shared, ready: u64) -> bool {
 /// Makes room for the next read.
 #[inline]
 fn make_room(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < CHUNK / 4 {
-        buf.reserve(CHUNK);
+    // Grows geometrically up to CHUNK: an idle-ish client costs little, a streaming one reads CHUNK at a time.
+    if buf.capacity() - buf.len() < 256 {
+        buf.reserve(buf.capacity().clamp(1024, CHUNK));
     }
 }
 

@@ -40,7 +40,8 @@ pub struct TlsInfo {
 /// is sent to it as an ErrorResponse.
 pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    let login = tokio::time::timeout(proxy.cfg.proxy.login_timeout, login(&proxy, tcp));
+    // Boxed: the TLS and authentication state lives only while logging in, not in every idle session.
+    let login = tokio::time::timeout(proxy.cfg.proxy.login_timeout, Box::pin(login(&proxy, tcp)));
     let (mut stream, session) = match login.await {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return,
@@ -432,13 +433,13 @@ async fn attach_and_forward(
     info!(%peer, tenant = %s.tenant, user = %s.user, server_pid = conn.pid, "client attached");
 
     let mut client_buf = BytesMut::with_capacity(forward::CHUNK);
-    let end = forward::run(
+    let end = Box::pin(forward::run(
         stream,
         &mut client_buf,
         checkout.conn(),
         proxy.cfg.proxy.max_message_bytes,
         forward::Mode::Session,
-    )
+    ))
     .await;
     // Unlink before the server can go to another client: waits for a cancel that is being delivered.
     key.slot.set(SlotState::Idle).await;

@@ -113,7 +113,7 @@ pub(super) async fn run(
                 Some(c) => c,
                 None => return,
             };
-            if let Err(e) = sync(first.conn(), &desired).await {
+            if let Err(e) = Box::pin(sync(first.conn(), &desired)).await {
                 // A startup parameter the server refuses: as on a direct connection, the login fails.
                 return send_error(stream, &e).await;
             }
@@ -140,7 +140,7 @@ pub(super) async fn run(
     loop {
         // Idle: no server connection until the client sends something.
         if buf.is_empty() {
-            buf.reserve(forward::CHUNK / 4);
+            buf.reserve(512);
             match stream.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
@@ -153,8 +153,8 @@ pub(super) async fn run(
         // Wait for a server connection, unless the request is cancelled first (a wake-up left over from an earlier
         // cancel is checked against the slot and ignored).
         let got = {
-            let wait = pool.checkout(&no_params, true);
-            tokio::pin!(wait);
+            // Boxed like the forwarding: an idle session does not carry a checkout's (connect, TLS) state.
+            let mut wait = pool.checkout(&no_params, true);
             loop {
                 tokio::select! {
                     c = &mut wait => break Some(c),
@@ -174,7 +174,10 @@ pub(super) async fn run(
             }
             None => {
                 key.slot.set(SlotState::Idle).await;
-                if answer_cancelled(stream, &mut buf, max).await.is_err() {
+                if Box::pin(answer_cancelled(stream, &mut buf, max))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 continue;
@@ -188,17 +191,31 @@ pub(super) async fn run(
         {
             checkout.release_idle();
             key.slot.set(SlotState::Idle).await;
-            if answer_cancelled(stream, &mut buf, max).await.is_err() {
+            if Box::pin(answer_cancelled(stream, &mut buf, max))
+                .await
+                .is_err()
+            {
                 break;
             }
             continue;
         }
-        if let Err(e) = sync(checkout.conn(), &desired).await {
+        if let Err(e) = Box::pin(sync(checkout.conn(), &desired)).await {
             warn!(tenant = %s.tenant, error = %e, "could not move session settings to a server connection");
             send_error(stream, &e).await;
             break;
         }
-        let end = forward::run(stream, &mut buf, checkout.conn(), max, Mode::Transaction).await;
+        // Boxed: the forwarding state exists only during a transaction, so an idle client stays small.
+        let end = Box::pin(forward::run(
+            stream,
+            &mut buf,
+            checkout.conn(),
+            max,
+            Mode::Transaction,
+        ))
+        .await;
+        if buf.is_empty() {
+            buf = BytesMut::new();
+        }
         key.slot.set(SlotState::Idle).await;
 
         for (name, value) in &end.reported {
@@ -220,8 +237,13 @@ pub(super) async fn run(
                     return session_rest(proxy, stream, buf, checkout, &key).await;
                 }
                 if !end.effects.is_empty() {
-                    match follow_effects(checkout.conn(), &end.effects, &startup, &mut desired)
-                        .await
+                    match Box::pin(follow_effects(
+                        checkout.conn(),
+                        &end.effects,
+                        &startup,
+                        &mut desired,
+                    ))
+                    .await
                     {
                         Ok(false) => {}
                         Ok(true) => {
@@ -280,7 +302,14 @@ async fn session_rest(
     key: &CancelKey,
 ) {
     let max = proxy.cfg.proxy.max_message_bytes;
-    let end = forward::run(stream, &mut buf, checkout.conn(), max, Mode::Session).await;
+    let end = Box::pin(forward::run(
+        stream,
+        &mut buf,
+        checkout.conn(),
+        max,
+        Mode::Session,
+    ))
+    .await;
     match end.reason {
         EndReason::ServerGone if end.server_at_boundary && !end.server_sent_error => {
             let e = PgError::fatal(
