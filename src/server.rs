@@ -36,6 +36,8 @@ pub struct Proxy {
 pub struct Server {
     proxy: Arc<Proxy>,
     listener: TcpListener,
+    /// SIGHUP, registered at bind time so that a reload signal is never the default (fatal) action.
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Server {
@@ -55,7 +57,12 @@ impl Server {
             tls,
             secret: rand::random(),
         });
-        Ok(Server { proxy, listener })
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        Ok(Server {
+            proxy,
+            listener,
+            hangup,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -70,10 +77,14 @@ impl Server {
 
     /// Accepts clients until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { proxy, listener } = self;
+        let Server {
+            proxy,
+            listener,
+            hangup,
+        } = self;
         let slots = Arc::new(Semaphore::new(proxy.cfg.proxy.max_client_connections));
         info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgweir is accepting connections");
-        let reload = tokio::spawn(reload_on_sighup(proxy.clone()));
+        let reload = tokio::spawn(reload_on_sighup(proxy.clone(), hangup));
         tokio::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
@@ -120,8 +131,8 @@ impl Server {
     }
 }
 
-async fn reload_on_sighup(proxy: Arc<Proxy>) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+async fn reload_on_sighup(proxy: Arc<Proxy>, hangup: Option<tokio::signal::unix::Signal>) {
+    let Some(mut hup) = hangup else {
         return;
     };
     while hup.recv().await.is_some() {

@@ -1648,3 +1648,42 @@ password = "plaintext"
     assert!(!out.status.success());
     assert!(stderr(&out).contains("missing.toml"), "{}", stderr(&out));
 }
+
+#[test]
+fn tls_certificate_is_reloaded_on_sighup() {
+    let env = Env::start();
+    let cert = env.cert_path();
+    let key = env.dir.path().join("server.key");
+    let url = |host: &str| {
+        env.url(
+            "alice",
+            ALICE_PASSWORD,
+            "app",
+            &format!(
+                "options=endpoint=acme host={host} hostaddr=127.0.0.1 sslmode=verify-full sslrootcert={}",
+                cert.display()
+            ),
+        )
+    };
+    // The first certificate does not name reloaded.test.
+    let err = psql_err(&url("reloaded.test"), "select 1");
+    assert!(
+        err.contains("certificate") || err.contains("does not match"),
+        "{err}"
+    );
+    // A new certificate in the same files, then SIGHUP (as an operator would after renewing it).
+    std::fs::remove_file(&cert).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    pgweir::tls::ensure_self_signed(&cert, &key, &["reloaded.test"]).unwrap();
+    unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
+    let ok = wait_until(std::time::Duration::from_secs(10), || {
+        psql(&url("reloaded.test"), "select 1").status.success()
+    });
+    assert!(ok, "the reloaded certificate is served");
+    // The old name is no longer in the certificate.
+    let err = psql_err(&url("localhost"), "select 1");
+    assert!(
+        err.contains("certificate") || err.contains("does not match"),
+        "{err}"
+    );
+}
