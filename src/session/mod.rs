@@ -21,7 +21,7 @@ use crate::backend::{ClientVisible, StartupParams};
 use crate::cancel::{CancelOutcome, CancelTarget, SlotState};
 use crate::config::{PoolMode, DENIED_STARTUP_PARAMETERS};
 use crate::net::{ClientStream, Stream};
-use crate::pool::CheckoutError;
+use crate::pool::{CheckoutError, Pool};
 use crate::routing::{self, RouteInput};
 use crate::server::Proxy;
 use crate::wire::error::sqlstate;
@@ -360,6 +360,32 @@ async fn send_visible<W: AsyncWrite + Unpin>(stream: &mut W, err: &ClientVisible
     }
 }
 
+/// Tells the client why it got no server connection.
+async fn report_checkout_error(
+    stream: &mut ClientStream,
+    pool: &Pool,
+    tenant: &str,
+    e: CheckoutError,
+) {
+    match e {
+        CheckoutError::Timeout(d) => {
+            warn!(%tenant, pool = %pool.key(), "pool exhausted");
+            let e = PgError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "no server connection available within {}s: the pool is exhausted",
+                    d.as_secs_f32()
+                ),
+            );
+            send_error(stream, &e).await;
+        }
+        CheckoutError::Backend(e) => {
+            warn!(%tenant, pool = %pool.key(), error = %e, "backend connection failed");
+            send_visible(stream, &e.client_error()).await;
+        }
+    }
+}
+
 /// After login: AuthenticationOk, a server connection, the server's parameters, a cancel key, then forwarding.
 async fn attach_and_forward(
     proxy: &Arc<Proxy>,
@@ -393,23 +419,7 @@ async fn attach_and_forward(
     };
     let mut checkout = match pool.checkout(&s.startup, false).await {
         Ok(c) => c,
-        Err(CheckoutError::Timeout(d)) => {
-            warn!(tenant = %s.tenant, pool = %pool.key(), "pool exhausted");
-            let e = PgError::fatal(
-                sqlstate::TOO_MANY_CONNECTIONS,
-                format!(
-                    "no server connection available within {}s: the pool is exhausted",
-                    d.as_secs_f32()
-                ),
-            );
-            send_error(stream, &e).await;
-            return;
-        }
-        Err(CheckoutError::Backend(e)) => {
-            warn!(tenant = %s.tenant, pool = %pool.key(), error = %e, "backend connection failed");
-            send_visible(stream, &e.client_error()).await;
-            return;
-        }
+        Err(e) => return report_checkout_error(stream, &pool, &s.tenant, e).await,
     };
     let conn = checkout.conn();
     for (k, v) in &conn.params {

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::backend::{ServerConn, StartupParams};
 use crate::cancel::{CancelKey, CancelTarget, SlotState};
 use crate::net::{read_frame, ClientStream};
-use crate::pool::{Checkout, CheckoutError, Pool};
+use crate::pool::{Checkout, Pool};
 use crate::routing;
 use crate::server::Proxy;
 use crate::sqlscan::{self, Effect};
@@ -25,7 +25,7 @@ use crate::wire::msg;
 use crate::wire::PgError;
 
 use super::forward::{self, EndReason, Mode};
-use super::{send_error, send_visible, Session};
+use super::{report_checkout_error, send_error, Session};
 
 /// Reported parameters a client cannot set: never moved between server connections.
 const READ_ONLY_REPORTED: &[&str] = &[
@@ -173,11 +173,7 @@ pub(super) async fn run(
                 break;
             }
             None => {
-                key.slot.set(SlotState::Idle).await;
-                if Box::pin(answer_cancelled(stream, &mut buf, max))
-                    .await
-                    .is_err()
-                {
+                if !Box::pin(drop_cancelled(&key, stream, &mut buf, max)).await {
                     break;
                 }
                 continue;
@@ -190,11 +186,7 @@ pub(super) async fn run(
             .await
         {
             checkout.release_idle();
-            key.slot.set(SlotState::Idle).await;
-            if Box::pin(answer_cancelled(stream, &mut buf, max))
-                .await
-                .is_err()
-            {
+            if !Box::pin(drop_cancelled(&key, stream, &mut buf, max)).await {
                 break;
             }
             continue;
@@ -359,30 +351,15 @@ async fn checkout_shared(
     }
 }
 
-/// Tells the client why it got no server connection.
-async fn report_checkout_error(
+/// Unlinks the slot and answers the cancelled request; false when the client is gone.
+async fn drop_cancelled(
+    key: &CancelKey,
     stream: &mut ClientStream,
-    pool: &Pool,
-    tenant: &str,
-    e: CheckoutError,
-) {
-    match e {
-        CheckoutError::Timeout(d) => {
-            warn!(%tenant, pool = %pool.key(), "pool exhausted");
-            let e = PgError::fatal(
-                sqlstate::TOO_MANY_CONNECTIONS,
-                format!(
-                    "no server connection available within {}s: the pool is exhausted",
-                    d.as_secs_f32()
-                ),
-            );
-            send_error(stream, &e).await;
-        }
-        CheckoutError::Backend(e) => {
-            warn!(%tenant, pool = %pool.key(), error = %e, "backend connection failed");
-            send_visible(stream, &e.client_error()).await;
-        }
-    }
+    buf: &mut BytesMut,
+    max: usize,
+) -> bool {
+    key.slot.set(SlotState::Idle).await;
+    answer_cancelled(stream, buf, max).await.is_ok()
 }
 
 /// Answers a request that was cancelled while it waited for a server connection, as Postgres would: the request
