@@ -51,6 +51,13 @@ pub struct ProxyConfig {
     pub default_tenant: Option<String>,
     /// Startup parameters that clients may not set (on top of the built-in deny-list).
     pub deny_startup_parameters: Vec<String>,
+    /// A client idle inside a transaction (status 'T' or 'E') this long is disconnected with 25P03 and its
+    /// transaction rolled back; "0s" turns it off.
+    #[serde(with = "humantime_serde")]
+    pub idle_in_transaction_timeout: Duration,
+    /// A client idle outside a transaction this long is disconnected with 57P05; "0s" turns it off.
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -63,6 +70,8 @@ impl Default for ProxyConfig {
             base_domain: None,
             default_tenant: None,
             deny_startup_parameters: Vec::new(),
+            idle_in_transaction_timeout: Duration::ZERO,
+            client_idle_timeout: Duration::ZERO,
         }
     }
 }

@@ -9,6 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -42,6 +43,10 @@ pub enum EndReason {
     ServerProtocol(FrameError),
     /// Transaction mode: the transaction ended and the server is idle and in sync.
     TransactionEnd,
+    /// The client stayed idle inside a transaction past `idle_in_transaction_timeout`.
+    IdleInTransaction,
+    /// The client stayed idle outside a transaction past `client_idle_timeout`.
+    ClientIdle,
 }
 
 #[derive(Debug)]
@@ -61,9 +66,36 @@ pub struct End {
     pub reported: Vec<(String, String)>,
 }
 
+/// Bounds of a forwarding run.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_message: usize,
+    /// Disconnect a client idle inside a transaction this long.
+    pub idle_in_transaction: Option<Duration>,
+    /// Disconnect a client idle outside a transaction this long (session mode; transaction mode waits for idle
+    /// clients outside forwarding).
+    pub client_idle: Option<Duration>,
+}
+
+impl Limits {
+    pub fn from_config(cfg: &crate::config::ProxyConfig) -> Limits {
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        Limits {
+            max_message: cfg.max_message_bytes,
+            idle_in_transaction: nonzero(cfg.idle_in_transaction_timeout),
+            client_idle: nonzero(cfg.client_idle_timeout),
+        }
+    }
+}
+
 /// State shared by the two directions (atomics: both run in one task, but the task must be `Send`).
 struct Shared {
     mode: Mode,
+    limits: Limits,
+    started: Instant,
+    /// Milliseconds after `started` (+1) since when every request is answered and the client has sent nothing;
+    /// 0 while something is outstanding.
+    idle_since_ms: AtomicU64,
     /// Messages sent that each end in one ReadyForQuery.
     requests: AtomicU64,
     /// ReadyForQuery messages received.
@@ -114,11 +146,15 @@ pub async fn run(
     client: &mut ClientStream,
     client_buf: &mut BytesMut,
     conn: &mut ServerConn,
-    max_message: usize,
+    limits: Limits,
     mode: Mode,
 ) -> End {
+    let max_message = limits.max_message;
     let shared = Shared {
         mode,
+        limits,
+        started: Instant::now(),
+        idle_since_ms: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         ready: AtomicU64::new(0),
         batch_open: AtomicBool::new(false),
@@ -165,7 +201,11 @@ pub async fn run(
     let ready = shared.ready.load(Ordering::Relaxed);
     let server_clean = matches!(
         reason,
-        EndReason::ClientTerminated | EndReason::ClientGone | EndReason::TransactionEnd
+        EndReason::ClientTerminated
+            | EndReason::ClientGone
+            | EndReason::TransactionEnd
+            | EndReason::IdleInTransaction
+            | EndReason::ClientIdle
     ) && requests == ready
         && !shared.batch_open.load(Ordering::Relaxed)
         && !shared.writing.load(Ordering::Relaxed)
@@ -323,9 +363,54 @@ where
             return EndReason::ClientTerminated;
         }
         make_room(buf);
-        match r.read_buf(buf).await {
-            Ok(0) | Err(_) => return EndReason::ClientGone,
-            Ok(_) => {}
+        match read_client(r, buf, shared).await {
+            Ok(()) => shared.idle_since_ms.store(0, Ordering::Relaxed),
+            Err(reason) => return reason,
+        }
+    }
+}
+
+/// Reads from the client; with idle timeouts configured, wakes up now and then to check how long the client has
+/// been idle (the state changes as the server answers, so one fixed deadline would not do).
+async fn read_client<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    shared: &Shared,
+) -> Result<(), EndReason> {
+    let limits = shared.limits;
+    let client_idle = limits.client_idle.filter(|_| shared.mode == Mode::Session);
+    let shortest = match (limits.idle_in_transaction, client_idle) {
+        (None, None) => None,
+        (a, b) => a.into_iter().chain(b).min(),
+    };
+    let Some(shortest) = shortest else {
+        return match r.read_buf(buf).await {
+            Ok(0) | Err(_) => Err(EndReason::ClientGone),
+            Ok(_) => Ok(()),
+        };
+    };
+    let tick = (shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        match tokio::time::timeout(tick, r.read_buf(buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(EndReason::ClientGone),
+            Ok(Ok(_)) => return Ok(()),
+            Err(_) => {
+                let since = shared.idle_since_ms.load(Ordering::Relaxed);
+                if since == 0 {
+                    continue;
+                }
+                let idle = shared
+                    .started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since - 1));
+                let in_transaction =
+                    matches!(shared.tx_status.load(Ordering::Relaxed), b'T' | b'E');
+                match (in_transaction, limits.idle_in_transaction, client_idle) {
+                    (true, Some(t), _) if idle >= t => return Err(EndReason::IdleInTransaction),
+                    (false, _, Some(t)) if idle >= t => return Err(EndReason::ClientIdle),
+                    _ => {}
+                }
+            }
         }
     }
 }
@@ -355,6 +440,10 @@ where
                         let ready = shared.ready.fetch_add(1, Ordering::Relaxed) + 1;
                         let status = f.get(5).copied().unwrap_or(b'I');
                         shared.tx_status.store(status, Ordering::Relaxed);
+                        if ready == shared.requests.load(Ordering::Relaxed) {
+                            let now = shared.started.elapsed().as_millis() as u64 + 1;
+                            shared.idle_since_ms.store(now, Ordering::Relaxed);
+                        }
                         if status == b'I' && transaction_finished(shared, ready) {
                             return Ok(Verdict::Last);
                         }

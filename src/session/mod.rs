@@ -360,6 +360,20 @@ async fn send_visible<W: AsyncWrite + Unpin>(stream: &mut W, err: &ClientVisible
     }
 }
 
+/// The FATAL for a client disconnected for idling (as Postgres words its own idle timeouts).
+fn idle_timeout_error(reason: &forward::EndReason) -> PgError {
+    match reason {
+        forward::EndReason::IdleInTransaction => PgError::fatal(
+            sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+            "terminating connection due to idle-in-transaction timeout",
+        ),
+        _ => PgError::fatal(
+            sqlstate::IDLE_SESSION_TIMEOUT,
+            "terminating connection due to idle-session timeout",
+        ),
+    }
+}
+
 /// Tells the client why it got no server connection.
 async fn report_checkout_error(
     stream: &mut ClientStream,
@@ -447,7 +461,7 @@ async fn attach_and_forward(
         stream,
         &mut client_buf,
         checkout.conn(),
-        proxy.cfg.proxy.max_message_bytes,
+        forward::Limits::from_config(&proxy.cfg.proxy),
         forward::Mode::Session,
     ))
     .await;
@@ -465,6 +479,9 @@ async fn attach_and_forward(
         }
         forward::EndReason::ClientProtocol(ref e) => {
             send_error(stream, &PgError::protocol_violation(e.to_string())).await;
+        }
+        forward::EndReason::IdleInTransaction | forward::EndReason::ClientIdle => {
+            send_error(stream, &idle_timeout_error(&end.reason)).await;
         }
         forward::EndReason::ServerProtocol(ref e) => {
             warn!(tenant = %s.tenant, error = %e, "server broke the protocol");

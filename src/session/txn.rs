@@ -25,7 +25,7 @@ use crate::wire::msg;
 use crate::wire::PgError;
 
 use super::forward::{self, EndReason, Mode};
-use super::{report_checkout_error, send_error, Session};
+use super::{idle_timeout_error, report_checkout_error, send_error, Session};
 
 /// Reported parameters a client cannot set: never moved between server connections.
 const READ_ONLY_REPORTED: &[&str] = &[
@@ -136,12 +136,24 @@ pub(super) async fn run(
     info!(%peer, tenant = %s.tenant, user = %s.user, mode = "transaction", "client attached");
 
     let max = proxy.cfg.proxy.max_message_bytes;
+    let limits = forward::Limits::from_config(&proxy.cfg.proxy);
     let mut buf = BytesMut::new();
     loop {
         // Idle: no server connection until the client sends something.
         if buf.is_empty() {
             buf.reserve(512);
-            match stream.read_buf(&mut buf).await {
+            let read = stream.read_buf(&mut buf);
+            let read = match limits.client_idle {
+                Some(t) => match tokio::time::timeout(t, read).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        send_error(stream, &idle_timeout_error(&EndReason::ClientIdle)).await;
+                        break;
+                    }
+                },
+                None => read.await,
+            };
+            match read {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
@@ -201,7 +213,7 @@ pub(super) async fn run(
             stream,
             &mut buf,
             checkout.conn(),
-            max,
+            limits,
             Mode::Transaction,
         ))
         .await;
@@ -258,6 +270,13 @@ pub(super) async fn run(
                 }
                 break;
             }
+            EndReason::IdleInTransaction | EndReason::ClientIdle => {
+                send_error(stream, &idle_timeout_error(&end.reason)).await;
+                if end.server_clean {
+                    checkout.release(end.tx_status);
+                }
+                break;
+            }
             EndReason::ServerGone => {
                 if end.server_at_boundary && !end.server_sent_error {
                     let e = PgError::fatal(
@@ -293,12 +312,11 @@ async fn session_rest(
     mut checkout: Checkout,
     key: &CancelKey,
 ) {
-    let max = proxy.cfg.proxy.max_message_bytes;
     let end = Box::pin(forward::run(
         stream,
         &mut buf,
         checkout.conn(),
-        max,
+        forward::Limits::from_config(&proxy.cfg.proxy),
         Mode::Session,
     ))
     .await;
@@ -309,6 +327,9 @@ async fn session_rest(
                 "server closed the connection unexpectedly",
             );
             send_error(stream, &e).await;
+        }
+        EndReason::IdleInTransaction | EndReason::ClientIdle => {
+            send_error(stream, &idle_timeout_error(&end.reason)).await
         }
         EndReason::ClientProtocol(ref e) => {
             send_error(stream, &PgError::protocol_violation(e.to_string())).await

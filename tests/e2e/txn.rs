@@ -381,3 +381,103 @@ fn pipelined_queries_keep_pooling() {
         assert_eq!(b_query.await.expect("b is not blocked by a"), "3");
     });
 }
+
+/// Tenant `tx` with one server connection and the given `[proxy]` timeout lines.
+fn tx_env_timeouts(proxy: &str) -> Env {
+    let mut setup = Setup {
+        pool: "max_size = 1\ncheckout_timeout = \"10s\"\nconnect_timeout = \"3s\"".into(),
+        proxy: proxy.into(),
+        ..Setup::default()
+    };
+    setup.extra_config = format!(
+        r#"
+[[tenants]]
+id = "tx"
+database = "app"
+cluster = "main"
+backend_database = "acme_main"
+backend_user = "acme_owner"
+backend_password = "{OWNER_PASSWORD}"
+pool_mode = "transaction"
+[[tenants.users]]
+name = "alice"
+password = "{}"
+"#,
+        scram(ALICE_PASSWORD)
+    );
+    Env::with(setup)
+}
+
+async fn wait_closed(c: &tokio_postgres::Client, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if c.is_closed() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.is_closed()
+}
+
+#[test]
+fn idle_in_transaction_timeout_rolls_back_and_frees_the_server() {
+    let env = tx_env_timeouts("idle_in_transaction_timeout = \"1s\"");
+    rt().block_on(async {
+        let setup = env.connect(&tx_url(&env, "")).await.unwrap();
+        setup
+            .batch_execute("CREATE TABLE IF NOT EXISTS iit(v int)")
+            .await
+            .unwrap();
+        let a = env.connect(&tx_url(&env, "")).await.unwrap();
+        a.batch_execute("BEGIN; INSERT INTO iit VALUES (1)")
+            .await
+            .unwrap();
+        // a idles inside its transaction, holding the only server connection: pgweir ends it.
+        assert!(
+            wait_closed(&a, Duration::from_secs(10)).await,
+            "a was disconnected"
+        );
+        // The transaction was rolled back and the server connection is free for others.
+        assert_eq!(one(&setup, "select count(*) from iit").await, "0");
+        // A client idle *between* transactions is not affected.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(one(&setup, "select 1").await, "1");
+    });
+}
+
+#[test]
+fn client_idle_timeout_disconnects_idle_clients() {
+    let env = tx_env_timeouts("client_idle_timeout = \"1s\"");
+    rt().block_on(async {
+        let a = env.connect(&tx_url(&env, "")).await.unwrap();
+        assert_eq!(one(&a, "select 1").await, "1");
+        let started = Instant::now();
+        assert!(
+            wait_closed(&a, Duration::from_secs(10)).await,
+            "a was disconnected"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(800),
+            "{:?}",
+            started.elapsed()
+        );
+        // Session mode too.
+        let session = env
+            .connect(&env.url(
+                "alice",
+                ALICE_PASSWORD,
+                "app",
+                "options='endpoint=tx pool_mode=session' sslmode=disable",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(one(&session, "select 2").await, "2");
+        assert!(
+            wait_closed(&session, Duration::from_secs(10)).await,
+            "session client was disconnected"
+        );
+        // New clients still work.
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        assert_eq!(one(&b, "select 3").await, "3");
+    });
+}
