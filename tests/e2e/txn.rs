@@ -11,8 +11,14 @@ fn tx_env(size: usize) -> Env {
 }
 
 fn tx_env_with(size: usize, checkout_timeout: &str) -> Env {
-    Env::with(Setup {
+    Env::with(tx_setup(size, checkout_timeout, ""))
+}
+
+/// Setup with tenant `tx`, a pool of `size`, and extra `[proxy]` lines.
+fn tx_setup(size: usize, checkout_timeout: &str, proxy: &str) -> Setup {
+    Setup {
         pool: format!("max_size = {size}\ncheckout_timeout = \"{checkout_timeout}\"\nconnect_timeout = \"3s\""),
+        proxy: proxy.into(),
         extra_config: format!(
             r#"
 [[tenants]]
@@ -30,7 +36,7 @@ password = "{}"
             scram(ALICE_PASSWORD)
         ),
         ..Setup::default()
-    })
+    }
 }
 
 fn tx_url(env: &Env, extra: &str) -> String {
@@ -384,28 +390,7 @@ fn pipelined_queries_keep_pooling() {
 
 /// Tenant `tx` with one server connection and the given `[proxy]` timeout lines.
 fn tx_env_timeouts(proxy: &str) -> Env {
-    let mut setup = Setup {
-        pool: "max_size = 1\ncheckout_timeout = \"10s\"\nconnect_timeout = \"3s\"".into(),
-        proxy: proxy.into(),
-        ..Setup::default()
-    };
-    setup.extra_config = format!(
-        r#"
-[[tenants]]
-id = "tx"
-database = "app"
-cluster = "main"
-backend_database = "acme_main"
-backend_user = "acme_owner"
-backend_password = "{OWNER_PASSWORD}"
-pool_mode = "transaction"
-[[tenants.users]]
-name = "alice"
-password = "{}"
-"#,
-        scram(ALICE_PASSWORD)
-    );
-    Env::with(setup)
+    Env::with(tx_setup(1, "10s", proxy))
 }
 
 async fn wait_closed(c: &tokio_postgres::Client, within: Duration) -> bool {
