@@ -55,6 +55,9 @@ pub struct PoolStats {
     pub server_active: usize,
     pub clients_waiting: usize,
     pub max_wait_us: u64,
+    /// Transaction mode: server connections held by a client for the rest of its session, because of session
+    /// state that cannot move (LISTEN, advisory locks, temp tables, named prepared statements, …).
+    pub server_pinned: usize,
 }
 
 pub struct Pool {
@@ -69,6 +72,7 @@ pub struct Pool {
     total: AtomicUsize,
     waiting: AtomicUsize,
     max_wait_us: AtomicU64,
+    pinned: AtomicUsize,
     /// Transaction mode: the ParameterStatus values a server reports once a client's startup settings are applied,
     /// by those settings — so a login needs no server connection when another client logged in alike recently.
     login_params: Mutex<HashMap<Settings, (Instant, Settings)>>,
@@ -94,6 +98,7 @@ impl Pool {
             total: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             max_wait_us: AtomicU64::new(0),
+            pinned: AtomicUsize::new(0),
             login_params: Mutex::new(HashMap::new()),
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
@@ -254,6 +259,14 @@ impl Pool {
             server_active: total.saturating_sub(idle),
             clients_waiting: self.waiting.load(Ordering::Relaxed),
             max_wait_us: self.max_wait_us.load(Ordering::Relaxed),
+            server_pinned: self.pinned.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a pinned server connection while the returned guard lives.
+    pub fn pin(&self) -> PinGuard<'_> {
+        PinGuard {
+            _counted: Counted::new(&self.pinned),
         }
     }
 
@@ -322,6 +335,11 @@ async fn maintain(pool: Weak<Pool>) {
         }
         tokio::time::sleep(interval).await;
     }
+}
+
+/// A pinned server connection, counted in the pool's stats while this lives.
+pub struct PinGuard<'a> {
+    _counted: Counted<'a>,
 }
 
 /// Counts itself in an `AtomicUsize` while it lives (also when its future is dropped).

@@ -238,7 +238,7 @@ pub(super) async fn run(
                 if pinned {
                     debug!(%peer, tenant = %s.tenant, "session state that cannot move: pinned to its server connection");
                     link(&key, &s, checkout.conn_ref()).await;
-                    return session_rest(proxy, stream, buf, checkout, &key).await;
+                    return session_rest(proxy, &pool, stream, buf, checkout, &key).await;
                 }
                 if !end.effects.is_empty() {
                     match Box::pin(follow_effects(
@@ -253,7 +253,7 @@ pub(super) async fn run(
                         Ok(true) => {
                             debug!(%peer, tenant = %s.tenant, "session settings that cannot move: pinned");
                             link(&key, &s, checkout.conn_ref()).await;
-                            return session_rest(proxy, stream, buf, checkout, &key).await;
+                            return session_rest(proxy, &pool, stream, buf, checkout, &key).await;
                         }
                         Err(e) => {
                             warn!(tenant = %s.tenant, error = %e, "could not read back session settings");
@@ -307,11 +307,13 @@ pub(super) async fn run(
 /// The rest of a pinned session: session-mode forwarding on the server connection it holds.
 async fn session_rest(
     proxy: &Arc<Proxy>,
+    pool: &Pool,
     stream: &mut ClientStream,
     mut buf: BytesMut,
     mut checkout: Checkout,
     key: &CancelKey,
 ) {
+    let pinned = pool.pin();
     let end = Box::pin(forward::run(
         stream,
         &mut buf,
@@ -320,6 +322,7 @@ async fn session_rest(
         Mode::Session,
     ))
     .await;
+    drop(pinned);
     match end.reason {
         EndReason::ServerGone if end.server_at_boundary && !end.server_sent_error => {
             let e = PgError::fatal(

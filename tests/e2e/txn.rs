@@ -185,6 +185,22 @@ fn listen_and_prepared_statements_pin_and_keep_working() {
             .unwrap()
             .get::<_, i32>(0);
         assert_eq!(pinned_pid, again);
+        // The pin is visible in the pool's stats, and gone when the client leaves.
+        let pinned = |env: &Env| {
+            env.proxy
+                .pools
+                .stats()
+                .iter()
+                .map(|p| p.server_pinned)
+                .sum::<usize>()
+        };
+        assert_eq!(pinned(&env), 1);
+        drop(a);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pinned(&env) != 0 {
+            assert!(Instant::now() < deadline, "pin released");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     });
 }
 
