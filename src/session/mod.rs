@@ -17,13 +17,14 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::backend::{ClientVisible, StartupParams};
+use crate::backend::{ClientVisible, ServerConn, StartupParams};
 use crate::cancel::{CancelOutcome, CancelTarget, SlotState};
 use crate::config::{PoolMode, DENIED_STARTUP_PARAMETERS};
 use crate::net::{ClientStream, Stream};
-use crate::pool::{CheckoutError, Pool};
+use crate::pool::{Checkout, CheckoutError, Pool};
 use crate::routing::{self, RouteInput};
 use crate::server::Proxy;
+use crate::tenant::BackendTarget;
 use crate::wire::error::sqlstate;
 use crate::wire::msg;
 use crate::wire::startup::{parse_packet, read_packet, FirstPacket, StartupMessage};
@@ -360,6 +361,53 @@ async fn send_visible<W: AsyncWrite + Unpin>(stream: &mut W, err: &ClientVisible
     }
 }
 
+/// The end of a session in either pool mode (the cancel slot already unlinked): tells the client what pgweir has
+/// to say about why it ended, and gives the server connection back (reset) only if it is clean — otherwise
+/// dropping the checkout closes it.
+async fn finish(stream: &mut ClientStream, tenant: &str, end: &forward::End, checkout: Checkout) {
+    use forward::EndReason;
+    match &end.reason {
+        EndReason::ServerGone if end.server_at_boundary && !end.server_sent_error => {
+            let e = PgError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                "server closed the connection unexpectedly",
+            );
+            send_error(stream, &e).await;
+        }
+        EndReason::ClientProtocol(e) => {
+            send_error(stream, &PgError::protocol_violation(e.to_string())).await;
+        }
+        EndReason::IdleInTransaction | EndReason::ClientIdle => {
+            send_error(stream, &idle_timeout_error(&end.reason)).await;
+        }
+        EndReason::ServerProtocol(_) | EndReason::TransactionEnd => {
+            let why = match &end.reason {
+                EndReason::ServerProtocol(e) => e.to_string(),
+                _ => "a transaction ended with requests outstanding".to_owned(),
+            };
+            warn!(%tenant, %why, "server connection out of sync; closing it");
+            if end.server_at_boundary {
+                let e = PgError::fatal(sqlstate::CONNECTION_FAILURE, "server connection lost");
+                send_error(stream, &e).await;
+            }
+        }
+        EndReason::ServerGone | EndReason::ClientTerminated | EndReason::ClientGone => {}
+    }
+    if end.server_clean {
+        checkout.release(end.tx_status);
+    }
+}
+
+/// Where a cancel for a client using `conn` of `target` must go.
+fn cancel_target(target: &BackendTarget, conn: &ServerConn) -> CancelTarget {
+    CancelTarget {
+        host: target.cluster.host.clone(),
+        port: target.cluster.port,
+        pid: conn.pid,
+        secret: conn.secret.clone(),
+    }
+}
+
 /// The FATAL for a client disconnected for idling (as Postgres words its own idle timeouts).
 fn idle_timeout_error(reason: &forward::EndReason) -> PgError {
     match reason {
@@ -439,15 +487,9 @@ async fn attach_and_forward(
     for (k, v) in &conn.params {
         msg::parameter_status(k, v, &mut out);
     }
-    let key = proxy.cancels.register(
-        conn.pid,
-        SlotState::Linked(CancelTarget {
-            host: s.target.cluster.host.clone(),
-            port: s.target.cluster.port,
-            pid: conn.pid,
-            secret: conn.secret.clone(),
-        }),
-    );
+    let key = proxy
+        .cancels
+        .register(conn.pid, SlotState::Linked(cancel_target(&s.target, conn)));
     msg::backend_key_data(key.pid, key.secret, &mut out);
     msg::ready_for_query(b'I', &mut out);
     if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
@@ -469,34 +511,6 @@ async fn attach_and_forward(
     key.slot.set(SlotState::Idle).await;
     drop(key);
     debug!(%peer, tenant = %s.tenant, outcome = ?end.reason, "session ended");
-    match end.reason {
-        forward::EndReason::ServerGone if end.server_at_boundary && !end.server_sent_error => {
-            let e = PgError::fatal(
-                sqlstate::CONNECTION_FAILURE,
-                "server closed the connection unexpectedly",
-            );
-            send_error(stream, &e).await;
-        }
-        forward::EndReason::ClientProtocol(ref e) => {
-            send_error(stream, &PgError::protocol_violation(e.to_string())).await;
-        }
-        forward::EndReason::IdleInTransaction | forward::EndReason::ClientIdle => {
-            send_error(stream, &idle_timeout_error(&end.reason)).await;
-        }
-        forward::EndReason::ServerProtocol(ref e) => {
-            warn!(tenant = %s.tenant, error = %e, "server broke the protocol");
-            if end.server_at_boundary {
-                send_error(
-                    stream,
-                    &PgError::fatal(sqlstate::CONNECTION_FAILURE, "server connection lost"),
-                )
-                .await;
-            }
-        }
-        _ => {}
-    }
-    if end.server_clean {
-        checkout.release(end.tx_status);
-    }
+    finish(stream, &s.tenant, &end, checkout).await;
     let _ = stream.shutdown().await;
 }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
 use crate::backend::{ServerConn, StartupParams};
-use crate::cancel::{CancelKey, CancelTarget, SlotState};
+use crate::cancel::{CancelKey, SlotState};
 use crate::net::{read_frame, ClientStream};
 use crate::pool::{Checkout, Pool};
 use crate::routing;
@@ -25,7 +25,9 @@ use crate::wire::msg;
 use crate::wire::PgError;
 
 use super::forward::{self, EndReason, Mode};
-use super::{idle_timeout_error, report_checkout_error, send_error, Session};
+use super::{
+    cancel_target, finish, idle_timeout_error, report_checkout_error, send_error, Session,
+};
 
 /// Reported parameters a client cannot set: never moved between server connections.
 const READ_ONLY_REPORTED: &[&str] = &[
@@ -194,7 +196,7 @@ pub(super) async fn run(
         // Linking and a cancel that arrived meanwhile exclude each other.
         if !key
             .slot
-            .link_unless_cancelled(target_of(&s, checkout.conn_ref()))
+            .link_unless_cancelled(cancel_target(&s.target, checkout.conn_ref()))
             .await
         {
             checkout.release_idle();
@@ -238,7 +240,8 @@ pub(super) async fn run(
                 if pinned {
                     debug!(%peer, tenant = %s.tenant, "session state that cannot move: pinned to its server connection");
                     link(&key, &s, checkout.conn_ref()).await;
-                    return session_rest(proxy, &pool, stream, buf, checkout, &key).await;
+                    return session_rest(proxy, &pool, &s.tenant, stream, buf, checkout, &key)
+                        .await;
                 }
                 if !end.effects.is_empty() {
                     match Box::pin(follow_effects(
@@ -253,7 +256,10 @@ pub(super) async fn run(
                         Ok(true) => {
                             debug!(%peer, tenant = %s.tenant, "session settings that cannot move: pinned");
                             link(&key, &s, checkout.conn_ref()).await;
-                            return session_rest(proxy, &pool, stream, buf, checkout, &key).await;
+                            return session_rest(
+                                proxy, &pool, &s.tenant, stream, buf, checkout, &key,
+                            )
+                            .await;
                         }
                         Err(e) => {
                             warn!(tenant = %s.tenant, error = %e, "could not read back session settings");
@@ -264,39 +270,8 @@ pub(super) async fn run(
                 }
                 checkout.release_idle();
             }
-            EndReason::ClientTerminated | EndReason::ClientGone => {
-                if end.server_clean {
-                    checkout.release(end.tx_status);
-                }
-                break;
-            }
-            EndReason::IdleInTransaction | EndReason::ClientIdle => {
-                send_error(stream, &idle_timeout_error(&end.reason)).await;
-                if end.server_clean {
-                    checkout.release(end.tx_status);
-                }
-                break;
-            }
-            EndReason::ServerGone => {
-                if end.server_at_boundary && !end.server_sent_error {
-                    let e = PgError::fatal(
-                        sqlstate::CONNECTION_FAILURE,
-                        "server closed the connection unexpectedly",
-                    );
-                    send_error(stream, &e).await;
-                }
-                break;
-            }
-            EndReason::ClientProtocol(ref e) => {
-                send_error(stream, &PgError::protocol_violation(e.to_string())).await;
-                break;
-            }
-            EndReason::ServerProtocol(_) | EndReason::TransactionEnd => {
-                warn!(tenant = %s.tenant, reason = ?end.reason, "server connection out of sync; closing it");
-                if end.server_at_boundary {
-                    let e = PgError::fatal(sqlstate::CONNECTION_FAILURE, "server connection lost");
-                    send_error(stream, &e).await;
-                }
+            _ => {
+                finish(stream, &s.tenant, &end, checkout).await;
                 break;
             }
         }
@@ -308,6 +283,7 @@ pub(super) async fn run(
 async fn session_rest(
     proxy: &Arc<Proxy>,
     pool: &Pool,
+    tenant: &str,
     stream: &mut ClientStream,
     mut buf: BytesMut,
     mut checkout: Checkout,
@@ -323,40 +299,15 @@ async fn session_rest(
     ))
     .await;
     drop(pinned);
-    match end.reason {
-        EndReason::ServerGone if end.server_at_boundary && !end.server_sent_error => {
-            let e = PgError::fatal(
-                sqlstate::CONNECTION_FAILURE,
-                "server closed the connection unexpectedly",
-            );
-            send_error(stream, &e).await;
-        }
-        EndReason::IdleInTransaction | EndReason::ClientIdle => {
-            send_error(stream, &idle_timeout_error(&end.reason)).await
-        }
-        EndReason::ClientProtocol(ref e) => {
-            send_error(stream, &PgError::protocol_violation(e.to_string())).await
-        }
-        _ => {}
-    }
     // Unlink first: a cancel being delivered for this client must land before the server goes to someone else.
     key.slot.set(SlotState::Idle).await;
-    if end.server_clean {
-        checkout.release(end.tx_status);
-    }
-}
-
-fn target_of(s: &Session, conn: &ServerConn) -> CancelTarget {
-    CancelTarget {
-        host: s.target.cluster.host.clone(),
-        port: s.target.cluster.port,
-        pid: conn.pid,
-        secret: conn.secret.clone(),
-    }
+    finish(stream, tenant, &end, checkout).await;
 }
 
 async fn link(key: &CancelKey, s: &Session, conn: &ServerConn) {
-    key.slot.set(SlotState::Linked(target_of(s, conn))).await;
+    key.slot
+        .set(SlotState::Linked(cancel_target(&s.target, conn)))
+        .await;
 }
 
 /// Checks out a shared server connection; on failure tells the client and returns None.

@@ -25,46 +25,20 @@ const CAROL_PASSWORD: &str = "carol-secret";
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
+    runtime().block_on(f)
 }
 
 /// Two more tenants on the acme databases: `oldapp` (md5 only, user `dave`) and `plain` (cleartext only, user
 /// `carol`).
 fn md5_and_cleartext_tenants() -> String {
-    format!(
-        r#"
-[[tenants]]
-id = "oldapp"
-database = "app"
-cluster = "main"
-backend_database = "acme_main"
-backend_user = "acme_owner"
-backend_password = "{OWNER_PASSWORD}"
-auth = ["md5"]
-[[tenants.users]]
-name = "dave"
-password = "{dave}"
-md5 = "{dave_md5}"
-
-[[tenants]]
-id = "plain"
-database = "app"
-cluster = "main"
-backend_database = "acme_main"
-backend_user = "acme_owner"
-backend_password = "{OWNER_PASSWORD}"
-auth = ["password"]
-[[tenants.users]]
-name = "carol"
-password = "{carol}"
-"#,
-        dave = scram(DAVE_PASSWORD),
-        dave_md5 = md5_verifier(DAVE_PASSWORD, "dave"),
-        carol = scram(CAROL_PASSWORD),
+    acme_tenant(
+        "oldapp",
+        "auth = [\"md5\"]",
+        &[user_toml("dave", DAVE_PASSWORD, true)],
+    ) + &acme_tenant(
+        "plain",
+        "auth = [\"password\"]",
+        &[user_toml("carol", CAROL_PASSWORD, false)],
     )
 }
 

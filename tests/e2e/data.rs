@@ -26,14 +26,6 @@ use crate::harness::*;
 // Helpers
 // ---------------------------------------------------------------------------------------------------------------
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Awaits `f`, failing the test if it takes longer than `secs`.
 async fn within<T>(secs: u64, what: &str, f: impl Future<Output = T>) -> T {
     match tokio::time::timeout(Duration::from_secs(secs), f).await {

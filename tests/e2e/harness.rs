@@ -363,3 +363,43 @@ fn backend_certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
     }
     (cert, key)
 }
+
+/// A multi-threaded runtime for a test's async part (pgweir itself runs on its own thread).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A `[[tenants]]` entry on the acme backend (database `app` → `acme_main` as `acme_owner`), with extra lines
+/// (e.g. `auth = ["md5"]`) and users (see [`user_toml`]).
+pub fn acme_tenant(id: &str, lines: &str, users: &[String]) -> String {
+    format!(
+        r#"
+[[tenants]]
+id = "{id}"
+database = "app"
+cluster = "main"
+backend_database = "acme_main"
+backend_user = "acme_owner"
+backend_password = "{OWNER_PASSWORD}"
+{lines}
+{}"#,
+        users.concat()
+    )
+}
+
+/// A `[[tenants.users]]` entry with a SCRAM verifier of `password`, and its md5 hash when `md5`.
+pub fn user_toml(name: &str, password: &str, md5: bool) -> String {
+    let md5 = if md5 {
+        format!("md5 = \"{}\"\n", md5_verifier(password, name))
+    } else {
+        String::new()
+    };
+    format!(
+        "[[tenants.users]]\nname = \"{name}\"\npassword = \"{}\"\n{md5}",
+        scram(password)
+    )
+}

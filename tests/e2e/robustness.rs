@@ -7,7 +7,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use pgweir::auth::md5::{md5_client_response, md5_verifier};
+use pgweir::auth::md5::md5_client_response;
 use rand::{Rng, SeedableRng};
 
 use crate::harness::*;
@@ -19,23 +19,10 @@ const PROTOCOL_3_0: u32 = 196608;
 
 /// A tenant whose only login method is md5, so that tests can log in by hand.
 fn md5_tenant() -> String {
-    format!(
-        r#"
-[[tenants]]
-id = "plain"
-database = "app"
-cluster = "main"
-backend_database = "acme_main"
-backend_user = "acme_owner"
-backend_password = "{OWNER_PASSWORD}"
-auth = ["md5"]
-[[tenants.users]]
-name = "carol"
-password = "{scram}"
-md5 = "{md5}"
-"#,
-        scram = scram(CAROL_PASSWORD),
-        md5 = md5_verifier(CAROL_PASSWORD, "carol"),
+    acme_tenant(
+        "plain",
+        "auth = [\"md5\"]",
+        &[user_toml("carol", CAROL_PASSWORD, true)],
     )
 }
 

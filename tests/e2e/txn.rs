@@ -19,21 +19,10 @@ fn tx_setup(size: usize, checkout_timeout: &str, proxy: &str) -> Setup {
     Setup {
         pool: format!("max_size = {size}\ncheckout_timeout = \"{checkout_timeout}\"\nconnect_timeout = \"3s\""),
         proxy: proxy.into(),
-        extra_config: format!(
-            r#"
-[[tenants]]
-id = "tx"
-database = "app"
-cluster = "main"
-backend_database = "acme_main"
-backend_user = "acme_owner"
-backend_password = "{OWNER_PASSWORD}"
-pool_mode = "transaction"
-[[tenants.users]]
-name = "alice"
-password = "{}"
-"#,
-            scram(ALICE_PASSWORD)
+        extra_config: acme_tenant(
+            "tx",
+            "pool_mode = \"transaction\"",
+            &[user_toml("alice", ALICE_PASSWORD, false)],
         ),
         ..Setup::default()
     }
@@ -46,14 +35,6 @@ fn tx_url(env: &Env, extra: &str) -> String {
         "app",
         &format!("options=endpoint=tx sslmode=disable {extra}"),
     )
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
@@ -69,7 +50,7 @@ async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
 #[test]
 fn many_clients_share_few_server_connections() {
     let env = tx_env(2);
-    rt().block_on(async {
+    runtime().block_on(async {
         let mut clients = Vec::new();
         for _ in 0..8 {
             clients.push(env.connect(&tx_url(&env, "")).await.unwrap());
@@ -102,7 +83,7 @@ fn many_clients_share_few_server_connections() {
 #[test]
 fn settings_follow_each_client_across_a_shared_connection() {
     let env = tx_env(1);
-    rt().block_on(async {
+    runtime().block_on(async {
         let a = env
             .connect(&env.url(
                 "alice",
@@ -160,7 +141,7 @@ fn settings_follow_each_client_across_a_shared_connection() {
 #[test]
 fn listen_and_prepared_statements_pin_and_keep_working() {
     let env = tx_env(2);
-    rt().block_on(async {
+    runtime().block_on(async {
         let a = env.connect(&tx_url(&env, "")).await.unwrap();
         let b = env.connect(&tx_url(&env, "")).await.unwrap();
         // Named prepared statements (tokio-postgres prepares every query) pin the client.
@@ -207,7 +188,7 @@ fn listen_and_prepared_statements_pin_and_keep_working() {
 #[test]
 fn cancels_reach_only_the_right_query() {
     let env = tx_env(1);
-    rt().block_on(async {
+    runtime().block_on(async {
         let a = env.connect(&tx_url(&env, "")).await.unwrap();
         let b = env.connect(&tx_url(&env, "")).await.unwrap();
         // A cancel of an idle client does nothing, even while another client runs on the same server connection.
@@ -253,7 +234,7 @@ fn cancels_reach_only_the_right_query() {
 #[test]
 fn disconnect_mid_transaction_rolls_back() {
     let env = tx_env(1);
-    rt().block_on(async {
+    runtime().block_on(async {
         let setup = env.connect(&tx_url(&env, "")).await.unwrap();
         setup
             .batch_execute("CREATE TABLE IF NOT EXISTS tx_t(v int)")
@@ -319,7 +300,7 @@ fn client_can_ask_for_session_mode() {
         "app",
         "options='endpoint=tx pool_mode=session' sslmode=disable",
     );
-    rt().block_on(async {
+    runtime().block_on(async {
         // A session-mode client keeps its server connection while idle: the pool of one is taken.
         let s = env.connect(&session_url).await.unwrap();
         assert_eq!(one(&s, "select 1").await, "1");
@@ -352,7 +333,7 @@ fn client_can_ask_for_session_mode() {
 #[test]
 fn failed_resets_do_not_leak_settings_to_the_next_client() {
     let env = tx_env(1);
-    rt().block_on(async {
+    runtime().block_on(async {
         let a = env.connect(&tx_url(&env, "")).await.unwrap();
         let b = env.connect(&tx_url(&env, "")).await.unwrap();
         a.batch_execute("SET statement_timeout = '1s'; SET app.user_id = '42'")
@@ -386,7 +367,7 @@ fn failed_resets_do_not_leak_settings_to_the_next_client() {
 #[test]
 fn pipelined_queries_keep_pooling() {
     let env = tx_env(1);
-    rt().block_on(async {
+    runtime().block_on(async {
         let a = env.connect(&tx_url(&env, "")).await.unwrap();
         let b = env.connect(&tx_url(&env, "")).await.unwrap();
         // tokio-postgres pipelines concurrent queries of one client on its connection.
@@ -423,7 +404,7 @@ async fn wait_closed(c: &tokio_postgres::Client, within: Duration) -> bool {
 #[test]
 fn idle_in_transaction_timeout_rolls_back_and_frees_the_server() {
     let env = tx_env_timeouts("idle_in_transaction_timeout = \"1s\"");
-    rt().block_on(async {
+    runtime().block_on(async {
         let setup = env.connect(&tx_url(&env, "")).await.unwrap();
         setup
             .batch_execute("CREATE TABLE IF NOT EXISTS iit(v int)")
@@ -449,7 +430,7 @@ fn idle_in_transaction_timeout_rolls_back_and_frees_the_server() {
 #[test]
 fn client_idle_timeout_disconnects_idle_clients() {
     let env = tx_env_timeouts("client_idle_timeout = \"1s\"");
-    rt().block_on(async {
+    runtime().block_on(async {
         let a = env.connect(&tx_url(&env, "")).await.unwrap();
         assert_eq!(one(&a, "select 1").await, "1");
         let started = Instant::now();
