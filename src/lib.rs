@@ -11,6 +11,7 @@
 //! - [`backend`]: opening and logging in server connections.
 //! - [`pool`]: server connection pools, checkout guards, reset.
 //! - [`cancel`]: client-visible cancel keys → backend keys.
+//! - [`prepared`]: named prepared statements under transaction pooling (client names → shared server names).
 //! - [`session`]: one client connection from first byte to last.
 //! - [`sqlscan`]: which SQL statements change session state (for transaction pooling); a lexer, no parser; pure.
 //! - [`server`]: the listener and process-wide state.
@@ -25,6 +26,7 @@ pub mod dev;
 pub mod net;
 pub mod pgcluster;
 pub mod pool;
+pub mod prepared;
 pub mod routing;
 pub mod server;
 pub mod session;

@@ -43,6 +43,8 @@ pub struct ServerConn {
     pub shared: bool,
     /// Session settings pgweir applied for the client now (or last) using a shared connection, by name.
     pub applied: Vec<(String, String)>,
+    /// Transaction mode: the named statements pgweir prepared on this connection.
+    pub prepared: crate::prepared::ServerStatements,
     pub created: Instant,
     pub idle_since: Instant,
     /// Bytes read from the server and not yet handled.
@@ -271,6 +273,7 @@ async fn connect_inner(
         startup,
         shared: false,
         applied: Vec::new(),
+        prepared: Default::default(),
         created: now,
         idle_since: now,
         buf,

@@ -104,6 +104,9 @@ pub struct PoolConfig {
     /// A client waits at most this long for a server connection; then it gets 53300.
     #[serde(with = "humantime_serde")]
     pub checkout_timeout: Duration,
+    /// Transaction mode: named prepared statements kept per server connection (least recently used are closed).
+    /// 0 turns the support off: a client that prepares a named statement is pinned to its server connection.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -115,6 +118,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
             checkout_timeout: Duration::from_secs(10),
+            max_prepared_statements: 200,
         }
     }
 }
@@ -133,6 +137,7 @@ pub struct PoolOverride {
     pub max_lifetime: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub checkout_timeout: Option<Duration>,
+    pub max_prepared_statements: Option<usize>,
 }
 
 impl PoolOverride {
@@ -144,6 +149,9 @@ impl PoolOverride {
             idle_timeout: self.idle_timeout.unwrap_or(base.idle_timeout),
             max_lifetime: self.max_lifetime.unwrap_or(base.max_lifetime),
             checkout_timeout: self.checkout_timeout.unwrap_or(base.checkout_timeout),
+            max_prepared_statements: self
+                .max_prepared_statements
+                .unwrap_or(base.max_prepared_statements),
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct Pool {
     /// Transaction mode: the ParameterStatus values a server reports once a client's startup settings are applied,
     /// by those settings — so a login needs no server connection when another client logged in alike recently.
     login_params: Mutex<HashMap<Settings, (Instant, Settings)>>,
+    /// Transaction mode: the named prepared statements of this pool's clients, one id per distinct definition.
+    statements: Arc<crate::prepared::Registry>,
 }
 
 /// Name/value pairs: session settings or ParameterStatus values.
@@ -100,6 +102,7 @@ impl Pool {
             max_wait_us: AtomicU64::new(0),
             pinned: AtomicUsize::new(0),
             login_params: Mutex::new(HashMap::new()),
+            statements: Arc::default(),
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
         Ok(pool)
@@ -107,6 +110,15 @@ impl Pool {
 
     pub fn key(&self) -> &PoolKey {
         &self.key
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
+    /// The registry of named prepared statements shared by this pool's clients.
+    pub fn statements(&self) -> &Arc<crate::prepared::Registry> {
+        &self.statements
     }
 
     /// The remembered ParameterStatus values for a login with `settings`, if fresh.
@@ -476,6 +488,7 @@ async fn reset(conn: &mut ServerConn, tx_status: u8) -> Result<(), String> {
         ));
     }
     conn.applied.clear();
+    conn.prepared.clear();
     Ok(())
 }
 

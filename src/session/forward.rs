@@ -16,8 +16,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::backend::ServerConn;
 use crate::net::{ClientStream, Stream};
+use crate::prepared::{self, ClientStatements, Reply, Rewriter};
 use crate::sqlscan::{self, Effect};
-use crate::wire::frame::{body, FrameError, Scanner, Verdict};
+use crate::wire::frame::{body, header, FrameError, Scanner, Verdict};
 use crate::wire::msg::cstr;
 
 /// Read buffer size per direction.
@@ -88,8 +89,15 @@ impl Limits {
     }
 }
 
+/// A client's named prepared statements and the most a server connection keeps: given to [`run`] when the
+/// client's statement names must be moved to shared server names (see `crate::prepared`).
+pub struct Statements<'a> {
+    pub client: &'a mut ClientStatements,
+    pub max_per_server: usize,
+}
+
 /// State shared by the two directions (atomics: both run in one task, but the task must be `Send`).
-struct Shared {
+struct Shared<'a> {
     mode: Mode,
     limits: Limits,
     started: Instant,
@@ -114,9 +122,14 @@ struct Shared {
     /// Syncs sent since the last Execute or Query: if that one starts a COPY FROM STDIN, the server ignores them.
     syncs_since_start: AtomicU64,
     effects: Mutex<Vec<Effect>>,
+    /// Named prepared statements are rewritten (transaction pooling).
+    rewriter: Option<Mutex<Rewriter<'a>>>,
+    /// Signalled after each ReadyForQuery while rewriting: a message waiting for an earlier batch to settle
+    /// (`Rewriter::must_wait`) looks again.
+    settled: tokio::sync::Notify,
 }
 
-impl Shared {
+impl<'r> Shared<'r> {
     fn record_effects(&self, sql: &[u8]) {
         let Ok(sql) = std::str::from_utf8(sql) else {
             // Not UTF-8: pgweir cannot tell what it does; treat it as moving session state it cannot follow.
@@ -130,6 +143,12 @@ impl Shared {
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(found);
         }
+    }
+
+    fn rewriter(&self) -> Option<std::sync::MutexGuard<'_, Rewriter<'r>>> {
+        self.rewriter
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn push(&self, e: Effect) {
@@ -148,8 +167,18 @@ pub async fn run(
     conn: &mut ServerConn,
     limits: Limits,
     mode: Mode,
+    statements: Option<Statements<'_>>,
 ) -> End {
     let max_message = limits.max_message;
+    let ServerConn {
+        stream: server,
+        buf: server_buf,
+        params,
+        prepared,
+        ..
+    } = conn;
+    let rewriter =
+        statements.map(|s| Mutex::new(Rewriter::new(s.client, prepared, s.max_per_server)));
     let shared = Shared {
         mode,
         limits,
@@ -165,16 +194,12 @@ pub async fn run(
         copy_in: AtomicBool::new(false),
         syncs_since_start: AtomicU64::new(0),
         effects: Mutex::new(Vec::new()),
+        rewriter,
+        settled: tokio::sync::Notify::new(),
     };
     let mut c_scan = Scanner::new(max_message);
     let mut s_scan = Scanner::new(max_message);
     let mut reported = Vec::new();
-    let ServerConn {
-        stream: server,
-        buf: server_buf,
-        params,
-        ..
-    } = conn;
     let mut pumps = Pumps {
         client_buf,
         server_buf,
@@ -225,17 +250,17 @@ pub async fn run(
     }
 }
 
-struct Pumps<'a> {
+struct Pumps<'a, 'r> {
     client_buf: &'a mut BytesMut,
     server_buf: &'a mut BytesMut,
     c_scan: &'a mut Scanner,
     s_scan: &'a mut Scanner,
     params: &'a mut Vec<(String, String)>,
     reported: &'a mut Vec<(String, String)>,
-    shared: &'a Shared,
+    shared: &'a Shared<'r>,
 }
 
-impl Pumps<'_> {
+impl Pumps<'_, '_> {
     async fn run<CR, CW, SR, SW>(
         &mut self,
         cr: &mut CR,
@@ -259,7 +284,7 @@ impl Pumps<'_> {
 /// Transaction mode: every request got its ReadyForQuery (`ready` of them so far), no extended-protocol batch is
 /// open and nothing of the client's is half forwarded.
 #[inline]
-fn transaction_finished(shared: &Shared, ready: u64) -> bool {
+fn transaction_finished(shared: &Shared<'_>, ready: u64) -> bool {
     shared.mode == Mode::Transaction
         && shared.tx_status.load(Ordering::Relaxed) == b'I'
         && ready == shared.requests.load(Ordering::Relaxed)
@@ -282,18 +307,39 @@ async fn client_to_server<R, W>(
     w: &mut W,
     buf: &mut BytesMut,
     scanner: &mut Scanner,
-    shared: &Shared,
+    shared: &Shared<'_>,
 ) -> EndReason
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let txn = shared.mode == Mode::Transaction;
+    let rewrite = shared.rewriter.is_some();
+    // Rewritten messages, and the bytes around them, are assembled here and written at once.
+    let mut out = BytesMut::new();
+    let mut rewritten = BytesMut::new();
     loop {
+        let mut replaced = false;
+        let mut wait = false;
         let scan = scanner.scan(
             buf,
-            |tag| tag == b'X' || (txn && (tag == b'Q' || tag == b'P')),
+            |tag| {
+                tag == b'X'
+                    || (txn && (tag == b'Q' || tag == b'P'))
+                    || (rewrite && matches!(tag, b'P' | b'B' | b'D' | b'C'))
+            },
             |tag, frame| -> Result<Verdict, FrameError> {
+                if let (true, Some(f), b'P' | b'B' | b'D' | b'C') = (rewrite, frame, tag) {
+                    // Before any accounting: a waiting message is scanned again later.
+                    let seq = shared.requests.load(Ordering::Relaxed) + 1;
+                    if shared
+                        .rewriter()
+                        .is_some_and(|rw| rw.must_wait(tag, f, seq))
+                    {
+                        wait = true;
+                        return Ok(Verdict::Stop);
+                    }
+                }
                 match tag {
                     b'X' => return Ok(Verdict::Stop),
                     b'Q' => {
@@ -321,10 +367,11 @@ where
                     b'c' | b'f' => shared.copy_in.store(false, Ordering::Relaxed),
                     b'P' => {
                         shared.batch_open.store(true, Ordering::Relaxed);
-                        if let Some(f) = frame {
+                        if let (true, Some(f)) = (txn, frame) {
                             match cstr(body(f)) {
                                 Some((name, rest)) => {
-                                    if !name.is_empty() {
+                                    // Without rewriting, a named statement exists on this server only.
+                                    if !name.is_empty() && !rewrite {
                                         shared.push(Effect::Pin(sqlscan::PinReason::Other));
                                     }
                                     if let Some((sql, _)) = cstr(rest) {
@@ -341,6 +388,15 @@ where
                     // Anything else would make the server end the connection behind pgweir's back.
                     tag => return Err(FrameError::UnexpectedTag { tag }),
                 }
+                if let (true, Some(f), b'P' | b'B' | b'D' | b'C') = (rewrite, frame, tag) {
+                    let seq = shared.requests.load(Ordering::Relaxed) + 1;
+                    if let Some(mut rw) = shared.rewriter() {
+                        if rw.client_message(tag, f, seq, &mut rewritten) {
+                            replaced = true;
+                            return Ok(Verdict::Stop);
+                        }
+                    }
+                }
                 Ok(Verdict::Forward)
             },
         );
@@ -348,16 +404,39 @@ where
             Ok(s) => s,
             Err(e) => return EndReason::ClientProtocol(e),
         };
+        if replaced {
+            // The frame at `forward` is whole (it was inspected) and replaced by `rewritten`.
+            let Ok(Some((_, total))) = header(&buf[scan.forward..], usize::MAX) else {
+                return EndReason::ClientProtocol(FrameError::BadLength { tag: 0, len: 0 });
+            };
+            out.extend_from_slice(&buf[..scan.forward]);
+            out.extend_from_slice(&rewritten);
+            rewritten.clear();
+            buf.advance(scan.forward + total);
+            continue;
+        }
         shared
             .client_mid_frame
             .store(!scanner.at_boundary(), Ordering::Relaxed);
-        if scan.forward > 0 {
+        if scan.forward > 0 || !out.is_empty() {
             shared.writing.store(true, Ordering::Relaxed);
-            if w.write_all(&buf[..scan.forward]).await.is_err() || w.flush().await.is_err() {
+            let bytes = if out.is_empty() {
+                &buf[..scan.forward]
+            } else {
+                out.extend_from_slice(&buf[..scan.forward]);
+                &out[..]
+            };
+            if w.write_all(bytes).await.is_err() || w.flush().await.is_err() {
                 return EndReason::ServerGone;
             }
+            out.clear();
             shared.writing.store(false, Ordering::Relaxed);
             buf.advance(scan.forward);
+        }
+        if wait {
+            // Everything before the waiting message is with the server; its replies settle the earlier batch.
+            shared.settled.notified().await;
+            continue;
         }
         if scan.stopped {
             return EndReason::ClientTerminated;
@@ -375,7 +454,7 @@ where
 async fn read_client<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
-    shared: &Shared,
+    shared: &Shared<'_>,
 ) -> Result<(), EndReason> {
     let limits = shared.limits;
     let client_idle = limits.client_idle.filter(|_| shared.mode == Mode::Session);
@@ -422,22 +501,44 @@ async fn server_to_client<R, W>(
     scanner: &mut Scanner,
     params: &mut Vec<(String, String)>,
     reported: &mut Vec<(String, String)>,
-    shared: &Shared,
+    shared: &Shared<'_>,
 ) -> EndReason
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let rewrite = shared.rewriter.is_some();
+    // Server messages with edits (a dropped or changed reply), and the bytes around them, are assembled here.
+    let mut out = BytesMut::new();
     loop {
+        let mut edit = None;
         // Bytes may already be buffered (read while the connection was logging in or idle).
         let scan = scanner.scan(
             buf,
-            |tag| tag == b'Z' || tag == b'S',
+            |tag| tag == b'Z' || tag == b'S' || (rewrite && matches!(tag, b'1' | b'3' | b'C')),
             |tag, frame| -> Result<Verdict, FrameError> {
                 shared.last_server_tag.store(tag, Ordering::Relaxed);
                 match (tag, frame) {
+                    (b'1' | b'3', _) if rewrite => {
+                        let reply = shared
+                            .rewriter()
+                            .map_or(Reply::Forward, |mut rw| rw.server_reply());
+                        if reply != Reply::Forward {
+                            edit = Some(reply);
+                            return Ok(Verdict::Stop);
+                        }
+                    }
+                    (b'C', Some(f)) if rewrite && prepared::deallocates_all(f) => {
+                        if let Some(mut rw) = shared.rewriter() {
+                            rw.all_deallocated();
+                        }
+                    }
                     (b'Z', Some(f)) => {
                         let ready = shared.ready.fetch_add(1, Ordering::Relaxed) + 1;
+                        if let Some(mut rw) = shared.rewriter() {
+                            rw.server_ready(ready);
+                            shared.settled.notify_one();
+                        }
                         let status = f.get(5).copied().unwrap_or(b'I');
                         shared.tx_status.store(status, Ordering::Relaxed);
                         if ready == shared.requests.load(Ordering::Relaxed) {
@@ -470,14 +571,33 @@ where
             Ok(s) => s,
             Err(e) => return EndReason::ServerProtocol(e),
         };
-        if scan.forward > 0 {
+        if let Some(edit) = edit {
+            // The reply at `forward` is whole (it was inspected): drop it, or pass it on as ParseComplete.
+            let Ok(Some((_, total))) = header(&buf[scan.forward..], usize::MAX) else {
+                return EndReason::ServerProtocol(FrameError::BadLength { tag: 0, len: 0 });
+            };
+            out.extend_from_slice(&buf[..scan.forward]);
+            if edit == Reply::AsParseComplete {
+                out.extend_from_slice(&prepared::PARSE_COMPLETE);
+            }
+            buf.advance(scan.forward + total);
+            continue;
+        }
+        if scan.forward > 0 || !out.is_empty() {
             // Take the scanned bytes out of the server connection's buffer before writing: if the write fails or
             // this future is dropped, bytes that were already counted must not stay behind on a connection that
             // looks clean (the next user would read them as its own answers).
-            let out = buf.split_to(scan.forward);
-            if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
+            let scanned = buf.split_to(scan.forward);
+            let bytes = if out.is_empty() {
+                &scanned[..]
+            } else {
+                out.extend_from_slice(&scanned);
+                &out[..]
+            };
+            if w.write_all(bytes).await.is_err() || w.flush().await.is_err() {
                 return EndReason::ClientGone;
             }
+            out.clear();
         }
         // The transaction looked finished when its ReadyForQuery was scanned; while it was being written, the
         // client may have sent more (pipelining). Only stop if it is still finished.

@@ -505,6 +505,7 @@ async fn attach_and_forward(
         checkout.conn(),
         forward::Limits::from_config(&proxy.cfg.proxy),
         forward::Mode::Session,
+        None,
     ))
     .await;
     // Unlink before the server can go to another client: waits for a cancel that is being delivered.

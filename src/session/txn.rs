@@ -17,6 +17,7 @@ use crate::backend::{ServerConn, StartupParams};
 use crate::cancel::{CancelKey, SlotState};
 use crate::net::{read_frame, ClientStream};
 use crate::pool::{Checkout, Pool};
+use crate::prepared::ClientStatements;
 use crate::routing;
 use crate::server::Proxy;
 use crate::sqlscan::{self, Effect};
@@ -24,7 +25,7 @@ use crate::wire::error::sqlstate;
 use crate::wire::msg;
 use crate::wire::PgError;
 
-use super::forward::{self, EndReason, Mode};
+use super::forward::{self, EndReason, Mode, Statements};
 use super::{
     cancel_target, finish, idle_timeout_error, report_checkout_error, send_error, Session,
 };
@@ -139,6 +140,9 @@ pub(super) async fn run(
 
     let max = proxy.cfg.proxy.max_message_bytes;
     let limits = forward::Limits::from_config(&proxy.cfg.proxy);
+    // Named prepared statements: moved to shared server names, unless turned off (then they pin).
+    let per_server = pool.config().max_prepared_statements;
+    let mut statements = ClientStatements::new(pool.statements().clone());
     let mut buf = BytesMut::new();
     loop {
         // Idle: no server connection until the client sends something.
@@ -162,6 +166,17 @@ pub(super) async fn run(
         }
         if buf[0] == b'X' {
             break;
+        }
+        if per_server > 0 {
+            // Preparing statements a server already accepted needs no server connection.
+            let mut out = BytesMut::new();
+            if let Some(n) = statements.answer_parse_batch(&buf, &mut out) {
+                if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
+                    break;
+                }
+                buf.advance(n);
+                continue;
+            }
         }
         key.slot.set(SlotState::Waiting { cancelled: false }).await;
         // Wait for a server connection, unless the request is cancelled first (a wake-up left over from an earlier
@@ -211,12 +226,14 @@ pub(super) async fn run(
             break;
         }
         // Boxed: the forwarding state exists only during a transaction, so an idle client stays small.
+        statements.set_search_path(get(&desired, "search_path"));
         let end = Box::pin(forward::run(
             stream,
             &mut buf,
             checkout.conn(),
             limits,
             Mode::Transaction,
+            statements_for(&mut statements, per_server),
         ))
         .await;
         if buf.is_empty() {
@@ -240,8 +257,12 @@ pub(super) async fn run(
                 if pinned {
                     debug!(%peer, tenant = %s.tenant, "session state that cannot move: pinned to its server connection");
                     link(&key, &s, checkout.conn_ref()).await;
-                    return session_rest(proxy, &pool, &s.tenant, stream, buf, checkout, &key)
-                        .await;
+                    let rest = Rest {
+                        buf,
+                        checkout,
+                        statements: statements_for(&mut statements, per_server),
+                    };
+                    return session_rest(proxy, &pool, &s.tenant, stream, rest, &key).await;
                 }
                 if !end.effects.is_empty() {
                     match Box::pin(follow_effects(
@@ -256,10 +277,12 @@ pub(super) async fn run(
                         Ok(true) => {
                             debug!(%peer, tenant = %s.tenant, "session settings that cannot move: pinned");
                             link(&key, &s, checkout.conn_ref()).await;
-                            return session_rest(
-                                proxy, &pool, &s.tenant, stream, buf, checkout, &key,
-                            )
-                            .await;
+                            let rest = Rest {
+                                buf,
+                                checkout,
+                                statements: statements_for(&mut statements, per_server),
+                            };
+                            return session_rest(proxy, &pool, &s.tenant, stream, rest, &key).await;
                         }
                         Err(e) => {
                             warn!(tenant = %s.tenant, error = %e, "could not read back session settings");
@@ -279,16 +302,35 @@ pub(super) async fn run(
     drop(key);
 }
 
+fn statements_for(statements: &mut ClientStatements, per_server: usize) -> Option<Statements<'_>> {
+    (per_server > 0).then_some(Statements {
+        client: statements,
+        max_per_server: per_server,
+    })
+}
+
+/// What a pinned session goes on with.
+struct Rest<'a> {
+    buf: BytesMut,
+    checkout: Checkout,
+    /// The client's named statements keep their server names.
+    statements: Option<Statements<'a>>,
+}
+
 /// The rest of a pinned session: session-mode forwarding on the server connection it holds.
 async fn session_rest(
     proxy: &Arc<Proxy>,
     pool: &Pool,
     tenant: &str,
     stream: &mut ClientStream,
-    mut buf: BytesMut,
-    mut checkout: Checkout,
+    rest: Rest<'_>,
     key: &CancelKey,
 ) {
+    let Rest {
+        mut buf,
+        mut checkout,
+        statements,
+    } = rest;
     let pinned = pool.pin();
     let end = Box::pin(forward::run(
         stream,
@@ -296,6 +338,7 @@ async fn session_rest(
         checkout.conn(),
         forward::Limits::from_config(&proxy.cfg.proxy),
         Mode::Session,
+        statements,
     ))
     .await;
     drop(pinned);

@@ -2,7 +2,6 @@
 //! notices, errors, LISTEN/NOTIFY, cancel keys, backends that die or are down, pool exhaustion, session reset,
 //! pgbench, and full-duplex forwarding. Every assertion is on what a client can observe.
 
-use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Output, Stdio};
@@ -12,27 +11,17 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{pin_mut, SinkExt, StreamExt, TryStreamExt};
-use pgweir::auth::scram::ScramClient;
-use pgweir::net::read_frame;
 use pgweir::pgcluster::PgBin;
-use pgweir::wire::msg;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 
 use crate::harness::*;
+use crate::raw::*;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------------------------
-
-/// Awaits `f`, failing the test if it takes longer than `secs`.
-async fn within<T>(secs: u64, what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(Duration::from_secs(secs), f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: nothing within {secs} s"),
-    }
-}
 
 /// Polls `f` until it holds, failing the test after `timeout`.
 async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -71,10 +60,6 @@ fn psql_stdin(conn: &str, args: &[&str], stdin: &[u8]) -> Output {
     let out = child.wait_with_output().expect("wait for psql");
     writer.join().unwrap();
     out
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// One value from a simple query.
@@ -174,188 +159,6 @@ fn vm_rss_kb() -> u64 {
 // ---------------------------------------------------------------------------------------------------------------
 // A raw protocol client: sees BackendKeyData, ReadyForQuery status bytes and every ErrorResponse as sent.
 // ---------------------------------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, Default)]
-struct ErrorFields {
-    severity: String,
-    code: String,
-    message: String,
-}
-
-fn error_fields(body: &[u8]) -> ErrorFields {
-    let mut e = ErrorFields::default();
-    let mut rest = body;
-    while let Some((&t, r)) = rest.split_first() {
-        if t == 0 {
-            break;
-        }
-        let end = r.iter().position(|&b| b == 0).unwrap_or(r.len());
-        let v = text(&r[..end]);
-        match t {
-            b'S' => e.severity = v,
-            b'C' => e.code = v,
-            b'M' => e.message = v,
-            _ => {}
-        }
-        rest = &r[(end + 1).min(r.len())..];
-    }
-    e
-}
-
-fn data_row(body: &[u8]) -> Vec<Option<String>> {
-    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
-    let mut p = 2;
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = i32::from_be_bytes(body[p..p + 4].try_into().unwrap());
-        p += 4;
-        if len < 0 {
-            out.push(None);
-        } else {
-            let l = len as usize;
-            out.push(Some(text(&body[p..p + l])));
-            p += l;
-        }
-    }
-    out
-}
-
-#[derive(Debug)]
-struct QueryResult {
-    rows: Vec<Vec<Option<String>>>,
-    error: Option<ErrorFields>,
-    /// Transaction status of the ReadyForQuery that ended the query.
-    status: u8,
-}
-
-struct Raw {
-    stream: TcpStream,
-    buf: BytesMut,
-    pid: i32,
-    secret: i32,
-}
-
-type Frame = (u8, Bytes);
-
-async fn next_frame<R: tokio::io::AsyncRead + Unpin>(
-    stream: &mut R,
-    buf: &mut BytesMut,
-) -> Option<Frame> {
-    let f = read_frame(stream, buf, 1 << 30).await.ok()?;
-    let f = f.freeze();
-    Some((f[0], f.slice(5..)))
-}
-
-impl Raw {
-    /// Logs in as alice on acme (SCRAM, no TLS), up to the first ReadyForQuery.
-    async fn connect(env: &Env) -> Raw {
-        let stream = TcpStream::connect(env.addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        let mut raw = Raw {
-            stream,
-            buf: BytesMut::new(),
-            pid: 0,
-            secret: 0,
-        };
-        let mut out = BytesMut::new();
-        msg::startup(
-            [
-                // The same startup parameters as tokio-postgres: both share pooled connections.
-                ("client_encoding", "UTF8"),
-                ("user", "alice"),
-                ("database", "app"),
-                ("options", "endpoint=acme"),
-            ],
-            &mut out,
-        );
-        raw.send(&out).await;
-        let mut scram = ScramClient::new(ALICE_PASSWORD);
-        let mut got_key = false;
-        loop {
-            let (tag, body) = raw.frame().await.expect("pgweir closed during login");
-            match tag {
-                b'R' => {
-                    let code = i32::from_be_bytes(body[..4].try_into().unwrap());
-                    let data = &body[4..];
-                    out.clear();
-                    match code {
-                        0 => {}
-                        10 => msg::sasl_initial_response(
-                            scram.mechanism(),
-                            scram.client_first(),
-                            &mut out,
-                        ),
-                        11 => msg::sasl_response(scram.server_first(data).unwrap(), &mut out),
-                        12 => scram.server_final(data).unwrap(),
-                        c => panic!("unexpected authentication request {c}"),
-                    }
-                    if !out.is_empty() {
-                        raw.send(&out).await;
-                    }
-                }
-                b'K' => {
-                    raw.pid = i32::from_be_bytes(body[..4].try_into().unwrap());
-                    raw.secret = i32::from_be_bytes(body[4..8].try_into().unwrap());
-                    got_key = true;
-                }
-                b'S' | b'N' => {}
-                b'Z' => break,
-                b'E' => panic!("login failed: {:?}", error_fields(&body)),
-                t => panic!("unexpected message {:?} during login", t as char),
-            }
-        }
-        assert!(got_key, "no BackendKeyData before ReadyForQuery");
-        raw
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-        self.stream.flush().await.unwrap();
-    }
-
-    async fn frame(&mut self) -> Option<Frame> {
-        next_frame(&mut self.stream, &mut self.buf).await
-    }
-
-    async fn send_query(&mut self, sql: &str) {
-        let mut out = BytesMut::new();
-        msg::query(sql, &mut out);
-        self.send(&out).await;
-    }
-
-    /// Reads up to ReadyForQuery.
-    async fn results(&mut self) -> QueryResult {
-        let mut r = QueryResult {
-            rows: Vec::new(),
-            error: None,
-            status: 0,
-        };
-        loop {
-            let (tag, body) = self.frame().await.expect("connection closed mid-query");
-            match tag {
-                b'D' => r.rows.push(data_row(&body)),
-                b'E' => r.error = Some(error_fields(&body)),
-                b'Z' => {
-                    r.status = body[0];
-                    return r;
-                }
-                _ => {}
-            }
-        }
-    }
-
-    async fn query(&mut self, sql: &str) -> QueryResult {
-        self.send_query(sql).await;
-        within(30, sql, self.results()).await
-    }
-
-    /// The single value of a query that must succeed.
-    async fn value(&mut self, sql: &str) -> Option<String> {
-        let r = self.query(sql).await;
-        assert!(r.error.is_none(), "{sql}: {:?}", r.error);
-        r.rows[0][0].clone()
-    }
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // 1. COPY

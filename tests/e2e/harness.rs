@@ -79,6 +79,13 @@ impl Env {
     }
 
     pub fn with(setup: Setup) -> Env {
+        // PGWEIR_TEST_LOG=debug (an EnvFilter) shows pgweir's logs in the test output.
+        if let Ok(filter) = std::env::var("PGWEIR_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let backend_tls_dir = tempfile::Builder::new()
             .prefix("pgweir-backend-tls-")
             .tempdir()

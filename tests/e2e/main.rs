@@ -1,6 +1,7 @@
 //! End-to-end tests: real PostgreSQL 15, real pgweir, real clients (psql, pgbench, tokio-postgres).
 
 mod harness;
+mod raw;
 
 mod auth;
 mod backend;

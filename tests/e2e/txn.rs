@@ -3,7 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+
 use crate::harness::*;
+use crate::raw::{error_fields, ext, text, within, Frame, Raw};
 
 /// Tenant `tx`: same backend as `acme`, transaction pooling, pool of `size` server connections.
 fn tx_env(size: usize) -> Env {
@@ -139,13 +142,14 @@ fn settings_follow_each_client_across_a_shared_connection() {
 }
 
 #[test]
-fn listen_and_prepared_statements_pin_and_keep_working() {
+fn listen_pins_and_prepared_statements_keep_working() {
     let env = tx_env(2);
     runtime().block_on(async {
         let a = env.connect(&tx_url(&env, "")).await.unwrap();
         let b = env.connect(&tx_url(&env, "")).await.unwrap();
-        // Named prepared statements (tokio-postgres prepares every query) pin the client.
+        // Named prepared statements (tokio-postgres prepares every query) do not pin; LISTEN does.
         let stmt = a.prepare("select $1::int + 1").await.unwrap();
+        a.batch_execute("LISTEN tx_channel").await.unwrap();
         for i in 0..20 {
             let row = a.query_one(&stmt, &[&i]).await.unwrap();
             assert_eq!(row.get::<_, i32>(0), i + 1);
@@ -260,7 +264,7 @@ fn disconnect_mid_transaction_rolls_back() {
 }
 
 #[test]
-fn pgbench_simple_and_extended_with_more_clients_than_server_connections() {
+fn pgbench_all_protocols_with_more_clients_than_server_connections() {
     let env = tx_env(2);
     let pgbench = pgweir::pgcluster::PgBin::locate().unwrap().tool("pgbench");
     let url = tx_url(&env, "");
@@ -273,7 +277,7 @@ fn pgbench_simple_and_extended_with_more_clients_than_server_connections() {
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
-    for mode in ["simple", "extended"] {
+    for mode in ["simple", "extended", "prepared"] {
         let out = std::process::Command::new(&pgbench)
             .args(["-n", "-c", "8", "-j", "2", "-t", "100", "-M", mode, &url])
             .output()
@@ -461,5 +465,357 @@ fn client_idle_timeout_disconnects_idle_clients() {
         // New clients still work.
         let b = env.connect(&tx_url(&env, "")).await.unwrap();
         assert_eq!(one(&b, "select 3").await, "3");
+    });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Named prepared statements
+// ---------------------------------------------------------------------------------------------------------------
+
+fn pinned(env: &Env) -> usize {
+    env.proxy
+        .pools
+        .stats()
+        .iter()
+        .map(|p| p.server_pinned)
+        .sum::<usize>()
+}
+
+/// A reply as a comparable line; ParameterStatus and notices are left out.
+fn summarize(frames: &[Frame]) -> Vec<String> {
+    frames
+        .iter()
+        .filter(|(tag, _)| !matches!(tag, b'S' | b'N'))
+        .map(|(tag, body)| match tag {
+            b'E' => format!("E {}", error_fields(body).code),
+            b'D' => format!("D {:?}", crate::raw::data_row(body)),
+            b'C' => format!("C {}", text(body.strip_suffix(&[0]).unwrap_or(body))),
+            b't' | b'T' => format!(
+                "{} {}",
+                *tag as char,
+                u16::from_be_bytes([body[0], body[1]])
+            ),
+            b'Z' => format!("Z {}", body[0] as char),
+            t => (*t as char).to_string(),
+        })
+        .collect()
+}
+
+/// Sends `out` and reads the replies up to the `syncs`-th ReadyForQuery.
+async fn exchange(raw: &mut Raw, out: &BytesMut, syncs: usize) -> Vec<String> {
+    raw.send(out).await;
+    let mut frames = Vec::new();
+    for _ in 0..syncs {
+        frames.extend(raw.until_ready().await);
+    }
+    summarize(&frames)
+}
+
+/// Pipelines of named statements with errors in the middle, closes and re-prepares: every reply, in order,
+/// exactly as Postgres gives it to a direct connection.
+#[test]
+fn named_statement_pipelines_reply_exactly_as_postgres() {
+    let env = tx_env(2);
+    runtime().block_on(async {
+        let script: Vec<(usize, BytesMut)> = {
+            let mut v = Vec::new();
+            let mut b = BytesMut::new();
+            // 1. A good statement, a broken one in the middle: the rest of the batch is skipped.
+            ext::parse("s1", "select $1::int * 2", &mut b);
+            ext::describe(b'S', "s1", &mut b);
+            ext::bind("", "s1", &[Some("21")], &mut b);
+            ext::execute("", &mut b);
+            ext::parse("s2", "selec broken", &mut b);
+            ext::parse("s3", "select 3", &mut b);
+            ext::bind("", "s1", &[Some("1")], &mut b);
+            ext::execute("", &mut b);
+            ext::sync(&mut b);
+            v.push((1, b.split()));
+            // 2. The skipped and the failed statement do not exist.
+            ext::bind("", "s3", &[], &mut b);
+            ext::execute("", &mut b);
+            ext::sync(&mut b);
+            ext::describe(b'S', "s2", &mut b);
+            ext::sync(&mut b);
+            v.push((2, b.split()));
+            // 3. Use, close, use again (fails), in one batch; then the name is free for a new definition.
+            ext::bind("", "s1", &[Some("5")], &mut b);
+            ext::execute("", &mut b);
+            ext::close(b'S', "s1", &mut b);
+            ext::bind("", "s1", &[Some("6")], &mut b);
+            ext::execute("", &mut b);
+            ext::sync(&mut b);
+            ext::parse("s1", "select $1::text || 'x'", &mut b);
+            ext::bind("", "s1", &[Some("a")], &mut b);
+            ext::execute("", &mut b);
+            ext::sync(&mut b);
+            v.push((2, b.split()));
+            // 4. Closing a statement that does not exist is not an error; a Close skipped after an error keeps
+            //    the statement.
+            ext::close(b'S', "nope", &mut b);
+            ext::sync(&mut b);
+            ext::parse("bad", "select 1/0", &mut b);
+            ext::bind("", "bad", &[], &mut b);
+            ext::execute("", &mut b);
+            ext::close(b'S', "s1", &mut b);
+            ext::sync(&mut b);
+            ext::bind("", "s1", &[Some("b")], &mut b);
+            ext::execute("", &mut b);
+            ext::sync(&mut b);
+            v.push((3, b.split()));
+            // 5. Flush instead of Sync: the ParseComplete arrives without a Sync.
+            ext::parse("s9", "select 9", &mut b);
+            ext::describe(b'S', "s9", &mut b);
+            ext::flush(&mut b);
+            v.push((0, b.split()));
+            ext::bind("", "s9", &[], &mut b);
+            ext::execute("", &mut b);
+            ext::sync(&mut b);
+            v.push((1, b.split()));
+            // 6. The same statement text under two names, and the unnamed statement next to named ones.
+            ext::parse("t1", "select 7", &mut b);
+            ext::parse("t2", "select 7", &mut b);
+            ext::parse("", "select 8", &mut b);
+            ext::bind("", "t2", &[], &mut b);
+            ext::execute("", &mut b);
+            ext::close(b'S', "t1", &mut b);
+            ext::bind("", "t2", &[], &mut b);
+            ext::execute("", &mut b);
+            ext::sync(&mut b);
+            v.push((1, b.split()));
+            v
+        };
+        let mut direct = Raw::connect_direct(&env).await;
+        let mut proxied = Raw::connect_to(&env, "tx").await;
+        let mut step = 0;
+        for (syncs, out) in &script {
+            step += 1;
+            let (want, got) = if *syncs == 0 {
+                // Flush: read what a direct connection sends (ParseComplete, ParameterDescription, RowDescription).
+                direct.send(out).await;
+                proxied.send(out).await;
+                let mut w = Vec::new();
+                let mut g = Vec::new();
+                for _ in 0..3 {
+                    w.push(within(10, "flush reply", direct.frame()).await.unwrap());
+                    g.push(within(10, "flush reply", proxied.frame()).await.unwrap());
+                }
+                (summarize(&w), summarize(&g))
+            } else {
+                (
+                    exchange(&mut direct, out, *syncs).await,
+                    exchange(&mut proxied, out, *syncs).await,
+                )
+            };
+            assert_eq!(got, want, "step {step}");
+            if step == 1 {
+                assert_eq!(
+                    want,
+                    [
+                        "1",
+                        "t 1",
+                        "T 1",
+                        "2",
+                        "D [Some(\"42\")]",
+                        "C SELECT 1",
+                        "E 42601",
+                        "Z I"
+                    ]
+                );
+            }
+        }
+        assert_eq!(pinned(&env), 0, "named statements do not pin");
+    });
+}
+
+/// A statement prepared on one server connection, then described and executed on another.
+#[test]
+fn statements_move_to_other_server_connections() {
+    let env = tx_env(2);
+    runtime().block_on(async {
+        let x = env.connect(&tx_url(&env, "")).await.unwrap();
+        let y = env.connect(&tx_url(&env, "")).await.unwrap();
+        let mut raw = Raw::connect_to(&env, "tx").await;
+        let pid_sql = "select pg_backend_pid()::text";
+
+        // x holds one server connection: raw prepares on the other one.
+        x.batch_execute("BEGIN").await.unwrap();
+        let x_pid = one(&x, pid_sql).await;
+        let mut b = BytesMut::new();
+        ext::parse("s1", "select $1::int * 3 as tripled", &mut b);
+        ext::parse("", pid_sql, &mut b);
+        ext::bind("", "", &[], &mut b);
+        ext::execute("", &mut b);
+        ext::sync(&mut b);
+        let r = exchange(&mut raw, &b.split(), 1).await;
+        assert_eq!(r[0], "1");
+        let first_pid = r[3].clone();
+        assert!(!first_pid.contains(&x_pid), "{r:?} vs {x_pid}");
+
+        // y takes that connection, x gives its own back: raw's next batch lands where s1 was never prepared.
+        y.batch_execute("BEGIN").await.unwrap();
+        let y_pid = one(&y, pid_sql).await;
+        assert!(first_pid.contains(&y_pid), "{first_pid} vs {y_pid}");
+        x.batch_execute("COMMIT").await.unwrap();
+        ext::describe(b'S', "s1", &mut b);
+        ext::bind("", "s1", &[Some("14")], &mut b);
+        ext::execute("", &mut b);
+        ext::parse("", pid_sql, &mut b);
+        ext::bind("", "", &[], &mut b);
+        ext::execute("", &mut b);
+        ext::sync(&mut b);
+        let r = exchange(&mut raw, &b.split(), 1).await;
+        assert_eq!(
+            r,
+            [
+                "t 1".to_string(),
+                "T 1".into(),
+                "2".into(),
+                "D [Some(\"42\")]".into(),
+                "C SELECT 1".into(),
+                "1".into(),
+                "2".into(),
+                format!("D [Some(\"{x_pid}\")]"),
+                "C SELECT 1".into(),
+                "Z I".into()
+            ]
+        );
+        y.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(pinned(&env), 0);
+    });
+}
+
+/// Many tokio-postgres clients, each with its own and shared prepared statements, on two server connections:
+/// every result is the client's own; statements are closed and prepared again; nothing pins; the servers keep one
+/// copy of each distinct statement.
+#[test]
+fn prepared_statements_across_many_clients_and_transactions() {
+    let env = tx_env(2);
+    runtime().block_on(async {
+        let mut tasks = Vec::new();
+        for c in 0..8i32 {
+            let url = tx_url(&env, "");
+            let connect = env.connect(&url);
+            let mut client = connect.await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                // Shared by all clients: one server statement.
+                let shared = client.prepare("select $1::int + 1000").await.unwrap();
+                // The client's own: its number is in the text.
+                let own = client
+                    .prepare(&format!("select $1::int * 0 + {c}"))
+                    .await
+                    .unwrap();
+                for i in 0..40i32 {
+                    let r: i32 = client.query_one(&shared, &[&i]).await.unwrap().get(0);
+                    assert_eq!(r, i + 1000);
+                    let r: i32 = client.query_one(&own, &[&i]).await.unwrap().get(0);
+                    assert_eq!(r, c, "client {c} got another client's statement");
+                    if i % 10 == 9 {
+                        // Inside a transaction, and a statement dropped (Close) and prepared again.
+                        let tx = client.transaction().await.unwrap();
+                        let again = tx.prepare("select $1::int - 1").await.unwrap();
+                        let r: i32 = tx.query_one(&again, &[&i]).await.unwrap().get(0);
+                        assert_eq!(r, i - 1);
+                        drop(again);
+                        tx.commit().await.unwrap();
+                    }
+                }
+                client
+            }));
+        }
+        let mut clients = Vec::new();
+        for t in tasks {
+            clients.push(t.await.unwrap());
+        }
+        assert_eq!(pinned(&env), 0, "named statements do not pin");
+        // Each server connection holds at most the 8 + 2 distinct statements (and pgweir's, nothing else).
+        for _ in 0..4 {
+            let n: i64 = clients[0]
+                .query_one(
+                    "select count(*) from pg_prepared_statements where name like 'pgw\\_%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(
+                (1..=11).contains(&n),
+                "{n} statements on a server connection"
+            );
+        }
+    });
+}
+
+/// SQL-level DEALLOCATE ALL and DISCARD ALL drop the client's protocol-level statements, as on Postgres, and
+/// leave the shared server connection consistent for everyone else.
+#[test]
+fn deallocate_all_forgets_statements_everywhere_it_should() {
+    let env = tx_env(1);
+    runtime().block_on(async {
+        let other = env.connect(&tx_url(&env, "")).await.unwrap();
+        let shared = other.prepare("select $1::int + 5").await.unwrap();
+        let mut raw = Raw::connect_to(&env, "tx").await;
+        let mut b = BytesMut::new();
+        ext::parse("p", "select $1::int + 5", &mut b);
+        ext::sync(&mut b);
+        assert_eq!(exchange(&mut raw, &b.split(), 1).await, ["1", "Z I"]);
+        let r = raw.query("DEALLOCATE ALL").await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        ext::bind("", "p", &[Some("1")], &mut b);
+        ext::execute("", &mut b);
+        ext::sync(&mut b);
+        assert_eq!(exchange(&mut raw, &b.split(), 1).await, ["E 26000", "Z I"]);
+        // The other client's statement is prepared again where needed.
+        let r: i32 = other.query_one(&shared, &[&1]).await.unwrap().get(0);
+        assert_eq!(r, 6);
+        ext::parse("p", "select $1::int + 5", &mut b);
+        ext::bind("", "p", &[Some("2")], &mut b);
+        ext::execute("", &mut b);
+        ext::sync(&mut b);
+        assert_eq!(
+            exchange(&mut raw, &b.split(), 1).await,
+            ["1", "2", "D [Some(\"7\")]", "C SELECT 1", "Z I"]
+        );
+        let r = raw.query("DISCARD ALL").await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        let r: i32 = other.query_one(&shared, &[&2]).await.unwrap().get(0);
+        assert_eq!(r, 7);
+    });
+}
+
+/// Two clients with different search_paths prepare the same text on one shared server connection: each reads its
+/// own schema's table, as on its own connection.
+#[test]
+fn same_statement_text_under_different_search_paths() {
+    let env = tx_env(1);
+    runtime().block_on(async {
+        let admin = env.connect(&tx_url(&env, "")).await.unwrap();
+        admin
+            .batch_execute(
+                "DROP SCHEMA IF EXISTS sa CASCADE; DROP SCHEMA IF EXISTS sb CASCADE;
+                 CREATE SCHEMA sa; CREATE SCHEMA sb;
+                 CREATE TABLE sa.t(v text); CREATE TABLE sb.t(v text);
+                 INSERT INTO sa.t VALUES ('from sa'); INSERT INTO sb.t VALUES ('from sb');",
+            )
+            .await
+            .unwrap();
+        let a = env
+            .connect(&env.url(
+                "alice",
+                ALICE_PASSWORD,
+                "app",
+                "options='endpoint=tx -c search_path=sa' sslmode=disable",
+            ))
+            .await
+            .unwrap();
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        b.batch_execute("SET search_path TO sb").await.unwrap();
+        for _ in 0..3 {
+            let sa = a.prepare("select v from t").await.unwrap();
+            let sb = b.prepare("select v from t").await.unwrap();
+            let va: String = a.query_one(&sa, &[]).await.unwrap().get(0);
+            let vb: String = b.query_one(&sb, &[]).await.unwrap().get(0);
+            assert_eq!((va.as_str(), vb.as_str()), ("from sa", "from sb"));
+        }
     });
 }

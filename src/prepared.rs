@@ -1,0 +1,847 @@
+//! Named prepared statements (protocol-level Parse/Bind/Describe/Close) under transaction pooling.
+//!
+//! A client's statement names mean nothing to the shared server connections it lands on. pgweir keeps, per client,
+//! its names → [`Statement`]s (the Parse body: query text and parameter types), and interns each distinct body per
+//! pool under a process-unique id, so clients that prepare the same statement share it on the servers. On a server
+//! connection statements live under the name `pgw_<id>`; each connection remembers which ids it has
+//! ([`ServerStatements`], bounded, least recently used evicted with a Close).
+//!
+//! While forwarding, the [`Rewriter`] changes the client's messages:
+//! - Parse of a named statement → Parse `pgw_<id>`, or, when the server already has it, a Close of the never-used
+//!   name `pgw_0` whose CloseComplete reaches the client as ParseComplete;
+//! - Bind and Describe of a named statement → the server name, preceded by a Parse when the server lacks it (its
+//!   ParseComplete is not forwarded);
+//! - Close of a named statement → a Close of `pgw_0` (the statement may be in use by other clients).
+//!
+//! So the server always produces exactly the replies the client expects, in order, including when an error in a
+//! pipeline makes it skip everything up to Sync. Every Parse/Close sent is queued with the Z (ReadyForQuery) count
+//! that ends its batch; ParseComplete/CloseComplete pop the queue, and entries still queued when their batch's Z
+//! arrives were skipped or failed and are undone (the client's name and the server's statement were not created).
+//!
+//! Statement caches never cross pools, and pools never cross tenants.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::wire::msg::cstr;
+
+/// A statement definition: the Parse body after the name (query, parameter count and types).
+#[derive(Debug)]
+pub struct Statement {
+    pub id: u64,
+    pub body: Bytes,
+    /// A server accepted it (ParseComplete): a client's Parse of it can be answered without a server.
+    validated: AtomicBool,
+}
+
+/// Id 0 is never given out: `pgw_0` is the name pgweir closes when it needs a harmless CloseComplete.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Bytes of statement definitions a pool's registry keeps. Beyond that the least recently used are forgotten: a
+/// client holding one keeps it working, a client preparing the same text again gets a new id.
+const REGISTRY_BYTES: u64 = 16 << 20;
+
+/// A pool's statements: one id per distinct definition.
+pub struct Registry {
+    cache: moka::sync::Cache<Bytes, Arc<Statement>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            cache: moka::sync::Cache::builder()
+                .max_capacity(REGISTRY_BYTES)
+                .weigher(|k: &Bytes, _| u32::try_from(k.len() + 64).unwrap_or(u32::MAX))
+                .build(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("statements", &self.cache.entry_count())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// The statement for a Parse body prepared under `search_path`, shared with every client of the pool that
+    /// prepared the same. (Postgres re-analyses a prepared statement when the search_path changed since its last
+    /// use, so sharing across search_paths would be correct; keeping them apart keeps `validated` exact for the
+    /// Parse answers given without a server.)
+    pub fn intern(&self, body: &[u8], search_path: &[u8]) -> Arc<Statement> {
+        let mut key = BytesMut::with_capacity(4 + search_path.len() + body.len());
+        key.put_u32(search_path.len() as u32);
+        key.put_slice(search_path);
+        key.put_slice(body);
+        if let Some(s) = self.cache.get(&key[..]) {
+            return s;
+        }
+        let key = key.freeze();
+        self.cache.get_with(key.clone(), || {
+            Arc::new(Statement {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                body: key.slice(4 + search_path.len()..),
+                validated: AtomicBool::new(false),
+            })
+        })
+    }
+
+    /// Distinct statements remembered.
+    pub fn len(&self) -> usize {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count() as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One client's named statements.
+#[derive(Debug)]
+pub struct ClientStatements {
+    registry: Arc<Registry>,
+    by_name: HashMap<Box<[u8]>, Arc<Statement>>,
+    /// The client's search_path (empty: the server's default), part of what identifies a statement.
+    search_path: Vec<u8>,
+}
+
+impl ClientStatements {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        ClientStatements {
+            registry,
+            by_name: HashMap::new(),
+            search_path: Vec::new(),
+        }
+    }
+
+    /// The client's search_path for the statements it prepares from now on.
+    pub fn set_search_path(&mut self, search_path: Option<&str>) {
+        let sp = search_path.unwrap_or("").as_bytes();
+        if self.search_path != sp {
+            self.search_path = sp.to_vec();
+        }
+    }
+
+    /// Answers a batch of named Parse messages and a Sync at the start of `buf` without a server connection, when
+    /// every statement in it was already accepted by a server: ParseComplete for each and ReadyForQuery ('I') go
+    /// to `out`. Returns how many bytes of `buf` it answered; None (and nothing changed) otherwise.
+    ///
+    /// A client outside a transaction that only prepares (libpq's `PQprepare`, pgbench `-M prepared`) thus never
+    /// waits for a server connection, which other clients of the same application thread may be holding.
+    pub fn answer_parse_batch(&mut self, buf: &[u8], out: &mut BytesMut) -> Option<usize> {
+        let mut pos = 0;
+        let mut found = Vec::new();
+        loop {
+            let (tag, total) = crate::wire::frame::header(&buf[pos..], usize::MAX).ok()??;
+            let frame = buf.get(pos..pos + total)?;
+            match tag {
+                b'P' => {
+                    let (name, rest) = cstr(&frame[5..])?;
+                    if name.is_empty() {
+                        return None;
+                    }
+                    let stmt = self.registry.intern(rest, &self.search_path);
+                    if !stmt.validated.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    found.push((name, stmt));
+                }
+                b'S' if !found.is_empty() => {
+                    pos += total;
+                    break;
+                }
+                _ => return None,
+            }
+            pos += total;
+        }
+        for (name, stmt) in found {
+            self.by_name.insert(name.into(), stmt);
+            out.put_slice(&PARSE_COMPLETE);
+        }
+        out.put_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+        Some(pos)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+/// The statements a server connection has prepared (by id), with a use counter for LRU eviction.
+#[derive(Debug, Default)]
+pub struct ServerStatements {
+    used: HashMap<u64, u64>,
+    tick: u64,
+}
+
+impl ServerStatements {
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+
+    /// The server lost all its prepared statements (`DISCARD ALL`, `DEALLOCATE ALL`).
+    pub fn clear(&mut self) {
+        self.used.clear();
+    }
+
+    fn touch(&mut self, id: u64) -> bool {
+        self.tick += 1;
+        match self.used.get_mut(&id) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&mut self, id: u64) {
+        self.tick += 1;
+        self.used.insert(id, self.tick);
+    }
+}
+
+/// What happens to a ParseComplete/CloseComplete from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    Forward,
+    /// It answers a message pgweir added: the client never sees it.
+    Drop,
+    /// A CloseComplete that stands for the client's ParseComplete.
+    AsParseComplete,
+}
+
+/// ParseComplete.
+pub const PARSE_COMPLETE: [u8; 5] = [b'1', 0, 0, 0, 4];
+
+/// What to take back if a queued Parse/Close never succeeds.
+#[derive(Debug)]
+enum Undo {
+    Nothing,
+    /// pgweir's Parse of this id.
+    ServerParse(u64),
+    /// The client's Parse of `name` (now `id`; `prev` before), and pgweir's Parse of `server` if it sent one.
+    ClientParse {
+        name: Box<[u8]>,
+        id: u64,
+        prev: Option<Arc<Statement>>,
+        server: Option<u64>,
+    },
+    /// The client's Close of `name`.
+    ClientClose {
+        name: Box<[u8]>,
+        prev: Option<Arc<Statement>>,
+    },
+    /// pgweir's eviction of `id` (last used at `tick`).
+    Evict {
+        id: u64,
+        tick: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Pending {
+    /// The ReadyForQuery count that ends this message's batch.
+    seq: u64,
+    reply: Reply,
+    undo: Undo,
+    /// A Parse of this statement: its ParseComplete validates it.
+    parses: Option<Arc<Statement>>,
+}
+
+/// Rewrites one forwarding run's messages (see the module header).
+#[derive(Debug)]
+pub struct Rewriter<'a> {
+    client: &'a mut ClientStatements,
+    server: &'a mut ServerStatements,
+    /// Most statements kept on the server connection (more only while all are in use by the current run).
+    cap: usize,
+    /// Statements used at or after this tick are in use by this run: not evicted.
+    run_start: u64,
+    pending: VecDeque<Pending>,
+}
+
+/// Why a message could not be rewritten: it is malformed (the server will say so; it is forwarded as it is).
+type Malformed = ();
+
+impl<'a> Rewriter<'a> {
+    pub fn new(
+        client: &'a mut ClientStatements,
+        server: &'a mut ServerStatements,
+        cap: usize,
+    ) -> Self {
+        let run_start = server.tick + 1;
+        Rewriter {
+            client,
+            server,
+            cap: cap.max(1),
+            run_start,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// A whole client message with tag P, B, D or C, to be followed by the ReadyForQuery number `seq`. Returns
+    /// true when it was rewritten into `out` (the original is not to be forwarded), false to forward it as is.
+    pub fn client_message(&mut self, tag: u8, frame: &[u8], seq: u64, out: &mut BytesMut) -> bool {
+        let body = frame.get(5..).unwrap_or(&[]);
+        let done = match tag {
+            b'P' => self.parse(body, seq, out),
+            b'B' => self.bind(body, seq, out),
+            b'D' => self.describe(body, seq, out),
+            b'C' => self.close(body, seq, out),
+            _ => Ok(false),
+        };
+        match done {
+            Ok(done) => done,
+            Err(()) => {
+                if matches!(tag, b'P' | b'C') {
+                    self.queue(seq, Reply::Forward, Undo::Nothing);
+                }
+                false
+            }
+        }
+    }
+
+    /// True when a named-statement message must wait before it is rewritten: an earlier batch (its Sync already
+    /// sent) changed statements in ways the server may still skip after an error, and this message's meaning
+    /// depends on what actually happened. It waits until that batch's replies settle it (see `server_ready`).
+    pub fn must_wait(&self, tag: u8, frame: &[u8], seq: u64) -> bool {
+        let uncertain = self
+            .pending
+            .iter()
+            .take_while(|p| p.seq < seq)
+            .any(|p| !matches!(p.undo, Undo::Nothing));
+        if !uncertain {
+            return false;
+        }
+        let body = frame.get(5..).unwrap_or(&[]);
+        let name = match tag {
+            b'P' => cstr(body).map(|(n, _)| n),
+            b'B' => cstr(body).and_then(|(_, r)| cstr(r)).map(|(n, _)| n),
+            b'D' | b'C' => match body.split_first() {
+                Some((b'S', r)) => cstr(r).map(|(n, _)| n),
+                _ => None,
+            },
+            _ => None,
+        };
+        name.is_some_and(|n| !n.is_empty())
+    }
+
+    fn parse(&mut self, body: &[u8], seq: u64, out: &mut BytesMut) -> Result<bool, Malformed> {
+        let (name, rest) = cstr(body).ok_or(())?;
+        if name.is_empty() {
+            self.queue(seq, Reply::Forward, Undo::Nothing);
+            return Ok(false);
+        }
+        let stmt = self.client.registry.intern(rest, &self.client.search_path);
+        let id = stmt.id;
+        let name: Box<[u8]> = name.into();
+        let prev = self.client.by_name.insert(name.clone(), stmt.clone());
+        if self.server.touch(id) {
+            close_message(b'S', ServerName(0), out);
+            let undo = Undo::ClientParse {
+                name,
+                id,
+                prev,
+                server: None,
+            };
+            self.queue(seq, Reply::AsParseComplete, undo);
+        } else {
+            self.make_room(seq, out);
+            self.server.insert(id);
+            parse_message(ServerName(id), rest, out);
+            let undo = Undo::ClientParse {
+                name,
+                id,
+                prev,
+                server: Some(id),
+            };
+            self.queue(seq, Reply::Forward, undo);
+            if let Some(p) = self.pending.back_mut() {
+                p.parses = Some(stmt);
+            }
+        }
+        Ok(true)
+    }
+
+    fn bind(&mut self, body: &[u8], seq: u64, out: &mut BytesMut) -> Result<bool, Malformed> {
+        let (portal, rest) = cstr(body).ok_or(())?;
+        let (name, params) = cstr(rest).ok_or(())?;
+        let Some(id) = self.ensure(name, seq, out) else {
+            return Ok(false);
+        };
+        let server = ServerName(id);
+        let len = 4 + portal.len() + 1 + server.len() + 1 + params.len();
+        out.put_u8(b'B');
+        out.put_u32(len as u32);
+        out.put_slice(portal);
+        out.put_u8(0);
+        server.put(out);
+        out.put_slice(params);
+        Ok(true)
+    }
+
+    fn describe(&mut self, body: &[u8], seq: u64, out: &mut BytesMut) -> Result<bool, Malformed> {
+        let (&kind, rest) = body.split_first().ok_or(())?;
+        if kind != b'S' {
+            return Ok(false);
+        }
+        let (name, _) = cstr(rest).ok_or(())?;
+        let Some(id) = self.ensure(name, seq, out) else {
+            return Ok(false);
+        };
+        let server = ServerName(id);
+        out.put_u8(b'D');
+        out.put_u32((4 + 1 + server.len() + 1) as u32);
+        out.put_u8(b'S');
+        server.put(out);
+        Ok(true)
+    }
+
+    fn close(&mut self, body: &[u8], seq: u64, out: &mut BytesMut) -> Result<bool, Malformed> {
+        let (&kind, rest) = body.split_first().ok_or(())?;
+        let (name, _) = cstr(rest).ok_or(())?;
+        if kind != b'S' || name.is_empty() {
+            self.queue(seq, Reply::Forward, Undo::Nothing);
+            return Ok(false);
+        }
+        // Other clients may use the statement: it stays on the server until evicted.
+        let prev = self.client.by_name.remove(name);
+        close_message(b'S', ServerName(0), out);
+        let undo = Undo::ClientClose {
+            name: name.into(),
+            prev,
+        };
+        self.queue(seq, Reply::Forward, undo);
+        Ok(true)
+    }
+
+    /// The id of the client's statement `name`, prepared on the server (a Parse is added to `out` if needed).
+    /// None for the unnamed statement and for names the client never prepared (the server will say they do not
+    /// exist, with the client's own name).
+    fn ensure(&mut self, name: &[u8], seq: u64, out: &mut BytesMut) -> Option<u64> {
+        if name.is_empty() {
+            return None;
+        }
+        let stmt = self.client.by_name.get(name)?.clone();
+        if !self.server.touch(stmt.id) {
+            self.make_room(seq, out);
+            self.server.insert(stmt.id);
+            parse_message(ServerName(stmt.id), &stmt.body, out);
+            self.queue(seq, Reply::Drop, Undo::ServerParse(stmt.id));
+            if let Some(p) = self.pending.back_mut() {
+                p.parses = Some(stmt.clone());
+            }
+        }
+        Some(stmt.id)
+    }
+
+    /// Evicts least recently used statements (not used by this run) until one more fits.
+    fn make_room(&mut self, seq: u64, out: &mut BytesMut) {
+        while self.server.used.len() >= self.cap {
+            let Some((&id, &tick)) = self.server.used.iter().min_by_key(|(_, &t)| t) else {
+                return;
+            };
+            if tick >= self.run_start {
+                return;
+            }
+            self.server.used.remove(&id);
+            close_message(b'S', ServerName(id), out);
+            self.queue(seq, Reply::Drop, Undo::Evict { id, tick });
+        }
+    }
+
+    fn queue(&mut self, seq: u64, reply: Reply, undo: Undo) {
+        self.pending.push_back(Pending {
+            seq,
+            reply,
+            undo,
+            parses: None,
+        });
+    }
+
+    /// A ParseComplete or CloseComplete from the server: it answers the oldest queued Parse/Close (those of
+    /// finished batches were settled by `server_ready`).
+    pub fn server_reply(&mut self) -> Reply {
+        match self.pending.pop_front() {
+            Some(p) => {
+                if let Some(stmt) = p.parses {
+                    stmt.validated.store(true, Ordering::Relaxed);
+                }
+                p.reply
+            }
+            None => Reply::Forward,
+        }
+    }
+
+    /// The server's `ready`-th ReadyForQuery: Parse/Close messages of finished batches that got no reply were
+    /// skipped after an error (or failed themselves); what they would have done is undone.
+    pub fn server_ready(&mut self, ready: u64) {
+        while self.pending.front().is_some_and(|p| p.seq <= ready) {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            self.undo(p.undo);
+        }
+    }
+
+    fn undo(&mut self, undo: Undo) {
+        match undo {
+            Undo::Nothing => {}
+            Undo::ServerParse(id) => {
+                self.server.used.remove(&id);
+            }
+            Undo::ClientParse {
+                name,
+                id,
+                prev,
+                server,
+            } => {
+                if self.client.by_name.get(&name).is_some_and(|s| s.id == id) {
+                    match prev {
+                        Some(p) => {
+                            self.client.by_name.insert(name, p);
+                        }
+                        None => {
+                            self.client.by_name.remove(&name);
+                        }
+                    }
+                }
+                if let Some(id) = server {
+                    self.server.used.remove(&id);
+                }
+            }
+            Undo::ClientClose { name, prev } => {
+                if let Some(p) = prev {
+                    self.client.by_name.entry(name).or_insert(p);
+                }
+            }
+            Undo::Evict { id, tick } => {
+                self.server.used.entry(id).or_insert(tick);
+            }
+        }
+    }
+
+    /// The server reported `DISCARD ALL` or `DEALLOCATE ALL`: its statements are gone, and so are the client's.
+    pub fn all_deallocated(&mut self) {
+        self.server.clear();
+        self.client.by_name.clear();
+    }
+}
+
+/// `pgw_<id>` as a C string, written without allocating.
+#[derive(Clone, Copy)]
+struct ServerName(u64);
+
+impl ServerName {
+    fn len(self) -> usize {
+        let digits = if self.0 == 0 {
+            1
+        } else {
+            (64 - self.0.leading_zeros()).div_ceil(4) as usize
+        };
+        4 + digits
+    }
+
+    /// Writes the name and its NUL.
+    fn put(self, out: &mut BytesMut) {
+        use std::fmt::Write;
+        let _ = write!(out, "pgw_{:x}", self.0);
+        out.put_u8(0);
+    }
+}
+
+fn parse_message(name: ServerName, body: &[u8], out: &mut BytesMut) {
+    out.put_u8(b'P');
+    out.put_u32((4 + name.len() + 1 + body.len()) as u32);
+    name.put(out);
+    out.put_slice(body);
+}
+
+fn close_message(kind: u8, name: ServerName, out: &mut BytesMut) {
+    out.put_u8(b'C');
+    out.put_u32((4 + 1 + name.len() + 1) as u32);
+    out.put_u8(kind);
+    name.put(out);
+}
+
+/// True for a CommandComplete frame that says the session's prepared statements are gone.
+pub fn deallocates_all(frame: &[u8]) -> bool {
+    let tag = frame.get(5..).unwrap_or(&[]);
+    tag == b"DISCARD ALL\0" || tag == b"DEALLOCATE ALL\0"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(name.as_bytes());
+        b.push(0);
+        b.extend_from_slice(sql.as_bytes());
+        b.extend_from_slice(&[0, 0, 0]);
+        frame(b'P', &b)
+    }
+
+    fn bind(stmt: &str) -> Vec<u8> {
+        let mut b = vec![0];
+        b.extend_from_slice(stmt.as_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+        frame(b'B', &b)
+    }
+
+    fn close(stmt: &str) -> Vec<u8> {
+        let mut b = vec![b'S'];
+        b.extend_from_slice(stmt.as_bytes());
+        b.push(0);
+        frame(b'C', &b)
+    }
+
+    /// The messages in `out`: (tag, name field as text).
+    fn messages(out: &[u8]) -> Vec<(char, String)> {
+        let mut v = Vec::new();
+        let mut b = out;
+        while b.len() >= 5 {
+            let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+            let body = &b[5..1 + len];
+            let name = match b[0] {
+                b'P' => cstr(body).unwrap().0,
+                b'B' => cstr(cstr(body).unwrap().1).unwrap().0,
+                b'C' | b'D' => cstr(&body[1..]).unwrap().0,
+                _ => &[][..],
+            };
+            v.push((b[0] as char, String::from_utf8_lossy(name).into_owned()));
+            b = &b[1 + len..];
+        }
+        assert!(b.is_empty(), "{out:?}");
+        v
+    }
+
+    fn setup() -> (Arc<Registry>, ClientStatements, ServerStatements) {
+        let reg = Arc::new(Registry::default());
+        let c = ClientStatements::new(reg.clone());
+        (reg, c, ServerStatements::default())
+    }
+
+    #[test]
+    fn server_names_are_well_formed() {
+        for id in [0u64, 1, 15, 16, 255, 256, u64::MAX] {
+            let mut out = BytesMut::new();
+            ServerName(id).put(&mut out);
+            assert_eq!(out.len(), ServerName(id).len() + 1, "{id}");
+            assert_eq!(&out[..], format!("pgw_{id:x}\0").as_bytes());
+        }
+    }
+
+    #[test]
+    fn parse_then_bind_uses_one_server_statement() {
+        let (reg, mut c, mut s) = setup();
+        let mut rw = Rewriter::new(&mut c, &mut s, 10);
+        let mut out = BytesMut::new();
+        assert!(rw.client_message(b'P', &parse("s1", "SELECT 1"), 1, &mut out));
+        assert!(rw.client_message(b'B', &bind("s1"), 1, &mut out));
+        let m = messages(&out);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].0, 'P');
+        assert!(m[0].1.starts_with("pgw_"));
+        assert_eq!(m[1], ('B', m[0].1.clone()));
+        assert_eq!(rw.server_reply(), Reply::Forward);
+        rw.server_ready(1);
+        assert_eq!(reg.len(), 1);
+        // The unnamed statement and unknown names pass as they are.
+        assert!(!rw.client_message(b'B', &bind(""), 2, &mut out));
+        assert!(!rw.client_message(b'B', &bind("nope"), 2, &mut out));
+    }
+
+    #[test]
+    fn second_client_reuses_the_server_statement() {
+        let (reg, mut c1, mut s) = setup();
+        let mut c2 = ClientStatements::new(reg.clone());
+        {
+            let mut rw = Rewriter::new(&mut c1, &mut s, 10);
+            let mut out = BytesMut::new();
+            rw.client_message(b'P', &parse("a", "SELECT 1"), 1, &mut out);
+            rw.server_reply();
+            rw.server_ready(1);
+        }
+        let mut rw = Rewriter::new(&mut c2, &mut s, 10);
+        let mut out = BytesMut::new();
+        assert!(rw.client_message(b'P', &parse("b", "SELECT 1"), 1, &mut out));
+        // The server has it: a harmless Close stands in, and its CloseComplete becomes ParseComplete.
+        assert_eq!(messages(&out), vec![('C', "pgw_0".to_string())]);
+        assert_eq!(rw.server_reply(), Reply::AsParseComplete);
+        rw.server_ready(1);
+        assert_eq!(reg.len(), 1);
+    }
+
+    #[test]
+    fn bind_on_another_server_prepares_first() {
+        let (_reg, mut c, mut s1) = setup();
+        let mut s2 = ServerStatements::default();
+        {
+            let mut rw = Rewriter::new(&mut c, &mut s1, 10);
+            rw.client_message(b'P', &parse("a", "SELECT 1"), 1, &mut BytesMut::new());
+            rw.server_reply();
+            rw.server_ready(1);
+        }
+        let mut rw = Rewriter::new(&mut c, &mut s2, 10);
+        let mut out = BytesMut::new();
+        assert!(rw.client_message(b'B', &bind("a"), 1, &mut out));
+        let m = messages(&out);
+        assert_eq!(m[0].0, 'P');
+        assert_eq!(m[1], ('B', m[0].1.clone()));
+        assert_eq!(rw.server_reply(), Reply::Drop);
+        rw.server_ready(1);
+        assert_eq!(s2.len(), 1);
+    }
+
+    #[test]
+    fn skipped_parse_is_undone() {
+        let (_reg, mut c, mut s) = setup();
+        let mut rw = Rewriter::new(&mut c, &mut s, 10);
+        let mut out = BytesMut::new();
+        rw.client_message(b'P', &parse("a", "SELEC 1"), 1, &mut out);
+        // The server answered with an error and then ReadyForQuery.
+        rw.server_ready(1);
+        drop(rw);
+        assert!(c.is_empty());
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn skipped_close_is_undone() {
+        let (_reg, mut c, mut s) = setup();
+        let mut rw = Rewriter::new(&mut c, &mut s, 10);
+        rw.client_message(b'P', &parse("a", "SELECT 1"), 1, &mut BytesMut::new());
+        rw.server_reply();
+        rw.server_ready(1);
+        rw.client_message(b'C', &close("a"), 2, &mut BytesMut::new());
+        rw.server_ready(2);
+        drop(rw);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn eviction_closes_the_least_recently_used_not_in_use() {
+        let (_reg, mut c, mut s) = setup();
+        {
+            let mut rw = Rewriter::new(&mut c, &mut s, 2);
+            for (i, n) in ["a", "b"].iter().enumerate() {
+                rw.client_message(
+                    b'P',
+                    &parse(n, &format!("SELECT {i}")),
+                    1,
+                    &mut BytesMut::new(),
+                );
+                rw.server_reply();
+            }
+            rw.server_ready(1);
+        }
+        let mut rw = Rewriter::new(&mut c, &mut s, 2);
+        let mut out = BytesMut::new();
+        rw.client_message(b'B', &bind("a"), 1, &mut out);
+        rw.client_message(b'P', &parse("c", "SELECT 2"), 1, &mut out);
+        let m = messages(&out);
+        // "a" is in use by this run: "b" is evicted.
+        assert_eq!(m[0].0, 'B');
+        assert_eq!(m[1].0, 'C');
+        assert_eq!(m[2].0, 'P');
+        assert_eq!(rw.server_reply(), Reply::Drop);
+        assert_eq!(rw.server_reply(), Reply::Forward);
+        rw.server_ready(1);
+        // All in use: the cache grows past its bound rather than closing a statement this run needs.
+        let mut out = BytesMut::new();
+        rw.client_message(b'B', &bind("b"), 2, &mut out);
+        assert_eq!(messages(&out)[0].0, 'P');
+        drop(rw);
+        assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn malformed_messages_pass() {
+        let (_reg, mut c, mut s) = setup();
+        let mut rw = Rewriter::new(&mut c, &mut s, 2);
+        let mut out = BytesMut::new();
+        assert!(!rw.client_message(b'P', &frame(b'P', b"abc"), 1, &mut out));
+        assert!(!rw.client_message(b'B', &frame(b'B', b""), 1, &mut out));
+        assert!(!rw.client_message(b'D', &frame(b'D', b""), 1, &mut out));
+        assert!(!rw.client_message(b'C', &frame(b'C', b"S"), 1, &mut out));
+        assert!(out.is_empty());
+        assert_eq!(rw.pending.len(), 2);
+    }
+
+    #[test]
+    fn command_tags() {
+        assert!(deallocates_all(&frame(b'C', b"DISCARD ALL\0")));
+        assert!(deallocates_all(&frame(b'C', b"DEALLOCATE ALL\0")));
+        assert!(!deallocates_all(&frame(b'C', b"DEALLOCATE\0")));
+    }
+}
+
+#[cfg(test)]
+mod local_tests {
+    use super::*;
+
+    fn parse(name: &str, sql: &str, out: &mut BytesMut) {
+        out.put_u8(b'P');
+        out.put_u32((4 + name.len() + 1 + sql.len() + 1 + 2) as u32);
+        out.put_slice(name.as_bytes());
+        out.put_u8(0);
+        out.put_slice(sql.as_bytes());
+        out.put_u8(0);
+        out.put_u16(0);
+    }
+
+    #[test]
+    fn parse_batches_of_validated_statements_are_answered_locally() {
+        let reg = Arc::new(Registry::default());
+        let mut c = ClientStatements::new(reg.clone());
+        let mut batch = BytesMut::new();
+        parse("a", "select 1", &mut batch);
+        batch.put_slice(&[b'S', 0, 0, 0, 4]);
+        let mut out = BytesMut::new();
+        // Never accepted by a server yet: goes to one.
+        assert_eq!(c.answer_parse_batch(&batch, &mut out), None);
+        reg.intern(&batch[7..batch.len() - 5], b"")
+            .validated
+            .store(true, Ordering::Relaxed);
+        assert_eq!(c.answer_parse_batch(&batch, &mut out), Some(batch.len()));
+        assert_eq!(&out[..], b"1\0\0\0\x04Z\0\0\0\x05I");
+        assert_eq!(c.len(), 1);
+        // Under another search_path it is another statement.
+        c.set_search_path(Some("other"));
+        assert_eq!(c.answer_parse_batch(&batch, &mut BytesMut::new()), None);
+        // Incomplete batches and other messages go to a server.
+        c.set_search_path(None);
+        assert_eq!(
+            c.answer_parse_batch(&batch[..batch.len() - 1], &mut BytesMut::new()),
+            None
+        );
+        assert_eq!(
+            c.answer_parse_batch(&[b'S', 0, 0, 0, 4], &mut BytesMut::new()),
+            None
+        );
+    }
+}
