@@ -9,6 +9,7 @@
 //!
 //! Architecture invariant: knows keys, slots and addresses only — not sessions, not pools.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -43,6 +44,8 @@ pub struct CancelSlot {
     state: Mutex<SlotState>,
     /// Woken when a cancel arrives for a waiting request.
     pub cancelled: Notify,
+    /// A cancel was forwarded to the linked server (see `take_forwarded`).
+    forwarded: AtomicBool,
 }
 
 impl CancelSlot {
@@ -61,6 +64,13 @@ impl CancelSlot {
         }
         *s = SlotState::Linked(target);
         true
+    }
+
+    /// True if a cancel was forwarded to a server since the last call. The backend may act on a cancel late (it
+    /// only marks it pending while busy): such a server must run a query of pgweir's own before it serves anyone
+    /// else, so the pending cancel lands there.
+    pub fn take_forwarded(&self) -> bool {
+        self.forwarded.swap(false, Ordering::Relaxed)
     }
 
     /// True if a cancel arrived while waiting; resets the flag.
@@ -113,6 +123,7 @@ impl CancelRegistry {
         let slot = Arc::new(CancelSlot {
             state: Mutex::new(state),
             cancelled: Notify::new(),
+            forwarded: AtomicBool::new(false),
         });
         loop {
             let secret: i32 = rng.gen();
@@ -153,7 +164,10 @@ impl CancelRegistry {
                 slot.cancelled.notify_one();
                 CancelOutcome::MarkedWaiting
             }
-            SlotState::Linked(target) => match forward(target.clone()).await {
+            SlotState::Linked(target) => match {
+                slot.forwarded.store(true, Ordering::Relaxed);
+                forward(target.clone()).await
+            } {
                 Ok(()) => CancelOutcome::Forwarded,
                 Err(e) => CancelOutcome::ForwardFailed(e.to_string()),
             },

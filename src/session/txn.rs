@@ -240,6 +240,7 @@ pub(super) async fn run(
             buf = BytesMut::new();
         }
         key.slot.set(SlotState::Idle).await;
+        let cancel_forwarded = key.slot.take_forwarded();
 
         for (name, value) in &end.reported {
             let name = name.to_ascii_lowercase();
@@ -289,6 +290,16 @@ pub(super) async fn run(
                             send_error(stream, &e).await;
                             break;
                         }
+                    }
+                }
+                if cancel_forwarded {
+                    // The backend may hold the cancel pending and act on the next query it runs: let that be
+                    // pgweir's own (it may fail with 57014; that is the point), not another client's.
+                    if let Err(InternalError::Lost) =
+                        Box::pin(run_internal(checkout.conn(), "SELECT 1", |_| {})).await
+                    {
+                        drop(checkout);
+                        continue;
                     }
                 }
                 checkout.release_idle();

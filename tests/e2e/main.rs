@@ -8,4 +8,5 @@ mod backend;
 mod basics;
 mod data;
 mod robustness;
+mod stress;
 mod txn;
