@@ -164,13 +164,13 @@ impl CancelRegistry {
                 slot.cancelled.notify_one();
                 CancelOutcome::MarkedWaiting
             }
-            SlotState::Linked(target) => match {
+            SlotState::Linked(target) => {
                 slot.forwarded.store(true, Ordering::Relaxed);
-                forward(target.clone()).await
-            } {
-                Ok(()) => CancelOutcome::Forwarded,
-                Err(e) => CancelOutcome::ForwardFailed(e.to_string()),
-            },
+                match forward(target.clone()).await {
+                    Ok(()) => CancelOutcome::Forwarded,
+                    Err(e) => CancelOutcome::ForwardFailed(e.to_string()),
+                }
+            }
         }
     }
 
