@@ -190,11 +190,11 @@ fn default_pg_port() -> u16 {
 #[serde(rename_all = "kebab-case")]
 pub enum PoolMode {
     /// For the whole client session; the connection is reset (`DISCARD ALL`) when the client leaves.
-    #[default]
     Session,
-    /// For one transaction; session settings follow the client from server to server. Session state that cannot
-    /// move (LISTEN, session advisory locks, temp tables, WITH HOLD cursors, SQL PREPARE, named protocol-level
-    /// prepared statements) pins the client to its server connection for the rest of the session.
+    /// For one transaction (the default); session settings and named prepared statements follow the client from
+    /// server to server. Session state that cannot move (LISTEN, session advisory locks, temp tables, WITH HOLD
+    /// cursors, SQL PREPARE) pins the client to its server connection for the rest of the session.
+    #[default]
     Transaction,
 }
 

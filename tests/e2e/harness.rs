@@ -154,6 +154,7 @@ backend_database = "acme_main"
 backend_user = "acme_owner"
 backend_password = "{OWNER_PASSWORD}"
 auth = ["scram-sha-256"]
+pool_mode = "session"
 [[tenants.users]]
 name = "alice"
 password = "{alice}"
@@ -173,6 +174,7 @@ backend_database = "beta_main"
 backend_user = "acme_owner"
 backend_password = "{OWNER_PASSWORD}"
 require_tls = true
+pool_mode = "session"
 [[tenants.users]]
 name = "alice"
 password = "{beta_alice}"
@@ -181,6 +183,7 @@ password = "{beta_alice}"
 id = "legacy"
 cluster = "main"
 passthrough = true
+pool_mode = "session"
 [[tenants.users]]
 name = "app_user"
 password = "{app_user}"
@@ -392,9 +395,16 @@ cluster = "main"
 backend_database = "acme_main"
 backend_user = "acme_owner"
 backend_password = "{OWNER_PASSWORD}"
+{mode}
 {lines}
 {}"#,
-        users.concat()
+        users.concat(),
+        // The data-plane tests expect session pooling unless they ask for another mode.
+        mode = if lines.contains("pool_mode") {
+            ""
+        } else {
+            "pool_mode = \"session\""
+        },
     )
 }
 
