@@ -25,6 +25,17 @@ impl<T> Stream<T> {
 }
 
 pub type ClientStream = Stream<tokio_rustls::server::TlsStream<TcpStream>>;
+
+impl<T> Stream<T> {
+    /// Waits until a plain connection has something to read (data, EOF or an error) without holding a buffer; for
+    /// TLS (which may have decrypted bytes buffered) returns at once.
+    pub async fn readable(&self) {
+        if let Stream::Plain(s) = self {
+            // poll_read_ready keeps the waker in the socket's own registration: no waiter node in this future.
+            let _ = std::future::poll_fn(|cx| s.poll_read_ready(cx)).await;
+        }
+    }
+}
 pub type ServerStream = Stream<tokio_rustls::client::TlsStream<TcpStream>>;
 
 impl<T: AsyncRead + Unpin> AsyncRead for Stream<T> {
@@ -109,7 +120,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             }
             buf.reserve(total - buf.len());
         } else {
-            buf.reserve(4096);
+            // Small: logins read a few short messages, and large transient buffers fragment the heap that the
+            // long-lived state of idle sessions lives in.
+            buf.reserve(512);
         }
         if r.read_buf(buf).await? == 0 {
             return Err(ReadFrameError::Closed);

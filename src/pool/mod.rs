@@ -78,6 +78,7 @@ pub struct Pool {
     login_params: Mutex<HashMap<Settings, (Instant, Settings)>>,
     /// Transaction mode: the named prepared statements of this pool's clients, one id per distinct definition.
     statements: Arc<crate::prepared::Registry>,
+    no_params: StartupParams,
 }
 
 /// Name/value pairs: session settings or ParameterStatus values.
@@ -103,6 +104,7 @@ impl Pool {
             pinned: AtomicUsize::new(0),
             login_params: Mutex::new(HashMap::new()),
             statements: Arc::default(),
+            no_params: Arc::from(Vec::new()),
         });
         tokio::spawn(maintain(Arc::downgrade(&pool)));
         Ok(pool)
@@ -114,6 +116,16 @@ impl Pool {
 
     pub fn config(&self) -> &PoolConfig {
         &self.cfg
+    }
+
+    /// The backend this pool connects to.
+    pub fn target(&self) -> &BackendTarget {
+        &self.target
+    }
+
+    /// The startup parameters of shared (transaction-mode) connections: none.
+    pub fn no_params(&self) -> StartupParams {
+        self.no_params.clone()
     }
 
     /// The registry of named prepared statements shared by this pool's clients.

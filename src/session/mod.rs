@@ -41,28 +41,44 @@ pub struct TlsInfo {
 /// is sent to it as an ErrorResponse.
 pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    // Boxed: the TLS and authentication state lives only while logging in, not in every idle session.
-    let login = tokio::time::timeout(proxy.cfg.proxy.login_timeout, Box::pin(login(&proxy, tcp)));
-    let (mut stream, session) = match login.await {
-        Ok(Ok(Some(x))) => x,
-        Ok(Ok(None)) => return,
+    // Every phase is boxed and exists only while it runs: the spawned task itself stays a few hundred bytes, which
+    // is what an idle client costs besides its session state.
+    let Some((mut stream, session)) = Box::pin(login_or_fail(&proxy, tcp, peer)).await else {
+        return;
+    };
+    // The session moves straight into the boxed future of its mode (nothing of it stays in this one).
+    match session.mode {
+        PoolMode::Transaction => Box::pin(txn::run(&proxy, &mut stream, session, peer)).await,
+        PoolMode::Session => Box::pin(session_mode(&proxy, &mut stream, *session, peer)).await,
+    }
+    Box::pin(crate::net::linger_close(&mut stream)).await;
+}
+
+/// Logs in under the login timeout; on failure tells the client why (if it can be told) and returns None.
+async fn login_or_fail(
+    proxy: &Arc<Proxy>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<(ClientStream, Box<Session>)> {
+    let login = tokio::time::timeout(proxy.cfg.proxy.login_timeout, Box::pin(login(proxy, tcp)));
+    match login.await {
+        Ok(Ok(Some((stream, session)))) => Some((stream, Box::new(session))),
+        Ok(Ok(None)) => None,
         Ok(Err((Some(mut stream), err))) => {
             debug!(%peer, error = %err, "login failed");
             send_error(&mut stream, &err).await;
             crate::net::linger_close(&mut stream).await;
-            return;
+            None
         }
         Ok(Err((None, err))) => {
             debug!(%peer, error = %err, "connection refused before startup");
-            return;
+            None
         }
         Err(_) => {
             debug!(%peer, "login timeout");
-            return;
+            None
         }
-    };
-    attach_and_forward(&proxy, &mut stream, session, peer).await;
-    crate::net::linger_close(&mut stream).await;
+    }
 }
 
 /// A client that has logged in.
@@ -448,22 +464,20 @@ async fn report_checkout_error(
     }
 }
 
-/// After login: AuthenticationOk, a server connection, the server's parameters, a cancel key, then forwarding.
-async fn attach_and_forward(
-    proxy: &Arc<Proxy>,
-    stream: &mut ClientStream,
-    s: Session,
-    peer: SocketAddr,
-) {
-    let mut out = BytesMut::with_capacity(512);
+/// Tells a client that logged in so.
+pub(super) async fn auth_ok(stream: &mut ClientStream) -> std::io::Result<()> {
+    let mut out = BytesMut::with_capacity(16);
     msg::auth_ok(&mut out);
-    if stream.write_all(&out).await.is_err() {
+    stream.write_all(&out).await
+}
+
+/// Session mode: AuthenticationOk, a server connection for the whole session, its parameters, a cancel key, then
+/// forwarding.
+async fn session_mode(proxy: &Arc<Proxy>, stream: &mut ClientStream, s: Session, peer: SocketAddr) {
+    if auth_ok(stream).await.is_err() {
         return;
     }
-    out.clear();
-    if s.mode == PoolMode::Transaction {
-        return txn::run(proxy, stream, s, peer).await;
-    }
+    let mut out = BytesMut::with_capacity(512);
     let pool = match proxy.pools.get(&s.target, s.pool_cfg) {
         Ok(p) => p,
         Err(e) => {

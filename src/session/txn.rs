@@ -57,6 +57,11 @@ fn get<'a>(settings: &'a Settings, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// An application_name the server reports back unchanged: printable ASCII, shorter than NAMEDATALEN.
+fn plain_application_name(v: &str) -> bool {
+    v.len() < 64 && v.bytes().all(|b| (b' '..=b'~').contains(&b))
+}
+
 /// The client's startup parameters as settings (`options=-c …` included).
 fn startup_settings(startup: &StartupParams) -> Result<Settings, PgError> {
     let mut out = Settings::new();
@@ -80,16 +85,88 @@ fn startup_settings(startup: &StartupParams) -> Result<Settings, PgError> {
     Ok(out)
 }
 
-/// Serves a logged-in client in transaction mode (AuthenticationOk has been sent).
+/// A logged-in transaction-mode client between transactions: everything its session keeps (small on purpose:
+/// idle clients are most clients).
+struct Client {
+    tenant: String,
+    pool: Arc<Pool>,
+    key: CancelKey,
+    /// The client's startup settings (what `RESET` returns to).
+    startup: Settings,
+    /// Its settings now, moved onto every server connection it uses.
+    desired: Settings,
+    statements: ClientStatements,
+}
+
+/// What comes after a transaction.
+enum Next {
+    Idle,
+    Stop,
+}
+
+/// Serves a logged-in client in transaction mode, from AuthenticationOk on.
+///
+/// Between transactions the session is this loop's small state, [`Client`] and an empty buffer: the login, the
+/// wait for bytes and each transaction run in boxed futures that exist only while they run.
 pub(super) async fn run(
+    proxy: &Arc<Proxy>,
+    stream: &mut ClientStream,
+    s: Box<Session>,
+    peer: SocketAddr,
+) {
+    let Some(mut c) = Box::pin(attach(proxy, stream, *s, peer)).await else {
+        return;
+    };
+    let mut buf = BytesMut::new();
+    loop {
+        // Idle: no server connection until the client sends something.
+        if buf.is_empty() {
+            let read = match proxy.cfg.proxy.client_idle_timeout {
+                // Small enough to live in this future: no allocation per idle wait.
+                t if t.is_zero() => read_idle(stream, &mut buf).await,
+                t => Box::pin(read_idle_within(stream, &mut buf, t)).await,
+            };
+            match read {
+                IdleRead::Data => {}
+                IdleRead::Closed => break,
+                IdleRead::TimedOut => {
+                    Box::pin(send_error(
+                        stream,
+                        &idle_timeout_error(&EndReason::ClientIdle),
+                    ))
+                    .await;
+                    break;
+                }
+            }
+        }
+        if buf[0] == b'X' {
+            break;
+        }
+        match Box::pin(c.transaction(proxy, stream, &mut buf)).await {
+            Next::Idle => {}
+            Next::Stop => break,
+        }
+        if buf.is_empty() {
+            buf = BytesMut::new();
+        }
+    }
+}
+
+/// Sets up the session: pool, cancel key, the parameters the client sees; None if the client cannot be served
+/// (it has been told why).
+async fn attach(
     proxy: &Arc<Proxy>,
     stream: &mut ClientStream,
     s: Session,
     peer: SocketAddr,
-) {
+) -> Option<Client> {
+    super::auth_ok(stream).await.ok()?;
     let startup = match startup_settings(&s.startup) {
         Ok(v) => v,
-        Err(e) => return send_error(stream, &e).await,
+        Err(e) => {
+            send_error(stream, &e).await;
+            return None;
+        }
     };
     let pool = match proxy.pools.get(&s.target, s.pool_cfg) {
         Ok(p) => p,
@@ -99,30 +176,40 @@ pub(super) async fn run(
                 sqlstate::INTERNAL_ERROR,
                 "pgweir could not set up the backend pool",
             );
-            return send_error(stream, &e).await;
+            send_error(stream, &e).await;
+            return None;
         }
     };
     let no_params: StartupParams = Arc::from(Vec::new());
-    let mut desired = startup.clone();
+    let desired = startup.clone();
     let fake_pid = rand::random::<i32>() & 0x3fff_ffff;
     let key = proxy.cancels.register(fake_pid.max(1), SlotState::Idle);
 
     // Login: the parameters the client sees are a server's, with its settings applied. A server connection tells
-    // them, unless a client with the same settings logged in recently.
-    let params = match pool.login_params(&desired) {
-        Some(p) => p,
+    // them, unless a client with the same settings logged in recently. A plain application_name (often unique per
+    // connection) is not part of that key: the server would report it back as it is.
+    let app_name = get(&desired, "application_name").filter(|v| plain_application_name(v));
+    let mut login_key = desired.clone();
+    if app_name.is_some() {
+        login_key.retain(|(k, _)| k != "application_name");
+    }
+    let params = match pool.login_params(&login_key) {
+        Some(mut p) => {
+            if let Some(app) = app_name {
+                set(&mut p, "application_name", app);
+            }
+            p
+        }
         None => {
-            let mut first = match checkout_shared(&pool, &no_params, stream, &s.tenant).await {
-                Some(c) => c,
-                None => return,
-            };
+            let mut first = checkout_shared(&pool, &no_params, stream, &s.tenant).await?;
             if let Err(e) = Box::pin(sync(first.conn(), &desired)).await {
                 // A startup parameter the server refuses: as on a direct connection, the login fails.
-                return send_error(stream, &e).await;
+                send_error(stream, &e).await;
+                return None;
             }
             let params = first.conn_ref().params.clone();
             first.release_idle();
-            pool.remember_login_params(desired.clone(), params.clone());
+            pool.remember_login_params(login_key, params.clone());
             params
         }
     };
@@ -132,120 +219,90 @@ pub(super) async fn run(
     }
     msg::backend_key_data(key.pid, key.secret, &mut out);
     msg::ready_for_query(b'I', &mut out);
-    if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
-        return;
-    }
-    drop(out);
+    write_flush(stream, &out).await.ok()?;
     info!(%peer, tenant = %s.tenant, user = %s.user, mode = "transaction", "client attached");
+    drop(no_params);
+    Some(Client {
+        statements: ClientStatements::new(pool.statements().clone()),
+        tenant: s.tenant,
+        pool,
+        key,
+        startup,
+        desired,
+    })
+}
 
-    let max = proxy.cfg.proxy.max_message_bytes;
-    let limits = forward::Limits::from_config(&proxy.cfg.proxy);
-    // Named prepared statements: moved to shared server names, unless turned off (then they pin).
-    let per_server = pool.config().max_prepared_statements;
-    let mut statements = ClientStatements::new(pool.statements().clone());
-    let mut buf = BytesMut::new();
-    loop {
-        // Idle: no server connection until the client sends something.
-        if buf.is_empty() {
-            buf.reserve(512);
-            let read = stream.read_buf(&mut buf);
-            let read = match limits.client_idle {
-                Some(t) => match tokio::time::timeout(t, read).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        send_error(stream, &idle_timeout_error(&EndReason::ClientIdle)).await;
-                        break;
-                    }
-                },
-                None => read.await,
-            };
-            match read {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        if buf[0] == b'X' {
-            break;
-        }
+impl Client {
+    /// One request or transaction: `buf` starts with the client's first message of it.
+    async fn transaction(
+        &mut self,
+        proxy: &Arc<Proxy>,
+        stream: &mut ClientStream,
+        buf: &mut BytesMut,
+    ) -> Next {
+        let c = self;
+        let per_server = c.pool.config().max_prepared_statements;
+        let max = proxy.cfg.proxy.max_message_bytes;
         if per_server > 0 {
             // Preparing statements a server already accepted needs no server connection.
             let mut out = BytesMut::new();
-            if let Some(n) = statements.answer_parse_batch(&buf, &mut out) {
-                if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
-                    break;
+            if let Some(n) = c.statements.answer_parse_batch(buf, &mut out) {
+                if write_flush(stream, &out).await.is_err() {
+                    return Next::Stop;
                 }
                 buf.advance(n);
-                continue;
+                return Next::Idle;
             }
         }
-        key.slot.set(SlotState::Waiting { cancelled: false }).await;
-        // Wait for a server connection, unless the request is cancelled first (a wake-up left over from an earlier
-        // cancel is checked against the slot and ignored).
-        let got = {
-            // Boxed like the forwarding: an idle session does not carry a checkout's (connect, TLS) state.
-            let mut wait = pool.checkout(&no_params, true);
-            loop {
-                tokio::select! {
-                    c = &mut wait => break Some(c),
-                    _ = key.slot.cancelled.notified() => {
-                        if key.slot.take_cancelled().await {
-                            break None;
-                        }
-                    }
-                }
-            }
-        };
+        let got = wait_for_server(&c.pool, &c.key).await;
         let mut checkout = match got {
-            Some(Ok(c)) => c,
+            Some(Ok(co)) => co,
             Some(Err(e)) => {
-                report_checkout_error(stream, &pool, &s.tenant, e).await;
-                break;
+                report_checkout_error(stream, &c.pool, &c.tenant, e).await;
+                return Next::Stop;
             }
             None => {
-                if !Box::pin(drop_cancelled(&key, stream, &mut buf, max)).await {
-                    break;
-                }
-                continue;
+                return match drop_cancelled(&c.key, stream, buf, max).await {
+                    true => Next::Idle,
+                    false => Next::Stop,
+                };
             }
         };
         // Linking and a cancel that arrived meanwhile exclude each other.
-        if !key
+        if !c
+            .key
             .slot
-            .link_unless_cancelled(cancel_target(&s.target, checkout.conn_ref()))
+            .link_unless_cancelled(cancel_target(c.pool.target(), checkout.conn_ref()))
             .await
         {
             checkout.release_idle();
-            if !Box::pin(drop_cancelled(&key, stream, &mut buf, max)).await {
-                break;
-            }
-            continue;
+            return match drop_cancelled(&c.key, stream, buf, max).await {
+                true => Next::Idle,
+                false => Next::Stop,
+            };
         }
-        if let Err(e) = Box::pin(sync(checkout.conn(), &desired)).await {
-            warn!(tenant = %s.tenant, error = %e, "could not move session settings to a server connection");
+        if let Err(e) = Box::pin(sync(checkout.conn(), &c.desired)).await {
+            warn!(tenant = %c.tenant, error = %e, "could not move session settings to a server connection");
             send_error(stream, &e).await;
-            break;
+            return Next::Stop;
         }
-        // Boxed: the forwarding state exists only during a transaction, so an idle client stays small.
-        statements.set_search_path(get(&desired, "search_path"));
+        c.statements.set_search_path(get(&c.desired, "search_path"));
         let end = Box::pin(forward::run(
             stream,
-            &mut buf,
+            buf,
             checkout.conn(),
-            limits,
+            forward::Limits::from_config(&proxy.cfg.proxy),
             Mode::Transaction,
-            statements_for(&mut statements, per_server),
+            statements_for(&mut c.statements, per_server),
         ))
         .await;
-        if buf.is_empty() {
-            buf = BytesMut::new();
-        }
-        key.slot.set(SlotState::Idle).await;
-        let cancel_forwarded = key.slot.take_forwarded();
+        c.key.slot.set(SlotState::Idle).await;
+        let cancel_forwarded = c.key.slot.take_forwarded();
 
         for (name, value) in &end.reported {
             let name = name.to_ascii_lowercase();
             if !READ_ONLY_REPORTED.contains(&name.as_str()) {
-                set(&mut desired, &name, value);
+                set(&mut c.desired, &name, value);
                 set(&mut checkout.conn().applied, &name, value);
             }
         }
@@ -253,64 +310,55 @@ pub(super) async fn run(
             .effects
             .iter()
             .any(|e| matches!(e, Effect::Pin(_) | Effect::SessionStateUnknown));
-        match end.reason {
-            EndReason::TransactionEnd if end.server_clean => {
-                if pinned {
-                    debug!(%peer, tenant = %s.tenant, "session state that cannot move: pinned to its server connection");
-                    link(&key, &s, checkout.conn_ref()).await;
-                    let rest = Rest {
-                        buf,
-                        checkout,
-                        statements: statements_for(&mut statements, per_server),
-                    };
-                    return session_rest(proxy, &pool, &s.tenant, stream, rest, &key).await;
+        if !matches!(end.reason, EndReason::TransactionEnd) || !end.server_clean {
+            Box::pin(finish(stream, &c.tenant, &end, checkout)).await;
+            return Next::Stop;
+        }
+        let mut pin = pinned;
+        if !pin && !end.effects.is_empty() {
+            match Box::pin(follow_effects(
+                checkout.conn(),
+                &end.effects,
+                &c.startup,
+                &mut c.desired,
+            ))
+            .await
+            {
+                Ok(p) => pin = p,
+                Err(e) => {
+                    warn!(tenant = %c.tenant, error = %e, "could not read back session settings");
+                    send_error(stream, &e).await;
+                    return Next::Stop;
                 }
-                if !end.effects.is_empty() {
-                    match Box::pin(follow_effects(
-                        checkout.conn(),
-                        &end.effects,
-                        &startup,
-                        &mut desired,
-                    ))
-                    .await
-                    {
-                        Ok(false) => {}
-                        Ok(true) => {
-                            debug!(%peer, tenant = %s.tenant, "session settings that cannot move: pinned");
-                            link(&key, &s, checkout.conn_ref()).await;
-                            let rest = Rest {
-                                buf,
-                                checkout,
-                                statements: statements_for(&mut statements, per_server),
-                            };
-                            return session_rest(proxy, &pool, &s.tenant, stream, rest, &key).await;
-                        }
-                        Err(e) => {
-                            warn!(tenant = %s.tenant, error = %e, "could not read back session settings");
-                            send_error(stream, &e).await;
-                            break;
-                        }
-                    }
-                }
-                if cancel_forwarded {
-                    // The backend may hold the cancel pending and act on the next query it runs: let that be
-                    // pgweir's own (it may fail with 57014; that is the point), not another client's.
-                    if let Err(InternalError::Lost) =
-                        Box::pin(run_internal(checkout.conn(), "SELECT 1", |_| {})).await
-                    {
-                        drop(checkout);
-                        continue;
-                    }
-                }
-                checkout.release_idle();
-            }
-            _ => {
-                finish(stream, &s.tenant, &end, checkout).await;
-                break;
             }
         }
+        if pin {
+            debug!(tenant = %c.tenant, "session state that cannot move: pinned to its server connection");
+            link(&c.key, c.pool.target(), checkout.conn_ref()).await;
+            let rest = Rest {
+                buf: std::mem::take(buf),
+                checkout,
+                statements: statements_for(&mut c.statements, per_server),
+            };
+            Box::pin(session_rest(
+                proxy, &c.pool, &c.tenant, stream, rest, &c.key,
+            ))
+            .await;
+            return Next::Stop;
+        }
+        if cancel_forwarded {
+            // The backend may hold the cancel pending and act on the next query it runs: let that be pgweir's own
+            // (it may fail with 57014; that is the point), not another client's.
+            if let Err(InternalError::Lost) =
+                Box::pin(run_internal(checkout.conn(), "SELECT 1", |_| {})).await
+            {
+                drop(checkout);
+                return Next::Idle;
+            }
+        }
+        checkout.release_idle();
+        Next::Idle
     }
-    drop(key);
 }
 
 fn statements_for(statements: &mut ClientStatements, per_server: usize) -> Option<Statements<'_>> {
@@ -326,6 +374,60 @@ struct Rest<'a> {
     checkout: Checkout,
     /// The client's named statements keep their server names.
     statements: Option<Statements<'a>>,
+}
+
+/// What the wait of an idle client ended with.
+enum IdleRead {
+    Data,
+    Closed,
+    TimedOut,
+}
+
+/// Waits for an idle client's next bytes (no buffer is held while nothing arrives on a plain connection).
+async fn read_idle(stream: &mut ClientStream, buf: &mut BytesMut) -> IdleRead {
+    stream.readable().await;
+    buf.reserve(512);
+    match stream.read_buf(buf).await {
+        Ok(0) | Err(_) => IdleRead::Closed,
+        Ok(_) => IdleRead::Data,
+    }
+}
+
+/// [`read_idle`] for at most `timeout` (a future of its own: the timer is not part of every idle session).
+async fn read_idle_within(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+    timeout: std::time::Duration,
+) -> IdleRead {
+    tokio::time::timeout(timeout, read_idle(stream, buf))
+        .await
+        .unwrap_or(IdleRead::TimedOut)
+}
+
+async fn write_flush(stream: &mut ClientStream, out: &[u8]) -> std::io::Result<()> {
+    stream.write_all(out).await?;
+    stream.flush().await
+}
+
+/// Waits for a server connection, unless the request is cancelled first (None; a wake-up left over from an
+/// earlier cancel is checked against the slot and ignored).
+async fn wait_for_server(
+    pool: &Arc<Pool>,
+    key: &CancelKey,
+) -> Option<Result<Checkout, crate::pool::CheckoutError>> {
+    key.slot.set(SlotState::Waiting { cancelled: false }).await;
+    let no_params = pool.no_params();
+    let mut wait = pool.checkout(&no_params, true);
+    loop {
+        tokio::select! {
+            c = &mut wait => break Some(c),
+            _ = key.slot.cancelled.notified() => {
+                if key.slot.take_cancelled().await {
+                    break None;
+                }
+            }
+        }
+    }
 }
 
 /// The rest of a pinned session: session-mode forwarding on the server connection it holds.
@@ -358,9 +460,9 @@ async fn session_rest(
     finish(stream, tenant, &end, checkout).await;
 }
 
-async fn link(key: &CancelKey, s: &Session, conn: &ServerConn) {
+async fn link(key: &CancelKey, target: &crate::tenant::BackendTarget, conn: &ServerConn) {
     key.slot
-        .set(SlotState::Linked(cancel_target(&s.target, conn)))
+        .set(SlotState::Linked(cancel_target(target, conn)))
         .await;
 }
 
