@@ -43,6 +43,8 @@ pub struct ServerConn {
     pub shared: bool,
     /// Session settings pgweir applied for the client now (or last) using a shared connection, by name.
     pub applied: Vec<(String, String)>,
+    /// The cluster it is connected to (where cancel requests for it go).
+    pub cluster: Arc<crate::tenant::Cluster>,
     /// Transaction mode: the named statements pgweir prepared on this connection.
     pub prepared: crate::prepared::ServerStatements,
     pub created: Instant,
@@ -267,6 +269,7 @@ async fn connect_inner(
     let now = Instant::now();
     Ok(ServerConn {
         stream,
+        cluster: target.cluster.clone(),
         pid,
         secret,
         params: conn_params,

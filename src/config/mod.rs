@@ -58,6 +58,24 @@ pub struct ProxyConfig {
     /// A client idle outside a transaction this long is disconnected with 57P05; "0s" turns it off.
     #[serde(with = "humantime_serde")]
     pub client_idle_timeout: Duration,
+    /// A request (query, or extended-protocol batch up to Sync) that has not been answered this long is cancelled on
+    /// the server; the client gets 57014 naming the timeout and keeps its session. "0s" turns it off. Unlike the
+    /// client's own `statement_timeout`, the client cannot change it.
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// Transaction mode: what a statement that creates session state pgweir cannot move (LISTEN, session advisory
+    /// locks, temp tables, WITH HOLD cursors, SQL PREPARE, SET ROLE, LOAD) does: "pin" (default) keeps the client
+    /// on its server connection for the rest of its session; "refuse" fails the statement with 0A000.
+    pub unmovable_session_state: UnmovableState,
+}
+
+/// See [`ProxyConfig::unmovable_session_state`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnmovableState {
+    #[default]
+    Pin,
+    Refuse,
 }
 
 impl Default for ProxyConfig {
@@ -72,6 +90,8 @@ impl Default for ProxyConfig {
             deny_startup_parameters: Vec::new(),
             idle_in_transaction_timeout: Duration::ZERO,
             client_idle_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
+            unmovable_session_state: UnmovableState::Pin,
         }
     }
 }

@@ -65,6 +65,8 @@ pub struct End {
     pub effects: Vec<Effect>,
     /// ParameterStatus values the server reported during the run.
     pub reported: Vec<(String, String)>,
+    /// pgweir sent the server a cancel (query timeout): the backend may still act on it late.
+    pub cancel_sent: bool,
 }
 
 /// Bounds of a forwarding run.
@@ -76,6 +78,10 @@ pub struct Limits {
     /// Disconnect a client idle outside a transaction this long (session mode; transaction mode waits for idle
     /// clients outside forwarding).
     pub client_idle: Option<Duration>,
+    /// Cancel a request the server has not answered within this time.
+    pub query_timeout: Option<Duration>,
+    /// Transaction mode: statements that would pin fail with 0A000 instead.
+    pub refuse_unmovable: bool,
 }
 
 impl Limits {
@@ -85,6 +91,8 @@ impl Limits {
             max_message: cfg.max_message_bytes,
             idle_in_transaction: nonzero(cfg.idle_in_transaction_timeout),
             client_idle: nonzero(cfg.client_idle_timeout),
+            query_timeout: nonzero(cfg.query_timeout),
+            refuse_unmovable: cfg.unmovable_session_state == crate::config::UnmovableState::Refuse,
         }
     }
 }
@@ -127,22 +135,42 @@ struct Shared<'a> {
     /// Signalled after each ReadyForQuery while rewriting: a message waiting for an earlier batch to settle
     /// (`Rewriter::must_wait`) looks again.
     settled: tokio::sync::Notify,
+    /// Milliseconds after `started` (+1) since when a request has been waiting for its answer; 0 when none.
+    busy_since_ms: AtomicU64,
+    /// The query timeout cancelled the current request: its 57014 is reworded for the client.
+    timed_out: AtomicBool,
+    /// A cancel was sent to the server during the run.
+    cancel_sent: AtomicBool,
+    /// Where that cancel goes.
+    cancel: crate::cancel::CancelTarget,
 }
 
 impl<'r> Shared<'r> {
-    fn record_effects(&self, sql: &[u8]) {
+    /// Records the session-state effects of `sql`. With `refuse_unmovable`, a statement that would pin is not
+    /// recorded but returned: the caller replaces it with one that fails.
+    fn record_effects(&self, sql: &[u8]) -> Option<sqlscan::PinReason> {
         let Ok(sql) = std::str::from_utf8(sql) else {
             // Not UTF-8: pgweir cannot tell what it does; treat it as moving session state it cannot follow.
             self.push(Effect::SessionStateUnknown);
-            return;
+            return None;
         };
-        if sqlscan::has_session_effects(sql) {
-            let found = sqlscan::session_effects(sql);
-            self.effects
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(found);
+        if !sqlscan::has_session_effects(sql) {
+            return None;
         }
+        let found = sqlscan::session_effects(sql);
+        if self.limits.refuse_unmovable {
+            if let Some(reason) = found.iter().find_map(|e| match e {
+                Effect::Pin(r) => Some(*r),
+                _ => None,
+            }) {
+                return Some(reason);
+            }
+        }
+        self.effects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(found);
+        None
     }
 
     fn rewriter(&self) -> Option<std::sync::MutexGuard<'_, Rewriter<'r>>> {
@@ -175,6 +203,9 @@ pub async fn run(
         buf: server_buf,
         params,
         prepared,
+        cluster,
+        pid,
+        secret,
         ..
     } = conn;
     let rewriter =
@@ -196,6 +227,15 @@ pub async fn run(
         effects: Mutex::new(Vec::new()),
         rewriter,
         settled: tokio::sync::Notify::new(),
+        busy_since_ms: AtomicU64::new(0),
+        timed_out: AtomicBool::new(false),
+        cancel_sent: AtomicBool::new(false),
+        cancel: crate::cancel::CancelTarget {
+            host: cluster.host.clone(),
+            port: cluster.port,
+            pid: *pid,
+            secret: secret.clone(),
+        },
     };
     let mut c_scan = Scanner::new(max_message);
     let mut s_scan = Scanner::new(max_message);
@@ -247,6 +287,7 @@ pub async fn run(
             .into_inner()
             .unwrap_or_else(|p| p.into_inner()),
         reported,
+        cancel_sent: shared.cancel_sent.load(Ordering::Relaxed),
     }
 }
 
@@ -318,6 +359,7 @@ where
     // Rewritten messages, and the bytes around them, are assembled here and written at once.
     let mut out = BytesMut::new();
     let mut rewritten = BytesMut::new();
+    let mut refused = BytesMut::new();
     loop {
         let mut replaced = false;
         let mut wait = false;
@@ -347,7 +389,13 @@ where
                         shared.syncs_since_start.store(0, Ordering::Relaxed);
                         if let Some(f) = frame {
                             let sql = body(f);
-                            shared.record_effects(sql.strip_suffix(&[0]).unwrap_or(sql));
+                            if let Some(reason) =
+                                shared.record_effects(sql.strip_suffix(&[0]).unwrap_or(sql))
+                            {
+                                crate::wire::msg::query(&refusal_sql(reason), &mut rewritten);
+                                replaced = true;
+                                return Ok(Verdict::Stop);
+                            }
                         }
                     }
                     b'F' => {
@@ -374,8 +422,15 @@ where
                                     if !name.is_empty() && !rewrite {
                                         shared.push(Effect::Pin(sqlscan::PinReason::Other));
                                     }
-                                    if let Some((sql, _)) = cstr(rest) {
-                                        shared.record_effects(sql);
+                                    if let Some((sql, types)) = cstr(rest) {
+                                        if let Some(reason) = shared.record_effects(sql) {
+                                            refused_parse(
+                                                name,
+                                                &refusal_sql(reason),
+                                                types,
+                                                &mut refused,
+                                            );
+                                        }
                                     }
                                 }
                                 None => shared.push(Effect::SessionStateUnknown),
@@ -390,12 +445,21 @@ where
                 }
                 if let (true, Some(f), b'P' | b'B' | b'D' | b'C') = (rewrite, frame, tag) {
                     let seq = shared.requests.load(Ordering::Relaxed) + 1;
+                    // A refused Parse goes on as its replacement.
+                    let f = if refused.is_empty() { f } else { &refused[..] };
                     if let Some(mut rw) = shared.rewriter() {
                         if rw.client_message(tag, f, seq, &mut rewritten) {
+                            refused.clear();
                             replaced = true;
                             return Ok(Verdict::Stop);
                         }
                     }
+                }
+                if !refused.is_empty() {
+                    rewritten.extend_from_slice(&refused);
+                    refused.clear();
+                    replaced = true;
+                    return Ok(Verdict::Stop);
                 }
                 Ok(Verdict::Forward)
             },
@@ -432,6 +496,13 @@ where
             out.clear();
             shared.writing.store(false, Ordering::Relaxed);
             buf.advance(scan.forward);
+            if shared.limits.query_timeout.is_some()
+                && shared.requests.load(Ordering::Relaxed) > shared.ready.load(Ordering::Relaxed)
+                && shared.busy_since_ms.load(Ordering::Relaxed) == 0
+            {
+                let now = shared.started.elapsed().as_millis() as u64 + 1;
+                shared.busy_since_ms.store(now, Ordering::Relaxed);
+            }
         }
         if wait {
             // Everything before the waiting message is with the server; its replies settle the earlier batch.
@@ -449,6 +520,65 @@ where
     }
 }
 
+/// A statement that fails the way pgweir refuses one that would pin the client (`unmovable_session_state =
+/// "refuse"`): run by the server, so the transaction and pipeline around it behave as for any failing statement.
+fn refusal_sql(reason: sqlscan::PinReason) -> String {
+    use sqlscan::PinReason::*;
+    let what = match reason {
+        Listen => "LISTEN",
+        AdvisoryLock => "session-level advisory locks",
+        TempTable => "temporary tables",
+        WithHoldCursor => "cursors WITH HOLD",
+        SqlPrepare => "SQL-level PREPARE",
+        SessionAuthorization => "SET ROLE and SET SESSION AUTHORIZATION",
+        Other => "statements that keep state on the server connection (LOAD, dblink_connect)",
+    };
+    format!(
+        "DO $pgweir$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
+         MESSAGE = '{what} cannot be used in transaction pooling mode', \
+         HINT = 'Connect with options=pool_mode=session for session state, or use the transaction-scoped form \
+         (e.g. pg_advisory_xact_lock, ON COMMIT DROP).'; END$pgweir$"
+    )
+}
+
+/// A Parse of `name` with `sql` instead of the client's text (parameter types kept, so its Bind still fits).
+fn refused_parse(name: &[u8], sql: &str, types: &[u8], out: &mut BytesMut) {
+    use bytes::BufMut;
+    out.put_u8(b'P');
+    out.put_u32((4 + name.len() + 1 + sql.len() + 1 + types.len()) as u32);
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(sql.as_bytes());
+    out.put_u8(0);
+    out.put_slice(types);
+}
+
+/// Cancels the request in progress on the server if it has run past the query timeout (once per request).
+fn check_query_timeout(shared: &Shared<'_>) {
+    let Some(limit) = shared.limits.query_timeout else {
+        return;
+    };
+    let since = shared.busy_since_ms.load(Ordering::Relaxed);
+    if since == 0 || shared.timed_out.load(Ordering::Relaxed) {
+        return;
+    }
+    let busy = shared
+        .started
+        .elapsed()
+        .saturating_sub(Duration::from_millis(since - 1));
+    if busy < limit {
+        return;
+    }
+    shared.timed_out.store(true, Ordering::Relaxed);
+    shared.cancel_sent.store(true, Ordering::Relaxed);
+    let t = shared.cancel.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::backend::send_cancel(&t.host, t.port, t.pid, &t.secret).await {
+            tracing::warn!(error = %e, "could not cancel a request past the query timeout");
+        }
+    });
+}
+
 /// Reads from the client; with idle timeouts configured, wakes up now and then to check how long the client has
 /// been idle (the state changes as the server answers, so one fixed deadline would not do).
 async fn read_client<R: AsyncRead + Unpin>(
@@ -458,10 +588,12 @@ async fn read_client<R: AsyncRead + Unpin>(
 ) -> Result<(), EndReason> {
     let limits = shared.limits;
     let client_idle = limits.client_idle.filter(|_| shared.mode == Mode::Session);
-    let shortest = match (limits.idle_in_transaction, client_idle) {
-        (None, None) => None,
-        (a, b) => a.into_iter().chain(b).min(),
-    };
+    let shortest = limits
+        .idle_in_transaction
+        .into_iter()
+        .chain(client_idle)
+        .chain(limits.query_timeout)
+        .min();
     let Some(shortest) = shortest else {
         return match r.read_buf(buf).await {
             Ok(0) | Err(_) => Err(EndReason::ClientGone),
@@ -474,6 +606,7 @@ async fn read_client<R: AsyncRead + Unpin>(
             Ok(Ok(0)) | Ok(Err(_)) => return Err(EndReason::ClientGone),
             Ok(Ok(_)) => return Ok(()),
             Err(_) => {
+                check_query_timeout(shared);
                 let since = shared.idle_since_ms.load(Ordering::Relaxed);
                 if since == 0 {
                     continue;
@@ -508,14 +641,21 @@ where
     W: AsyncWrite + Unpin,
 {
     let rewrite = shared.rewriter.is_some();
+    let timeouts = shared.limits.query_timeout.is_some();
     // Server messages with edits (a dropped or changed reply), and the bytes around them, are assembled here.
     let mut out = BytesMut::new();
     loop {
         let mut edit = None;
+        let mut reword = false;
         // Bytes may already be buffered (read while the connection was logging in or idle).
         let scan = scanner.scan(
             buf,
-            |tag| tag == b'Z' || tag == b'S' || (rewrite && matches!(tag, b'1' | b'3' | b'C')),
+            |tag| {
+                tag == b'Z'
+                    || tag == b'S'
+                    || (rewrite && matches!(tag, b'1' | b'3' | b'C'))
+                    || (timeouts && tag == b'E')
+            },
             |tag, frame| -> Result<Verdict, FrameError> {
                 shared.last_server_tag.store(tag, Ordering::Relaxed);
                 match (tag, frame) {
@@ -527,6 +667,14 @@ where
                             edit = Some(reply);
                             return Ok(Verdict::Stop);
                         }
+                    }
+                    (b'E', Some(f))
+                        if shared.timed_out.load(Ordering::Relaxed)
+                            && crate::backend::error_fields(f).0
+                                == crate::wire::error::sqlstate::QUERY_CANCELED =>
+                    {
+                        reword = true;
+                        return Ok(Verdict::Stop);
                     }
                     (b'C', Some(f)) if rewrite && prepared::deallocates_all(f) => {
                         if let Some(mut rw) = shared.rewriter() {
@@ -544,7 +692,13 @@ where
                         if ready == shared.requests.load(Ordering::Relaxed) {
                             let now = shared.started.elapsed().as_millis() as u64 + 1;
                             shared.idle_since_ms.store(now, Ordering::Relaxed);
+                            shared.busy_since_ms.store(0, Ordering::Relaxed);
+                        } else if shared.limits.query_timeout.is_some() {
+                            // The next request's time starts now.
+                            let now = shared.started.elapsed().as_millis() as u64 + 1;
+                            shared.busy_since_ms.store(now, Ordering::Relaxed);
                         }
+                        shared.timed_out.store(false, Ordering::Relaxed);
                         if status == b'I' && transaction_finished(shared, ready) {
                             return Ok(Verdict::Last);
                         }
@@ -571,6 +725,28 @@ where
             Ok(s) => s,
             Err(e) => return EndReason::ServerProtocol(e),
         };
+        if reword {
+            // The cancel was pgweir's query timeout: say so instead of "due to user request".
+            let Ok(Some((_, total))) = header(&buf[scan.forward..], usize::MAX) else {
+                return EndReason::ServerProtocol(FrameError::BadLength { tag: 0, len: 0 });
+            };
+            out.extend_from_slice(&buf[..scan.forward]);
+            let secs = shared
+                .limits
+                .query_timeout
+                .unwrap_or_default()
+                .as_secs_f64();
+            crate::wire::PgError::error(
+                crate::wire::error::sqlstate::QUERY_CANCELED,
+                format!(
+                    "canceling statement due to the connection pooler's query_timeout ({secs}s)"
+                ),
+            )
+            .encode(&mut out);
+            buf.advance(scan.forward + total);
+            shared.timed_out.store(false, Ordering::Relaxed);
+            continue;
+        }
         if let Some(edit) = edit {
             // The reply at `forward` is whole (it was inspected): drop it, or pass it on as ParseComplete.
             let Ok(Some((_, total))) = header(&buf[scan.forward..], usize::MAX) else {

@@ -297,7 +297,7 @@ impl Client {
         ))
         .await;
         c.key.slot.set(SlotState::Idle).await;
-        let cancel_forwarded = c.key.slot.take_forwarded();
+        let cancel_forwarded = c.key.slot.take_forwarded() | end.cancel_sent;
 
         for (name, value) in &end.reported {
             let name = name.to_ascii_lowercase();

@@ -819,3 +819,241 @@ fn same_statement_text_under_different_search_paths() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pins, refusals, timeouts, disconnects
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A session advisory lock pins the client to its server connection; the lock is gone once the client leaves.
+#[test]
+fn advisory_lock_pins_until_the_client_leaves() {
+    let env = tx_env(2);
+    runtime().block_on(async {
+        let a = env.connect(&tx_url(&env, "")).await.unwrap();
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        assert_eq!(one(&a, "select pg_advisory_lock(4242)::text").await, "");
+        let a_pid = one(&a, "select pg_backend_pid()").await;
+        assert_eq!(pinned(&env), 1);
+        for _ in 0..5 {
+            // a keeps its server connection (the lock lives there); b cannot take the lock.
+            assert_eq!(one(&a, "select pg_backend_pid()").await, a_pid);
+            assert_eq!(one(&b, "select pg_try_advisory_lock(4242)").await, "f");
+        }
+        drop(a);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if one(&b, "select pg_try_advisory_lock(4242)").await == "t" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the lock was released with its client"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Now b holds the lock, and is pinned in turn; a's pin is gone.
+        assert_eq!(pinned(&env), 1);
+    });
+}
+
+/// `unmovable_session_state = "refuse"`: statements that would pin fail with 0A000, as failing statements do
+/// (a transaction around them is aborted), and nothing pins.
+#[test]
+fn refused_session_state_fails_the_statement() {
+    let env = Env::with(tx_setup(1, "10s", "unmovable_session_state = \"refuse\""));
+    runtime().block_on(async {
+        let a = env.connect(&tx_url(&env, "")).await.unwrap();
+        for sql in [
+            "LISTEN some_channel",
+            "select pg_advisory_lock(1)",
+            "create temp table tt(v int)",
+            "prepare p as select 1",
+        ] {
+            let e = a.simple_query(sql).await.unwrap_err();
+            assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{sql}: {e}");
+            let msg = e
+                .as_db_error()
+                .map(|d| d.message().to_owned())
+                .unwrap_or_default();
+            assert!(msg.contains("transaction pooling"), "{msg}");
+            assert_eq!(one(&a, "select 1").await, "1");
+        }
+        // Extended protocol (a named statement; the refusal comes at Execute), and inside a transaction.
+        let e = a
+            .query("select pg_advisory_lock(7)", &[])
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+        a.batch_execute("BEGIN").await.unwrap();
+        let e = a.simple_query("LISTEN x").await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+        let e = a.simple_query("select 1").await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("25P02"), "{e}");
+        a.batch_execute("ROLLBACK").await.unwrap();
+        // Transaction-scoped forms work.
+        a.batch_execute("BEGIN; select pg_advisory_xact_lock(1); COMMIT")
+            .await
+            .unwrap();
+        assert_eq!(pinned(&env), 0);
+    });
+}
+
+/// `query_timeout`: a request past it is cancelled with 57014 naming the timeout; the session goes on, in both
+/// pool modes, and a transaction around it is aborted as Postgres aborts it.
+#[test]
+fn query_timeout_cancels_with_a_clear_error() {
+    let env = Env::with(tx_setup(2, "10s", "query_timeout = \"1s\""));
+    runtime().block_on(async {
+        let session_url = env.url(
+            "alice",
+            ALICE_PASSWORD,
+            "app",
+            "options='endpoint=tx pool_mode=session' sslmode=disable",
+        );
+        for url in [tx_url(&env, ""), session_url] {
+            let c = env.connect(&url).await.unwrap();
+            let started = Instant::now();
+            let e = c.simple_query("select pg_sleep(8)").await.unwrap_err();
+            assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
+            let msg = e
+                .as_db_error()
+                .map(|d| d.message().to_owned())
+                .unwrap_or_default();
+            assert!(msg.contains("query_timeout"), "{msg}");
+            assert!(
+                started.elapsed() < Duration::from_secs(6),
+                "{:?}",
+                started.elapsed()
+            );
+            assert_eq!(one(&c, "select 1").await, "1");
+            // Quick statements are never touched, however many.
+            for _ in 0..20 {
+                assert_eq!(one(&c, "select pg_sleep(0.01)::text").await, "");
+            }
+            c.batch_execute("BEGIN").await.unwrap();
+            let e = c.query("select pg_sleep(8)", &[]).await.unwrap_err();
+            assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
+            let e = c.simple_query("select 1").await.unwrap_err();
+            assert_eq!(sqlstate(&e).as_deref(), Some("25P02"), "{e}");
+            c.batch_execute("ROLLBACK").await.unwrap();
+            assert_eq!(one(&c, "select 2").await, "2");
+        }
+    });
+}
+
+/// A client that leaves in the middle of COPY FROM STDIN, or of a pipeline without Sync: nothing it sent is
+/// committed, and the pool keeps serving everyone else.
+#[test]
+fn disconnect_mid_copy_and_mid_pipeline() {
+    let env = tx_env(1);
+    runtime().block_on(async {
+        let other = env.connect(&tx_url(&env, "")).await.unwrap();
+        other
+            .batch_execute("DROP TABLE IF EXISTS tx_copy; CREATE TABLE tx_copy(v int)")
+            .await
+            .unwrap();
+        // Mid-COPY.
+        let mut raw = Raw::connect_to(&env, "tx").await;
+        raw.send_query("COPY tx_copy FROM STDIN").await;
+        let (tag, _) = within(10, "CopyInResponse", raw.frame()).await.unwrap();
+        assert_eq!(tag, b'G');
+        let mut b = BytesMut::new();
+        b.extend_from_slice(b"d\0\0\0\x0a1\n2\n3\n");
+        raw.send(&b).await;
+        drop(raw);
+        // Mid-pipeline: an INSERT executed, no Sync.
+        let mut raw = Raw::connect_to(&env, "tx").await;
+        let mut b = BytesMut::new();
+        ext::parse("", "insert into tx_copy values (99)", &mut b);
+        ext::bind("", "", &[], &mut b);
+        ext::execute("", &mut b);
+        ext::flush(&mut b);
+        raw.send(&b).await;
+        let (tag, _) = within(10, "ParseComplete", raw.frame()).await.unwrap();
+        assert_eq!(tag, b'1');
+        drop(raw);
+        // With a pool of one, the next queries need that very server connection back, clean.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match other.simple_query("select count(*) from tx_copy").await {
+                Ok(r) => {
+                    let n = r.iter().find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                        _ => None,
+                    });
+                    assert_eq!(
+                        n.as_deref(),
+                        Some("0"),
+                        "nothing of the abandoned COPY/pipeline is committed"
+                    );
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "{e}"),
+            }
+        }
+        assert_eq!(one(&other, "select 5").await, "5");
+    });
+}
+
+/// Fairness: a tenant that saturates its pool does not delay another tenant's checkouts, and the clients waiting
+/// for one pool are served in the order they came.
+#[test]
+fn saturated_tenant_does_not_delay_others_and_waiters_are_served_in_order() {
+    let mut setup = tx_setup(1, "30s", "");
+    setup.extra_config.push_str(&format!(
+        r#"
+[[tenants]]
+id = "other"
+database = "app"
+cluster = "main"
+backend_database = "beta_main"
+backend_user = "acme_owner"
+backend_password = "{OWNER_PASSWORD}"
+pool_mode = "transaction"
+{}"#,
+        user_toml("alice", ALICE_PASSWORD, false)
+    ));
+    let env = Env::with(setup);
+    runtime().block_on(async {
+        let holder = env.connect(&tx_url(&env, "")).await.unwrap();
+        holder.batch_execute("BEGIN").await.unwrap(); // tx's only server connection is taken
+        let other_url = env.url(
+            "alice",
+            ALICE_PASSWORD,
+            "app",
+            "options=endpoint=other sslmode=disable",
+        );
+        let other = env.connect(&other_url).await.unwrap();
+        let started = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(one(&other, "select 1").await, "1");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // Five clients queue for tx's pool, 100 ms apart; they must finish in that order.
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..5 {
+            let c = env.connect(&tx_url(&env, "")).await.unwrap();
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                // When the server ran it: the order of service, whatever the order the test tasks wake up in.
+                let at = one(&c, "select to_char(clock_timestamp(), 'HH24MISSUS')").await;
+                order.lock().unwrap().push((at, i));
+            }));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        holder.batch_execute("COMMIT").await.unwrap();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut served = order.lock().unwrap().clone();
+        served.sort();
+        let served: Vec<i32> = served.into_iter().map(|(_, i)| i).collect();
+        assert_eq!(served, vec![0, 1, 2, 3, 4]);
+    });
+}
