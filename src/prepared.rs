@@ -589,12 +589,7 @@ pub fn deallocates_all(frame: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use crate::wire::frame::test_frame as frame;
 
     fn parse(name: &str, sql: &str) -> Vec<u8> {
         let mut b = Vec::new();
@@ -798,29 +793,13 @@ mod tests {
         assert!(deallocates_all(&frame(b'C', b"DEALLOCATE ALL\0")));
         assert!(!deallocates_all(&frame(b'C', b"DEALLOCATE\0")));
     }
-}
-
-#[cfg(test)]
-mod local_tests {
-    use super::*;
-
-    fn parse(name: &str, sql: &str, out: &mut BytesMut) {
-        out.put_u8(b'P');
-        out.put_u32((4 + name.len() + 1 + sql.len() + 1 + 2) as u32);
-        out.put_slice(name.as_bytes());
-        out.put_u8(0);
-        out.put_slice(sql.as_bytes());
-        out.put_u8(0);
-        out.put_u16(0);
-    }
 
     #[test]
     fn parse_batches_of_validated_statements_are_answered_locally() {
         let reg = Arc::new(Registry::default());
         let mut c = ClientStatements::new(reg.clone());
-        let mut batch = BytesMut::new();
-        parse("a", "select 1", &mut batch);
-        batch.put_slice(&[b'S', 0, 0, 0, 4]);
+        let mut batch = parse("a", "select 1");
+        batch.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         let mut out = BytesMut::new();
         // Never accepted by a server yet: goes to one.
         assert_eq!(c.answer_parse_batch(&batch, &mut out), None);

@@ -142,16 +142,19 @@ pub fn body(frame: &[u8]) -> &[u8] {
     frame.get(HEADER_LEN..).unwrap_or(&[])
 }
 
+/// A whole frame (tag, length, body), for tests.
+#[cfg(test)]
+pub(crate) fn test_frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use test_frame as frame;
 
     /// Feeds `stream` in chunks of `chunk` bytes and returns (forwarded bytes, inspected frames).
     fn run(stream: &[u8], chunk: usize, wants: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
