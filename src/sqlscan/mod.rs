@@ -124,12 +124,59 @@ pub fn session_effects(sql: &str) -> Vec<Effect> {
 /// documentation): `has_session_effects("SELECT abalance FROM pgbench_accounts WHERE aid = $1")` is one pass over
 /// eight tokens.
 pub fn has_session_effects(sql: &str) -> bool {
+    if !may_have_effects(sql.as_bytes()) {
+        return false;
+    }
     let mut found = false;
     scan(sql, |_| {
         found = true;
         ControlFlow::Break(())
     });
     found
+}
+
+/// Words (lower case) one of which appears, as bytes, in every statement the classifier finds an effect in: the
+/// statements' first keywords (`SET`, `RESET`, `DISCARD`, `LISTEN`/`UNLISTEN`, `PREPARE`, `DEALLOCATE`, `CLOSE`,
+/// `DECLARE`, `CREATE`, `LOAD`), the functions it looks for (`set_config`, `pg_*advisory*`, `dblink_connect*`),
+/// `pg_settings`, `INTO TEMP`/`pg_temp`, and `U&` (an escaped identifier can spell any name).
+const TRIGGERS: &[&[u8]] = &[
+    b"set",
+    b"discard",
+    b"listen",
+    b"prepare",
+    b"deallocate",
+    b"close",
+    b"declare",
+    b"create",
+    b"load",
+    b"into",
+    b"temp",
+    b"advisory",
+    b"dblink",
+    b"u&",
+];
+
+/// A conservative byte-level filter in front of the lexer: false only when no trigger word appears anywhere in
+/// `sql` (case-insensitively), so the statement cannot have an effect. Plain DML — most of what a proxy sees —
+/// costs one pass over its bytes instead of a full lex.
+fn may_have_effects(sql: &[u8]) -> bool {
+    for i in 0..sql.len() {
+        let c = sql[i] | 0x20;
+        if !matches!(
+            c,
+            b's' | b'd' | b'l' | b'p' | b'c' | b'i' | b't' | b'a' | b'u'
+        ) {
+            continue;
+        }
+        let rest = &sql[i..];
+        if TRIGGERS
+            .iter()
+            .any(|w| w[0] == c && rest.len() >= w.len() && rest[..w.len()].eq_ignore_ascii_case(w))
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// `v` as a SQL string literal for `SET name = <literal>`: single quotes doubled, no `E` prefix (so it assumes
