@@ -22,11 +22,7 @@ impl<T> Stream<T> {
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
     }
-}
 
-pub type ClientStream = Stream<tokio_rustls::server::TlsStream<TcpStream>>;
-
-impl<T> Stream<T> {
     /// Waits until a plain connection has something to read (data, EOF or an error) without holding a buffer; for
     /// TLS (which may have decrypted bytes buffered) returns at once.
     pub async fn readable(&self) {
@@ -36,6 +32,8 @@ impl<T> Stream<T> {
         }
     }
 }
+
+pub type ClientStream = Stream<tokio_rustls::server::TlsStream<TcpStream>>;
 pub type ServerStream = Stream<tokio_rustls::client::TlsStream<TcpStream>>;
 
 impl<T: AsyncRead + Unpin> AsyncRead for Stream<T> {

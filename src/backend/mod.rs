@@ -54,6 +54,16 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
+    /// Where a cancel request for this connection must go.
+    pub fn cancel_target(&self) -> crate::cancel::CancelTarget {
+        crate::cancel::CancelTarget {
+            host: self.cluster.host.clone(),
+            port: self.cluster.port,
+            pid: self.pid,
+            secret: self.secret.clone(),
+        }
+    }
+
     /// Records the ParameterStatus in `frame` (a complete 'S' frame).
     pub fn observe_parameter_status(&mut self, frame: &[u8]) {
         record_parameter_status(&mut self.params, frame);

@@ -118,14 +118,9 @@ impl Pool {
         &self.cfg
     }
 
-    /// The backend this pool connects to.
-    pub fn target(&self) -> &BackendTarget {
-        &self.target
-    }
-
     /// The startup parameters of shared (transaction-mode) connections: none.
-    pub fn no_params(&self) -> StartupParams {
-        self.no_params.clone()
+    pub fn no_params(&self) -> &StartupParams {
+        &self.no_params
     }
 
     /// The registry of named prepared statements shared by this pool's clients.

@@ -141,8 +141,8 @@ struct Shared<'a> {
     timed_out: AtomicBool,
     /// A cancel was sent to the server during the run.
     cancel_sent: AtomicBool,
-    /// Where that cancel goes.
-    cancel: crate::cancel::CancelTarget,
+    /// Where that cancel goes (only with a query timeout).
+    cancel: Option<crate::cancel::CancelTarget>,
 }
 
 impl<'r> Shared<'r> {
@@ -198,14 +198,12 @@ pub async fn run(
     statements: Option<Statements<'_>>,
 ) -> End {
     let max_message = limits.max_message;
+    let cancel = limits.query_timeout.map(|_| conn.cancel_target());
     let ServerConn {
         stream: server,
         buf: server_buf,
         params,
         prepared,
-        cluster,
-        pid,
-        secret,
         ..
     } = conn;
     let rewriter =
@@ -230,12 +228,7 @@ pub async fn run(
         busy_since_ms: AtomicU64::new(0),
         timed_out: AtomicBool::new(false),
         cancel_sent: AtomicBool::new(false),
-        cancel: crate::cancel::CancelTarget {
-            host: cluster.host.clone(),
-            port: cluster.port,
-            pid: *pid,
-            secret: secret.clone(),
-        },
+        cancel,
     };
     let mut c_scan = Scanner::new(max_message);
     let mut s_scan = Scanner::new(max_message);
@@ -371,13 +364,16 @@ where
                     || (rewrite && matches!(tag, b'P' | b'B' | b'D' | b'C'))
             },
             |tag, frame| -> Result<Verdict, FrameError> {
-                if let (true, Some(f), b'P' | b'B' | b'D' | b'C') = (rewrite, frame, tag) {
+                // One lock of the rewriter per statement message, held for both of its uses below.
+                let mut rw = match (rewrite, frame, tag) {
+                    (true, Some(_), b'P' | b'B' | b'D' | b'C') => shared.rewriter(),
+                    _ => None,
+                };
+                // P/B/D/C do not change `requests`: the same number before and after the accounting.
+                let seq = shared.requests.load(Ordering::Relaxed) + 1;
+                if let (Some(rw), Some(f)) = (&rw, frame) {
                     // Before any accounting: a waiting message is scanned again later.
-                    let seq = shared.requests.load(Ordering::Relaxed) + 1;
-                    if shared
-                        .rewriter()
-                        .is_some_and(|rw| rw.must_wait(tag, f, seq))
-                    {
+                    if rw.must_wait(tag, f, seq) {
                         wait = true;
                         return Ok(Verdict::Stop);
                     }
@@ -443,16 +439,13 @@ where
                     // Anything else would make the server end the connection behind pgweir's back.
                     tag => return Err(FrameError::UnexpectedTag { tag }),
                 }
-                if let (true, Some(f), b'P' | b'B' | b'D' | b'C') = (rewrite, frame, tag) {
-                    let seq = shared.requests.load(Ordering::Relaxed) + 1;
+                if let (Some(rw), Some(f)) = (&mut rw, frame) {
                     // A refused Parse goes on as its replacement.
                     let f = if refused.is_empty() { f } else { &refused[..] };
-                    if let Some(mut rw) = shared.rewriter() {
-                        if rw.client_message(tag, f, seq, &mut rewritten) {
-                            refused.clear();
-                            replaced = true;
-                            return Ok(Verdict::Stop);
-                        }
+                    if rw.client_message(tag, f, seq, &mut rewritten) {
+                        refused.clear();
+                        replaced = true;
+                        return Ok(Verdict::Stop);
                     }
                 }
                 if !refused.is_empty() {
@@ -569,9 +562,11 @@ fn check_query_timeout(shared: &Shared<'_>) {
     if busy < limit {
         return;
     }
+    let Some(t) = shared.cancel.clone() else {
+        return;
+    };
     shared.timed_out.store(true, Ordering::Relaxed);
     shared.cancel_sent.store(true, Ordering::Relaxed);
-    let t = shared.cancel.clone();
     tokio::spawn(async move {
         if let Err(e) = crate::backend::send_cancel(&t.host, t.port, t.pid, &t.secret).await {
             tracing::warn!(error = %e, "could not cancel a request past the query timeout");

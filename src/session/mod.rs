@@ -17,14 +17,13 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::backend::{ClientVisible, ServerConn, StartupParams};
-use crate::cancel::{CancelOutcome, CancelTarget, SlotState};
+use crate::backend::{ClientVisible, StartupParams};
+use crate::cancel::{CancelOutcome, SlotState};
 use crate::config::{PoolMode, DENIED_STARTUP_PARAMETERS};
 use crate::net::{ClientStream, Stream};
 use crate::pool::{Checkout, CheckoutError, Pool};
 use crate::routing::{self, RouteInput};
 use crate::server::Proxy;
-use crate::tenant::BackendTarget;
 use crate::wire::error::sqlstate;
 use crate::wire::msg;
 use crate::wire::startup::{parse_packet, read_packet, FirstPacket, StartupMessage};
@@ -414,16 +413,6 @@ async fn finish(stream: &mut ClientStream, tenant: &str, end: &forward::End, che
     }
 }
 
-/// Where a cancel for a client using `conn` of `target` must go.
-fn cancel_target(target: &BackendTarget, conn: &ServerConn) -> CancelTarget {
-    CancelTarget {
-        host: target.cluster.host.clone(),
-        port: target.cluster.port,
-        pid: conn.pid,
-        secret: conn.secret.clone(),
-    }
-}
-
 /// The FATAL for a client disconnected for idling (as Postgres words its own idle timeouts).
 fn idle_timeout_error(reason: &forward::EndReason) -> PgError {
     match reason {
@@ -503,7 +492,7 @@ async fn session_mode(proxy: &Arc<Proxy>, stream: &mut ClientStream, s: Session,
     }
     let key = proxy
         .cancels
-        .register(conn.pid, SlotState::Linked(cancel_target(&s.target, conn)));
+        .register(conn.pid, SlotState::Linked(conn.cancel_target()));
     msg::backend_key_data(key.pid, key.secret, &mut out);
     msg::ready_for_query(b'I', &mut out);
     if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {

@@ -26,9 +26,7 @@ use crate::wire::msg;
 use crate::wire::PgError;
 
 use super::forward::{self, EndReason, Mode, Statements};
-use super::{
-    cancel_target, finish, idle_timeout_error, report_checkout_error, send_error, Session,
-};
+use super::{finish, idle_timeout_error, report_checkout_error, send_error, Session};
 
 /// Reported parameters a client cannot set: never moved between server connections.
 const READ_ONLY_REPORTED: &[&str] = &[
@@ -180,7 +178,6 @@ async fn attach(
             return None;
         }
     };
-    let no_params: StartupParams = Arc::from(Vec::new());
     let desired = startup.clone();
     let fake_pid = rand::random::<i32>() & 0x3fff_ffff;
     let key = proxy.cancels.register(fake_pid.max(1), SlotState::Idle);
@@ -201,7 +198,7 @@ async fn attach(
             p
         }
         None => {
-            let mut first = checkout_shared(&pool, &no_params, stream, &s.tenant).await?;
+            let mut first = checkout_shared(&pool, stream, &s.tenant).await?;
             if let Err(e) = Box::pin(sync(first.conn(), &desired)).await {
                 // A startup parameter the server refuses: as on a direct connection, the login fails.
                 send_error(stream, &e).await;
@@ -221,7 +218,6 @@ async fn attach(
     msg::ready_for_query(b'I', &mut out);
     write_flush(stream, &out).await.ok()?;
     info!(%peer, tenant = %s.tenant, user = %s.user, mode = "transaction", "client attached");
-    drop(no_params);
     Some(Client {
         statements: ClientStatements::new(pool.statements().clone()),
         tenant: s.tenant,
@@ -272,7 +268,7 @@ impl Client {
         if !c
             .key
             .slot
-            .link_unless_cancelled(cancel_target(c.pool.target(), checkout.conn_ref()))
+            .link_unless_cancelled(checkout.conn_ref().cancel_target())
             .await
         {
             checkout.release_idle();
@@ -334,7 +330,7 @@ impl Client {
         }
         if pin {
             debug!(tenant = %c.tenant, "session state that cannot move: pinned to its server connection");
-            link(&c.key, c.pool.target(), checkout.conn_ref()).await;
+            link(&c.key, checkout.conn_ref()).await;
             let rest = Rest {
                 buf: std::mem::take(buf),
                 checkout,
@@ -416,8 +412,7 @@ async fn wait_for_server(
     key: &CancelKey,
 ) -> Option<Result<Checkout, crate::pool::CheckoutError>> {
     key.slot.set(SlotState::Waiting { cancelled: false }).await;
-    let no_params = pool.no_params();
-    let mut wait = pool.checkout(&no_params, true);
+    let mut wait = pool.checkout(pool.no_params(), true);
     loop {
         tokio::select! {
             c = &mut wait => break Some(c),
@@ -460,20 +455,17 @@ async fn session_rest(
     finish(stream, tenant, &end, checkout).await;
 }
 
-async fn link(key: &CancelKey, target: &crate::tenant::BackendTarget, conn: &ServerConn) {
-    key.slot
-        .set(SlotState::Linked(cancel_target(target, conn)))
-        .await;
+async fn link(key: &CancelKey, conn: &ServerConn) {
+    key.slot.set(SlotState::Linked(conn.cancel_target())).await;
 }
 
 /// Checks out a shared server connection; on failure tells the client and returns None.
 async fn checkout_shared(
     pool: &Arc<Pool>,
-    no_params: &StartupParams,
     stream: &mut ClientStream,
     tenant: &str,
 ) -> Option<Checkout> {
-    match pool.checkout(no_params, true).await {
+    match pool.checkout(pool.no_params(), true).await {
         Ok(c) => Some(c),
         Err(e) => {
             report_checkout_error(stream, pool, tenant, e).await;
