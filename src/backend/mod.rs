@@ -51,6 +51,9 @@ pub struct ServerConn {
     pub idle_since: Instant,
     /// Bytes read from the server and not yet handled.
     pub buf: BytesMut,
+    /// NotificationResponse messages that arrived during pgweir's own queries, for the client using the
+    /// connection (a LISTENing client pinned to it).
+    pub notifications: BytesMut,
 }
 
 impl ServerConn {
@@ -290,6 +293,7 @@ async fn connect_inner(
         created: now,
         idle_since: now,
         buf,
+        notifications: BytesMut::new(),
     })
 }
 

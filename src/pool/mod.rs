@@ -282,6 +282,11 @@ impl Pool {
         }
     }
 
+    /// The role its server connections log in as.
+    pub fn backend_user(&self) -> &str {
+        &self.target.user
+    }
+
     /// Counts a pinned server connection while the returned guard lives.
     pub fn pin(&self) -> PinGuard<'_> {
         PinGuard {

@@ -30,6 +30,18 @@ pub enum Mode {
     Session,
     /// Also stop after the ReadyForQuery that ends a transaction (status 'I', nothing outstanding).
     Transaction,
+    /// A transaction-mode client pinned to its server connection: forward as in session mode (notifications
+    /// reach an idle client), read statements for their effects as in transaction mode, and stop after the
+    /// ReadyForQuery that ends a transaction once a statement may have released what pinned the client
+    /// ([`Effect::Unpin`], [`Effect::DiscardAll`]).
+    Pinned,
+}
+
+impl Mode {
+    /// Statements are read for their session-state effects, and reported parameters collected.
+    fn follows_state(self) -> bool {
+        self != Mode::Session
+    }
 }
 
 #[derive(Debug)]
@@ -61,7 +73,7 @@ pub struct End {
     pub server_sent_error: bool,
     /// Transaction status of the last ReadyForQuery.
     pub tx_status: u8,
-    /// Transaction mode: session-state effects of the statements the client sent.
+    /// Transaction and pinned modes: session-state effects of the statements the client sent.
     pub effects: Vec<Effect>,
     /// ParameterStatus values the server reported during the run.
     pub reported: Vec<(String, String)>,
@@ -80,7 +92,7 @@ pub struct Limits {
     pub client_idle: Option<Duration>,
     /// Cancel a request the server has not answered within this time.
     pub query_timeout: Option<Duration>,
-    /// Transaction mode: statements that would pin fail with 0A000 instead.
+    /// Transaction mode (not pinned): statements that would pin fail with 0A000 instead.
     pub refuse_unmovable: bool,
 }
 
@@ -130,6 +142,8 @@ struct Shared<'a> {
     /// Syncs sent since the last Execute or Query: if that one starts a COPY FROM STDIN, the server ignores them.
     syncs_since_start: AtomicU64,
     effects: Mutex<Vec<Effect>>,
+    /// Pinned mode: a statement may have released what pinned the client.
+    may_unpin: AtomicBool,
     /// Named prepared statements are rewritten (transaction pooling).
     rewriter: Option<Mutex<Rewriter<'a>>>,
     /// Signalled after each ReadyForQuery while rewriting: a message waiting for an earlier batch to settle
@@ -158,7 +172,14 @@ impl<'r> Shared<'r> {
             return None;
         }
         let found = sqlscan::session_effects(sql);
-        if self.limits.refuse_unmovable {
+        if self.mode == Mode::Pinned
+            && found
+                .iter()
+                .any(|e| matches!(e, Effect::Unpin(_) | Effect::DiscardAll))
+        {
+            self.may_unpin.store(true, Ordering::Relaxed);
+        }
+        if self.limits.refuse_unmovable && self.mode == Mode::Transaction {
             if let Some(reason) = found.iter().find_map(|e| match e {
                 Effect::Pin(r) => Some(*r),
                 _ => None,
@@ -223,6 +244,7 @@ pub async fn run(
         copy_in: AtomicBool::new(false),
         syncs_since_start: AtomicU64::new(0),
         effects: Mutex::new(Vec::new()),
+        may_unpin: AtomicBool::new(false),
         rewriter,
         settled: tokio::sync::Notify::new(),
         busy_since_ms: AtomicU64::new(0),
@@ -319,7 +341,8 @@ impl Pumps<'_, '_> {
 /// open and nothing of the client's is half forwarded.
 #[inline]
 fn transaction_finished(shared: &Shared<'_>, ready: u64) -> bool {
-    shared.mode == Mode::Transaction
+    (shared.mode == Mode::Transaction
+        || (shared.mode == Mode::Pinned && shared.may_unpin.load(Ordering::Relaxed)))
         && shared.tx_status.load(Ordering::Relaxed) == b'I'
         && ready == shared.requests.load(Ordering::Relaxed)
         && !shared.batch_open.load(Ordering::Relaxed)
@@ -347,7 +370,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let txn = shared.mode == Mode::Transaction;
+    let txn = shared.mode.follows_state();
     let rewrite = shared.rewriter.is_some();
     // Rewritten messages, and the bytes around them, are assembled here and written at once.
     let mut out = BytesMut::new();
@@ -582,7 +605,9 @@ async fn read_client<R: AsyncRead + Unpin>(
     shared: &Shared<'_>,
 ) -> Result<(), EndReason> {
     let limits = shared.limits;
-    let client_idle = limits.client_idle.filter(|_| shared.mode == Mode::Session);
+    let client_idle = limits
+        .client_idle
+        .filter(|_| shared.mode != Mode::Transaction);
     let shortest = limits
         .idle_in_transaction
         .into_iter()
@@ -707,7 +732,7 @@ where
                     }
                     (b'S', Some(f)) => {
                         crate::backend::record_parameter_status(params, f);
-                        if shared.mode == Mode::Transaction {
+                        if shared.mode.follows_state() {
                             crate::backend::record_parameter_status(reported, f);
                         }
                     }

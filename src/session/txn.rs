@@ -4,7 +4,8 @@
 //! The client's session settings (its startup parameters, and what it changes with `SET`, `RESET`, `set_config`
 //! or reported parameters) are kept here and moved onto whichever server connection it lands on; every shared
 //! server connection remembers what was applied to it (`ServerConn::applied`). Session state that cannot move
-//! (see `sqlscan::PinReason`) pins the client to its server connection for the rest of its session.
+//! (see `sqlscan::PinReason`) pins the client to its server connection until the server says it is gone (asked
+//! after a statement that may release it, such as `UNLISTEN` or `pg_advisory_unlock_all()`) or the client leaves.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use crate::pool::{Checkout, Pool};
 use crate::prepared::ClientStatements;
 use crate::routing;
 use crate::server::Proxy;
-use crate::sqlscan::{self, Effect};
+use crate::sqlscan::{self, Effect, PinReason};
 use crate::wire::error::sqlstate;
 use crate::wire::msg;
 use crate::wire::PgError;
@@ -283,65 +284,84 @@ impl Client {
             return Next::Stop;
         }
         c.statements.set_search_path(get(&c.desired, "search_path"));
-        let end = Box::pin(forward::run(
-            stream,
-            buf,
-            checkout.conn(),
-            forward::Limits::from_config(&proxy.cfg.proxy),
-            Mode::Transaction,
-            statements_for(&mut c.statements, per_server),
-        ))
-        .await;
-        c.key.slot.set(SlotState::Idle).await;
-        let cancel_forwarded = c.key.slot.take_forwarded() | end.cancel_sent;
-
-        for (name, value) in &end.reported {
-            let name = name.to_ascii_lowercase();
-            if !READ_ONLY_REPORTED.contains(&name.as_str()) {
-                set(&mut c.desired, &name, value);
-                set(&mut checkout.conn().applied, &name, value);
-            }
-        }
-        let pinned = end
-            .effects
-            .iter()
-            .any(|e| matches!(e, Effect::Pin(_) | Effect::SessionStateUnknown));
-        if !matches!(end.reason, EndReason::TransactionEnd) || !end.server_clean {
-            Box::pin(finish(stream, &c.tenant, &end, checkout)).await;
-            return Next::Stop;
-        }
-        let mut pin = pinned;
-        if !pin && !end.effects.is_empty() {
-            match Box::pin(follow_effects(
+        let limits = forward::Limits::from_config(&proxy.cfg.proxy);
+        let mut mode = Mode::Transaction;
+        let mut pins = Pins::default();
+        let mut counted_pin = None;
+        let mut cancel_forwarded = false;
+        loop {
+            let end = Box::pin(forward::run(
+                stream,
+                buf,
                 checkout.conn(),
-                &end.effects,
-                &c.startup,
-                &mut c.desired,
-            ))
-            .await
-            {
-                Ok(p) => pin = p,
-                Err(e) => {
-                    warn!(tenant = %c.tenant, error = %e, "could not read back session settings");
-                    send_error(stream, &e).await;
-                    return Next::Stop;
-                }
-            }
-        }
-        if pin {
-            debug!(tenant = %c.tenant, "session state that cannot move: pinned to its server connection");
-            link(&c.key, checkout.conn_ref()).await;
-            let rest = Rest {
-                buf: std::mem::take(buf),
-                checkout,
-                statements: statements_for(&mut c.statements, per_server),
-            };
-            Box::pin(session_rest(
-                proxy, &c.pool, &c.tenant, stream, rest, &c.key,
+                limits,
+                mode,
+                statements_for(&mut c.statements, per_server),
             ))
             .await;
-            return Next::Stop;
+            // Unlinked while pgweir runs its own queries on the connection.
+            c.key.slot.set(SlotState::Idle).await;
+            cancel_forwarded |= c.key.slot.take_forwarded() | end.cancel_sent;
+
+            for (name, value) in &end.reported {
+                let name = name.to_ascii_lowercase();
+                if !READ_ONLY_REPORTED.contains(&name.as_str()) {
+                    set(&mut c.desired, &name, value);
+                    set(&mut checkout.conn().applied, &name, value);
+                }
+            }
+            if !matches!(end.reason, EndReason::TransactionEnd) || !end.server_clean {
+                Box::pin(finish(stream, &c.tenant, &end, checkout)).await;
+                return Next::Stop;
+            }
+            let released = pins.apply(&end.effects);
+            if !pins.unknown() && !end.effects.is_empty() {
+                match Box::pin(follow_effects(
+                    checkout.conn(),
+                    &end.effects,
+                    &c.startup,
+                    &mut c.desired,
+                ))
+                .await
+                {
+                    Ok(true) => pins.set_unknown(),
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(tenant = %c.tenant, error = %e, "could not read back session settings");
+                        send_error(stream, &e).await;
+                        return Next::Stop;
+                    }
+                }
+            }
+            if released {
+                // Statements that may have released what pinned the client: ask the server what is left.
+                match Box::pin(remaining_pins(checkout.conn(), c.pool.backend_user())).await {
+                    Ok(left) => pins.verified(left),
+                    Err(_) => {
+                        let e = InternalError::Lost.to_client();
+                        send_error(stream, &e).await;
+                        return Next::Stop;
+                    }
+                }
+            }
+            let notifications = std::mem::take(&mut checkout.conn().notifications);
+            if !notifications.is_empty() && write_flush(stream, &notifications).await.is_err() {
+                return Next::Stop;
+            }
+            if pins.is_empty() {
+                if mode == Mode::Pinned {
+                    debug!(tenant = %c.tenant, "session state released: unpinned");
+                }
+                break;
+            }
+            if mode == Mode::Transaction {
+                debug!(tenant = %c.tenant, ?pins, "session state that cannot move: pinned to its server connection");
+                counted_pin = Some(c.pool.pin());
+                mode = Mode::Pinned;
+            }
+            link(&c.key, checkout.conn_ref()).await;
         }
+        drop(counted_pin);
         if cancel_forwarded {
             // The backend may hold the cancel pending and act on the next query it runs: let that be pgweir's own
             // (it may fail with 57014; that is the point), not another client's.
@@ -357,19 +377,103 @@ impl Client {
     }
 }
 
+/// What keeps a client on its server connection: a bit per [`PinReason`], and one for session state pgweir could
+/// not follow (released only by `DISCARD ALL`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Pins(u16);
+
+impl Pins {
+    const UNKNOWN: u16 = 1 << 15;
+    /// Reasons the server can be asked about (see [`remaining_pins`]).
+    const VERIFIABLE: [PinReason; 6] = [
+        PinReason::Listen,
+        PinReason::AdvisoryLock,
+        PinReason::TempTable,
+        PinReason::WithHoldCursor,
+        PinReason::SqlPrepare,
+        PinReason::SessionAuthorization,
+    ];
+
+    fn bit(r: PinReason) -> u16 {
+        1 << (r as u16)
+    }
+
+    fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    fn unknown(self) -> bool {
+        self.0 & Self::UNKNOWN != 0
+    }
+
+    fn set_unknown(&mut self) {
+        self.0 |= Self::UNKNOWN;
+    }
+
+    /// Takes the effects of a transaction in order; true when one of them may have released a reason that held
+    /// (the server must then be asked, [`Pins::verified`]).
+    fn apply(&mut self, effects: &[Effect]) -> bool {
+        let mut released = false;
+        for e in effects {
+            match e {
+                Effect::Pin(r) => self.0 |= Self::bit(*r),
+                Effect::SessionStateUnknown => self.0 |= Self::UNKNOWN,
+                Effect::Unpin(r) if self.0 & Self::bit(*r) != 0 => {
+                    released = true;
+                    self.0 &= !Self::bit(*r);
+                }
+                // Everything but `LOAD`ed libraries and dblink connections.
+                Effect::DiscardAll => {
+                    let other = Self::bit(PinReason::Other);
+                    released |= self.0 & !other != 0;
+                    self.0 &= other;
+                }
+                _ => {}
+            }
+        }
+        released
+    }
+
+    /// The server said which verifiable reasons still hold (`left`): those replace what was believed.
+    fn verified(&mut self, left: Pins) {
+        let verifiable = Self::VERIFIABLE
+            .iter()
+            .fold(0, |acc, r| acc | Self::bit(*r));
+        self.0 = (self.0 & !verifiable) | (left.0 & verifiable);
+    }
+}
+
+/// Which verifiable pin reasons hold on the server connection now (it is idle).
+async fn remaining_pins(conn: &mut ServerConn, login_role: &str) -> Result<Pins, InternalError> {
+    // In the order of `Pins::VERIFIABLE`.
+    let sql = format!(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_listening_channels()), \
+         EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()), \
+         EXISTS (SELECT FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()), \
+         EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable), \
+         EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql), \
+         current_user <> session_user OR session_user <> {}",
+        sqlscan::quote_literal(login_role)
+    );
+    let mut row = Vec::new();
+    run_internal(conn, &sql, |r| row = r).await?;
+    if row.len() != Pins::VERIFIABLE.len() {
+        return Err(InternalError::Lost);
+    }
+    let mut left = Pins::default();
+    for (r, v) in Pins::VERIFIABLE.iter().zip(row) {
+        if v.as_deref() != Some("f") {
+            left.0 |= Pins::bit(*r);
+        }
+    }
+    Ok(left)
+}
+
 fn statements_for(statements: &mut ClientStatements, per_server: usize) -> Option<Statements<'_>> {
     (per_server > 0).then_some(Statements {
         client: statements,
         max_per_server: per_server,
     })
-}
-
-/// What a pinned session goes on with.
-struct Rest<'a> {
-    buf: BytesMut,
-    checkout: Checkout,
-    /// The client's named statements keep their server names.
-    statements: Option<Statements<'a>>,
 }
 
 /// What the wait of an idle client ended with.
@@ -423,36 +527,6 @@ async fn wait_for_server(
             }
         }
     }
-}
-
-/// The rest of a pinned session: session-mode forwarding on the server connection it holds.
-async fn session_rest(
-    proxy: &Arc<Proxy>,
-    pool: &Pool,
-    tenant: &str,
-    stream: &mut ClientStream,
-    rest: Rest<'_>,
-    key: &CancelKey,
-) {
-    let Rest {
-        mut buf,
-        mut checkout,
-        statements,
-    } = rest;
-    let pinned = pool.pin();
-    let end = Box::pin(forward::run(
-        stream,
-        &mut buf,
-        checkout.conn(),
-        forward::Limits::from_config(&proxy.cfg.proxy),
-        Mode::Session,
-        statements,
-    ))
-    .await;
-    drop(pinned);
-    // Unlink first: a cancel being delivered for this client must land before the server goes to someone else.
-    key.slot.set(SlotState::Idle).await;
-    finish(stream, tenant, &end, checkout).await;
 }
 
 async fn link(key: &CancelKey, conn: &ServerConn) {
@@ -697,6 +771,7 @@ async fn run_internal(
             b'Z' => break,
             b'S' => conn.observe_parameter_status(&frame),
             b'D' => on_row(data_row(&frame)),
+            b'A' => conn.notifications.extend_from_slice(&frame),
             b'E' => {
                 let (code, message) = crate::backend::error_fields(&frame);
                 error = Some(InternalError::Refused { code, message });

@@ -271,7 +271,8 @@ where
             }
         }
         b"listen" => out.emit(Raw::Pin(PinReason::Listen)),
-        b"unlisten" if st.peek_is(Kind::Punct(b'*')) => out.emit(Raw::Unpin(PinReason::Listen)),
+        // Each of these may release what pinned a client (the caller checks the server before it believes so).
+        b"unlisten" => out.emit(Raw::Unpin(PinReason::Listen)),
         b"prepare" => {
             let mut ahead = *st;
             match ahead.next() {
@@ -286,15 +287,9 @@ where
                 None => Continue(()),
             }
         }
-        b"deallocate" => {
-            st.eat_kw("prepare");
-            if st.eat_kw("all") {
-                out.emit(Raw::Unpin(PinReason::SqlPrepare))
-            } else {
-                Continue(())
-            }
-        }
-        b"close" if st.peek_kw("all") => out.emit(Raw::Unpin(PinReason::WithHoldCursor)),
+        b"deallocate" => out.emit(Raw::Unpin(PinReason::SqlPrepare)),
+        b"close" => out.emit(Raw::Unpin(PinReason::WithHoldCursor)),
+        b"drop" => out.emit(Raw::Unpin(PinReason::TempTable)),
         b"declare" => {
             let mut hold = false;
             while let Some(t) = st.next() {
@@ -385,6 +380,7 @@ enum Call {
 
 fn call_kind(name: &str, quoted: bool) -> Option<Call> {
     const LOCK: Call = Call::Effect(Raw::Pin(PinReason::AdvisoryLock));
+    const UNLOCK: Call = Call::Effect(Raw::Unpin(PinReason::AdvisoryLock));
     let candidates: &[(&str, Call)] = match name.len() {
         10 => &[("set_config", Call::SetConfig)],
         14 => &[("dblink_connect", Call::Effect(Raw::Pin(PinReason::Other)))],
@@ -392,12 +388,11 @@ fn call_kind(name: &str, quoted: bool) -> Option<Call> {
             ("pg_advisory_lock", LOCK),
             ("dblink_connect_u", Call::Effect(Raw::Pin(PinReason::Other))),
         ],
+        18 => &[("pg_advisory_unlock", UNLOCK)],
         20 => &[("pg_try_advisory_lock", LOCK)],
-        22 => &[(
-            "pg_advisory_unlock_all",
-            Call::Effect(Raw::Unpin(PinReason::AdvisoryLock)),
-        )],
+        22 => &[("pg_advisory_unlock_all", UNLOCK)],
         23 => &[("pg_advisory_lock_shared", LOCK)],
+        25 => &[("pg_advisory_unlock_shared", UNLOCK)],
         27 => &[("pg_try_advisory_lock_shared", LOCK)],
         _ => return None,
     };

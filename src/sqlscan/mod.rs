@@ -58,9 +58,10 @@ pub enum Effect {
     DiscardAll,
     /// The statement creates state bound to the server connection: the client must stay on it.
     Pin(PinReason),
-    /// The statement may release what an earlier [`Effect::Pin`] of the same reason held (`UNLISTEN *`,
-    /// `pg_advisory_unlock_all()`, `DISCARD TEMP`, `DEALLOCATE ALL`, `CLOSE ALL`, `SET ROLE NONE`, `RESET ROLE`,
-    /// `SET SESSION AUTHORIZATION DEFAULT`, …). Whether the connection can then be released is the caller's call.
+    /// The statement may release what an earlier [`Effect::Pin`] of the same reason held (`UNLISTEN`,
+    /// `pg_advisory_unlock[_all|_shared]()`, `DISCARD TEMP`, `DROP …`, `DEALLOCATE`, `CLOSE`, `SET ROLE NONE`,
+    /// `RESET ROLE`, `SET SESSION AUTHORIZATION DEFAULT`, …): whether anything is left is for the caller to check
+    /// on the server before it releases the connection.
     Unpin(PinReason),
     /// The statement changes session state in a way that cannot be described: a `set_config` whose arguments are
     /// not plain literals (or are more than a few dozen tokens long), `SET x FROM CURRENT`, a malformed
@@ -153,6 +154,7 @@ const TRIGGERS: &[&[u8]] = &[
     b"temp",
     b"advisory",
     b"dblink",
+    b"drop",
     b"u&",
 ];
 

@@ -856,6 +856,132 @@ fn advisory_lock_pins_until_the_client_leaves() {
     });
 }
 
+/// Waits (up to 10 s) until `n` server connections are pinned: the count changes just after the client got its
+/// answer.
+async fn wait_pinned(env: &Env, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pinned(env) != n {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} pinned, not {n}",
+            pinned(env)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A pin lasts until the server says the state is gone: statements that release part of it keep the pin (and the
+/// server connection), a release that is rolled back does not count, the last release ends it — and the other
+/// client, waiting for the only server connection, gets it.
+#[test]
+fn pins_end_when_the_state_is_released() {
+    let env = tx_env(1);
+    runtime().block_on(async {
+        let a = env.connect(&tx_url(&env, "")).await.unwrap();
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        // (what pins, what releases part of it, what releases the rest)
+        let cases: &[(&str, &[&str], &str)] = &[
+            (
+                "select pg_advisory_lock(1), pg_advisory_lock_shared(2)",
+                &["select pg_advisory_unlock(1)", "select pg_advisory_unlock(7)"],
+                "select pg_advisory_unlock_shared(2)",
+            ),
+            (
+                "LISTEN c1; LISTEN c2",
+                &["UNLISTEN c1", "BEGIN; UNLISTEN *; ROLLBACK"],
+                "UNLISTEN c2",
+            ),
+            (
+                "CREATE TEMP TABLE pin_t1 (a int); CREATE TEMP TABLE pin_t2 (a int); CREATE TABLE pin_perm (a int)",
+                &["DROP TABLE pin_perm", "DROP TABLE pin_t1", "BEGIN; DISCARD TEMP; ROLLBACK"],
+                "DISCARD TEMP",
+            ),
+            (
+                "BEGIN; DECLARE c1 CURSOR WITH HOLD FOR SELECT 1; DECLARE c2 CURSOR WITH HOLD FOR SELECT 2; COMMIT",
+                &["CLOSE c1"],
+                "CLOSE c2",
+            ),
+            (
+                "PREPARE p1 AS SELECT 1; PREPARE p2 AS SELECT 2",
+                &["DEALLOCATE p1"],
+                "DEALLOCATE ALL",
+            ),
+            // Two reasons: releasing one keeps the pin.
+            (
+                "LISTEN c3; SELECT pg_advisory_lock(3)",
+                &["UNLISTEN *"],
+                "SELECT pg_advisory_unlock_all()",
+            ),
+            // State pgweir cannot follow: only DISCARD ALL ends it.
+            (
+                "SELECT set_config('pin.x', current_setting('search_path'), false)",
+                &["UNLISTEN *", "select pg_advisory_unlock_all()"],
+                "DISCARD ALL",
+            ),
+        ];
+        for (pin, partial, release) in cases {
+            a.batch_execute(pin).await.unwrap();
+            wait_pinned(&env, 1, pin).await;
+            let pid = one(&a, "select pg_backend_pid()").await;
+            for p in *partial {
+                a.batch_execute(p).await.unwrap();
+                one(&a, "select 1").await;
+                assert_eq!(pinned(&env), 1, "{pin} / {p}: still pinned");
+                assert_eq!(one(&a, "select pg_backend_pid()").await, pid);
+            }
+            // b waits for the only server connection until a lets it go.
+            let waiting = {
+                let b = &b;
+                async move { one(b, "select 'b ran'").await }
+            };
+            let releasing = async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                a.batch_execute(release).await.unwrap();
+            };
+            let (got, ()) = within(20, release, async { tokio::join!(waiting, releasing) }).await;
+            assert_eq!(got, "b ran", "{pin} / {release}");
+            wait_pinned(&env, 0, release).await;
+        }
+        // Settings changed while pinned move with the client after the pin ends.
+        let zone = one(&b, "show TimeZone").await;
+        assert_ne!(zone, "Asia/Tokyo");
+        a.batch_execute("select pg_advisory_lock(9); SET TimeZone = 'Asia/Tokyo'")
+            .await
+            .unwrap();
+        wait_pinned(&env, 1, "lock").await;
+        a.batch_execute("select pg_advisory_unlock(9)").await.unwrap();
+        wait_pinned(&env, 0, "unlock").await;
+        assert_eq!(one(&b, "show TimeZone").await, zone);
+        assert_eq!(one(&a, "show TimeZone").await, "Asia/Tokyo");
+        assert_eq!(one(&b, "show TimeZone").await, zone);
+    });
+}
+
+/// A client pinned by LISTEN gets notifications while it is idle, as on a direct connection.
+#[test]
+fn pinned_listeners_get_notifications_while_idle() {
+    let env = tx_env(2);
+    runtime().block_on(async {
+        let mut a = Raw::connect_to(&env, "tx").await;
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        assert!(a.query("LISTEN pin_news").await.error.is_none());
+        wait_pinned(&env, 1, "listen").await;
+        b.batch_execute("NOTIFY pin_news, 'first'").await.unwrap();
+        let (tag, body) = within(10, "notification", a.frame()).await.unwrap();
+        assert_eq!(tag, b'A');
+        assert!(
+            text(&body[4..]).starts_with("pin_news"),
+            "{:?}",
+            text(&body)
+        );
+        assert!(a.query("UNLISTEN pin_news").await.error.is_none());
+        wait_pinned(&env, 0, "unlisten").await;
+        b.batch_execute("NOTIFY pin_news, 'second'").await.unwrap();
+        // Not listening any more: the next thing a reads is its own query's answer.
+        assert_eq!(a.value("select 'after'").await.as_deref(), Some("after"));
+    });
+}
+
 /// `unmovable_session_state = "refuse"`: statements that would pin fail with 0A000, as failing statements do
 /// (a transaction around them is aborted), and nothing pins.
 #[test]
