@@ -132,12 +132,20 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 /// then reads and discards whatever the peer still sends until it closes (at most 1 s and 64 KiB). Closing a
 /// socket with unread input makes the kernel answer with a RST, which can destroy the error before the client has
 /// read it.
+/// Ends a connection the client closed (or sent Terminate on): nothing is left to protect, so no lingering; a TLS
+/// connection still gets its close_notify.
+pub async fn quiet_close(s: &mut ClientStream) {
+    if s.is_tls() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), s.shutdown()).await;
+    }
+}
+
 pub async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
     const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
     const MAX_DISCARD: usize = 64 * 1024;
     let drain = async {
         let _ = s.shutdown().await;
-        let mut scratch = [0u8; 4096];
+        let mut scratch = [0u8; 512];
         let mut discarded = 0;
         while discarded < MAX_DISCARD {
             match s.read(&mut scratch).await {

@@ -6,6 +6,7 @@
 //! it. An idle connection that has anything to read (data or EOF) is closed, never handed out.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -67,7 +68,7 @@ pub struct Pool {
     tls: Option<Arc<ClientConfig>>,
     /// One permit per checked-out connection: bounds active connections and queues waiters in FIFO order.
     slots: Arc<Semaphore>,
-    idle: Mutex<VecDeque<ServerConn>>,
+    idle: Mutex<VecDeque<Box<ServerConn>>>,
     /// Open connections: idle + checked out + being opened.
     total: AtomicUsize,
     waiting: AtomicUsize,
@@ -75,7 +76,9 @@ pub struct Pool {
     pinned: AtomicUsize,
     /// Transaction mode: the ParameterStatus values a server reports once a client's startup settings are applied,
     /// by those settings — so a login needs no server connection when another client logged in alike recently.
-    login_params: Mutex<HashMap<Settings, (Instant, Settings)>>,
+    /// Keyed by a hash of the settings; the settings are kept to tell collisions apart. The value is the encoded
+    /// ParameterStatus messages, ready to send.
+    login_params: Mutex<HashMap<u64, LoginAnswer>>,
     /// Transaction mode: the named prepared statements of this pool's clients, one id per distinct definition.
     statements: Arc<crate::prepared::Registry>,
     no_params: StartupParams,
@@ -83,6 +86,24 @@ pub struct Pool {
 
 /// Name/value pairs: session settings or ParameterStatus values.
 type Settings = Vec<(String, String)>;
+
+/// A remembered login answer (see [`Pool::login_params`]).
+struct LoginAnswer {
+    settings: Settings,
+    at: Instant,
+    encoded: bytes::Bytes,
+}
+
+/// The login-cache key of some settings.
+fn login_hash<'a>(settings: impl Iterator<Item = &'a (String, String)>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (k, v) in settings {
+        k.hash(&mut h);
+        v.hash(&mut h);
+    }
+    h.finish()
+}
 
 /// How long a remembered login answer is used.
 const LOGIN_PARAMS_TTL: Duration = Duration::from_secs(60);
@@ -128,28 +149,48 @@ impl Pool {
         &self.statements
     }
 
-    /// The remembered ParameterStatus values for a login with `settings`, if fresh.
-    pub fn login_params(&self, settings: &[(String, String)]) -> Option<Vec<(String, String)>> {
+    /// The remembered ParameterStatus messages (encoded) for a login with `settings` except those `skip` names,
+    /// if fresh. Allocates nothing but the returned reference count.
+    pub fn login_params(
+        &self,
+        settings: &[(String, String)],
+        skip: Option<&str>,
+    ) -> Option<bytes::Bytes> {
+        let kept = || settings.iter().filter(|(k, _)| Some(k.as_str()) != skip);
         let cache = self.login_params.lock().unwrap_or_else(|p| p.into_inner());
-        match cache.get(settings) {
-            Some((at, params)) if at.elapsed() < LOGIN_PARAMS_TTL => Some(params.clone()),
+        match cache.get(&login_hash(kept())) {
+            Some(a) if a.at.elapsed() < LOGIN_PARAMS_TTL && kept().eq(a.settings.iter()) => {
+                Some(a.encoded.clone())
+            }
             _ => None,
         }
     }
 
+    /// Remembers the answer to a login with `settings` except `skip`: `encoded` ParameterStatus messages.
     pub fn remember_login_params(
         &self,
-        settings: Vec<(String, String)>,
-        params: Vec<(String, String)>,
+        settings: &[(String, String)],
+        skip: Option<&str>,
+        encoded: bytes::Bytes,
     ) {
+        let settings: Settings = settings
+            .iter()
+            .filter(|(k, _)| Some(k.as_str()) != skip)
+            .cloned()
+            .collect();
         let mut cache = self.login_params.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= LOGIN_PARAMS_MAX {
             cache.clear();
         }
-        cache.insert(settings, (Instant::now(), params));
+        let answer = LoginAnswer {
+            at: Instant::now(),
+            encoded,
+            settings,
+        };
+        cache.insert(login_hash(answer.settings.iter()), answer);
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<ServerConn>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Box<ServerConn>>> {
         // A panic while holding this lock cannot leave the deque inconsistent: keep going.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -157,16 +198,34 @@ impl Pool {
     /// Waits (FIFO, bounded by the checkout timeout) for a server connection: a dedicated one opened with `startup`
     /// (session mode), or a `shared` one (transaction mode; opened without client parameters).
     ///
-    /// The returned future is boxed: its connect and TLS state is large and would otherwise be part of every
-    /// session's (idle) state.
+    /// When a slot and a matching idle connection are free (nobody waits), the connection is taken at once;
+    /// otherwise the returned future is boxed: its connect and TLS state is large and would otherwise be part of
+    /// every session's (idle) state.
     pub fn checkout<'a>(
         self: &'a Arc<Self>,
         startup: &'a StartupParams,
         shared: bool,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Checkout, CheckoutError>> + Send + 'a>,
-    > {
-        Box::pin(self.checkout_inner(startup, shared))
+    ) -> CheckoutFuture<'a> {
+        // Free permits exist only while nobody waits (released permits go to waiters first): FIFO holds.
+        match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => match self.take_quiet(startup, shared) {
+                Some(conn) => CheckoutFuture::Ready(Some(self.guard(conn, permit))),
+                None => CheckoutFuture::Wait(Box::pin(self.open(permit, startup, shared))),
+            },
+            Err(_) => CheckoutFuture::Wait(Box::pin(self.checkout_inner(startup, shared))),
+        }
+    }
+
+    /// The most recently used idle connection that matches and has nothing to read (others are closed).
+    fn take_quiet(&self, startup: &StartupParams, shared: bool) -> Option<Box<ServerConn>> {
+        while let Some(mut conn) = self.take_idle(startup, shared) {
+            if is_quiet(&mut conn) {
+                return Some(conn);
+            }
+            tracing::debug!(pool = %self.key, server_pid = conn.pid, "idle server connection had something to read; closing it");
+            self.close(conn);
+        }
+        None
     }
 
     async fn checkout_inner(
@@ -188,14 +247,19 @@ impl Pool {
         };
         self.max_wait_us
             .fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-
-        while let Some(mut conn) = self.take_idle(startup, shared) {
-            if is_quiet(&mut conn) {
-                return Ok(self.guard(conn, permit));
-            }
-            tracing::debug!(pool = %self.key, server_pid = conn.pid, "idle server connection had something to read; closing it");
-            self.close(conn);
+        if let Some(conn) = self.take_quiet(startup, shared) {
+            return Ok(self.guard(conn, permit));
         }
+        self.open(permit, startup, shared).await
+    }
+
+    /// Opens a server connection for a checkout that holds its slot.
+    async fn open(
+        self: &Arc<Self>,
+        permit: OwnedSemaphorePermit,
+        startup: &StartupParams,
+        shared: bool,
+    ) -> Result<Checkout, CheckoutError> {
         tracing::debug!(pool = %self.key, shared, "opening a server connection");
         // Open a new connection; at the size limit, an idle one opened with other parameters makes room.
         {
@@ -222,7 +286,7 @@ impl Pool {
         match conn {
             Ok(mut conn) => {
                 conn.shared = shared;
-                Ok(self.guard(conn, permit))
+                Ok(self.guard(Box::new(conn), permit))
             }
             Err(e) => {
                 self.total.fetch_sub(1, Ordering::Relaxed);
@@ -231,7 +295,7 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self, startup: &StartupParams, shared: bool) -> Option<ServerConn> {
+    fn take_idle(&self, startup: &StartupParams, shared: bool) -> Option<Box<ServerConn>> {
         let mut idle = self.idle();
         // Most recently used first: its caches are warm.
         let i = idle
@@ -240,7 +304,7 @@ impl Pool {
         idle.remove(i)
     }
 
-    fn guard(self: &Arc<Self>, conn: ServerConn, permit: OwnedSemaphorePermit) -> Checkout {
+    fn guard(self: &Arc<Self>, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) -> Checkout {
         Checkout {
             conn: Some(conn),
             pool: self.clone(),
@@ -248,7 +312,7 @@ impl Pool {
         }
     }
 
-    fn close(&self, conn: ServerConn) {
+    fn close(&self, conn: Box<ServerConn>) {
         self.total.fetch_sub(1, Ordering::Relaxed);
         tokio::spawn(async move {
             let mut conn = conn;
@@ -258,7 +322,7 @@ impl Pool {
         });
     }
 
-    fn put_idle(&self, mut conn: ServerConn) {
+    fn put_idle(&self, mut conn: Box<ServerConn>) {
         // Unread bytes on a connection about to idle mean it is not where pgweir thinks it is: never reuse it.
         if conn.created.elapsed() >= self.cfg.max_lifetime || !conn.buf.is_empty() {
             self.close(conn);
@@ -297,7 +361,7 @@ impl Pool {
     /// Closes idle connections past the idle timeout (keeping `min_size`) or past their lifetime, and opens
     /// connections (with no extra startup parameters) up to `min_size`.
     async fn maintain_once(self: &Arc<Self>) {
-        let expired: Vec<ServerConn> = {
+        let expired: Vec<Box<ServerConn>> = {
             let mut idle = self.idle();
             let mut keep = VecDeque::with_capacity(idle.len());
             let mut expired = Vec::new();
@@ -333,7 +397,7 @@ impl Pool {
             )
             .await
             {
-                Ok(conn) => self.put_idle(conn),
+                Ok(conn) => self.put_idle(Box::new(conn)),
                 Err(e) => {
                     self.total.fetch_sub(1, Ordering::Relaxed);
                     tracing::warn!(pool = %self.key, error = %e, "could not open a min_size connection");
@@ -400,9 +464,32 @@ fn is_quiet(conn: &mut ServerConn) -> bool {
     conn.stream.read_buf(&mut conn.buf).now_or_never().is_none()
 }
 
+/// The future of [`Pool::checkout`]: ready at once, or a boxed wait.
+pub enum CheckoutFuture<'a> {
+    Ready(Option<Checkout>),
+    Wait(std::pin::Pin<Box<dyn Future<Output = Result<Checkout, CheckoutError>> + Send + 'a>>),
+}
+
+impl Future for CheckoutFuture<'_> {
+    type Output = Result<Checkout, CheckoutError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            CheckoutFuture::Ready(c) => {
+                std::task::Poll::Ready(Ok(c.take().expect("a ready checkout is polled once")))
+            }
+            CheckoutFuture::Wait(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
 /// A checked-out server connection. Dropping it closes the connection; [`Checkout::release`] returns it.
 pub struct Checkout {
-    conn: Option<ServerConn>,
+    /// Boxed: a checkout and an idle connection move by pointer.
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     permit: Option<OwnedSemaphorePermit>,
 }

@@ -163,6 +163,9 @@ impl<'r> Shared<'r> {
     /// Records the session-state effects of `sql`. With `refuse_unmovable`, a statement that would pin is not
     /// recorded but returned: the caller replaces it with one that fails.
     fn record_effects(&self, sql: &[u8]) -> Option<sqlscan::PinReason> {
+        if !sqlscan::may_have_effects(sql) {
+            return None;
+        }
         let Ok(sql) = std::str::from_utf8(sql) else {
             // Not UTF-8: pgweir cannot tell what it does; treat it as moving session state it cannot follow.
             self.push(Effect::SessionStateUnknown);

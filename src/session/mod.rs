@@ -46,11 +46,15 @@ pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         return;
     };
     // The session moves straight into the boxed future of its mode (nothing of it stays in this one).
-    match session.mode {
+    let client_left = match session.mode {
         PoolMode::Transaction => Box::pin(txn::run(&proxy, &mut stream, session, peer)).await,
         PoolMode::Session => Box::pin(session_mode(&proxy, &mut stream, *session, peer)).await,
+    };
+    if client_left {
+        Box::pin(crate::net::quiet_close(&mut stream)).await;
+    } else {
+        Box::pin(crate::net::linger_close(&mut stream)).await;
     }
-    Box::pin(crate::net::linger_close(&mut stream)).await;
 }
 
 /// Logs in under the login timeout; on failure tells the client why (if it can be told) and returns None.
@@ -462,9 +466,16 @@ pub(super) async fn auth_ok(stream: &mut ClientStream) -> std::io::Result<()> {
 
 /// Session mode: AuthenticationOk, a server connection for the whole session, its parameters, a cancel key, then
 /// forwarding.
-async fn session_mode(proxy: &Arc<Proxy>, stream: &mut ClientStream, s: Session, peer: SocketAddr) {
+/// Serves a logged-in client in session mode; true when the session ended because the client left (Terminate or
+/// a closed connection), false when pgweir ended it (the client may have an error still to read).
+async fn session_mode(
+    proxy: &Arc<Proxy>,
+    stream: &mut ClientStream,
+    s: Session,
+    peer: SocketAddr,
+) -> bool {
     if auth_ok(stream).await.is_err() {
-        return;
+        return false;
     }
     let mut out = BytesMut::with_capacity(512);
     let pool = match proxy.pools.get(&s.target, s.pool_cfg) {
@@ -479,12 +490,15 @@ async fn session_mode(proxy: &Arc<Proxy>, stream: &mut ClientStream, s: Session,
                 ),
             )
             .await;
-            return;
+            return false;
         }
     };
     let mut checkout = match pool.checkout(&s.startup, false).await {
         Ok(c) => c,
-        Err(e) => return report_checkout_error(stream, &pool, &s.tenant, e).await,
+        Err(e) => {
+            report_checkout_error(stream, &pool, &s.tenant, e).await;
+            return false;
+        }
     };
     let conn = checkout.conn();
     for (k, v) in &conn.params {
@@ -496,7 +510,7 @@ async fn session_mode(proxy: &Arc<Proxy>, stream: &mut ClientStream, s: Session,
     msg::backend_key_data(key.pid, key.secret, &mut out);
     msg::ready_for_query(b'I', &mut out);
     if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
-        return; // dropping the checkout closes the server connection: it is clean, but the client never used it
+        return false; // dropping the checkout closes the server connection: it is clean, but the client never used it
     }
     drop(out);
     info!(%peer, tenant = %s.tenant, user = %s.user, server_pid = conn.pid, "client attached");
@@ -515,6 +529,10 @@ async fn session_mode(proxy: &Arc<Proxy>, stream: &mut ClientStream, s: Session,
     key.slot.set(SlotState::Idle).await;
     drop(key);
     debug!(%peer, tenant = %s.tenant, outcome = ?end.reason, "session ended");
+    let client_left = matches!(
+        end.reason,
+        forward::EndReason::ClientTerminated | forward::EndReason::ClientGone
+    );
     finish(stream, &s.tenant, &end, checkout).await;
-    let _ = stream.shutdown().await;
+    client_left
 }

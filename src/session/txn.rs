@@ -107,14 +107,16 @@ enum Next {
 ///
 /// Between transactions the session is this loop's small state, [`Client`] and an empty buffer: the login, the
 /// wait for bytes and each transaction run in boxed futures that exist only while they run.
+///
+/// True when the session ended because the client left (Terminate, or its connection closed while idle).
 pub(super) async fn run(
     proxy: &Arc<Proxy>,
     stream: &mut ClientStream,
     s: Box<Session>,
     peer: SocketAddr,
-) {
+) -> bool {
     let Some(mut c) = Box::pin(attach(proxy, stream, *s, peer)).await else {
-        return;
+        return false;
     };
     let mut buf = BytesMut::new();
     loop {
@@ -127,23 +129,23 @@ pub(super) async fn run(
             };
             match read {
                 IdleRead::Data => {}
-                IdleRead::Closed => break,
+                IdleRead::Closed => return true,
                 IdleRead::TimedOut => {
                     Box::pin(send_error(
                         stream,
                         &idle_timeout_error(&EndReason::ClientIdle),
                     ))
                     .await;
-                    break;
+                    return false;
                 }
             }
         }
         if buf[0] == b'X' {
-            break;
+            return true;
         }
         match Box::pin(c.transaction(proxy, stream, &mut buf)).await {
             Next::Idle => {}
-            Next::Stop => break,
+            Next::Stop => return false,
         }
         if buf.is_empty() {
             buf = BytesMut::new();
@@ -187,17 +189,9 @@ async fn attach(
     // them, unless a client with the same settings logged in recently. A plain application_name (often unique per
     // connection) is not part of that key: the server would report it back as it is.
     let app_name = get(&desired, "application_name").filter(|v| plain_application_name(v));
-    let mut login_key = desired.clone();
-    if app_name.is_some() {
-        login_key.retain(|(k, _)| k != "application_name");
-    }
-    let params = match pool.login_params(&login_key) {
-        Some(mut p) => {
-            if let Some(app) = app_name {
-                set(&mut p, "application_name", app);
-            }
-            p
-        }
+    let skip = app_name.map(|_| "application_name");
+    let params = match pool.login_params(&desired, skip) {
+        Some(p) => p,
         None => {
             let mut first = checkout_shared(&pool, stream, &s.tenant).await?;
             if let Err(e) = Box::pin(sync(first.conn(), &desired)).await {
@@ -205,15 +199,22 @@ async fn attach(
                 send_error(stream, &e).await;
                 return None;
             }
-            let params = first.conn_ref().params.clone();
+            let mut encoded = BytesMut::new();
+            for (k, v) in &first.conn_ref().params {
+                if Some(k.as_str()) != skip {
+                    msg::parameter_status(k, v, &mut encoded);
+                }
+            }
             first.release_idle();
-            pool.remember_login_params(login_key, params.clone());
-            params
+            let encoded = encoded.freeze();
+            pool.remember_login_params(&desired, skip, encoded.clone());
+            encoded
         }
     };
-    let mut out = BytesMut::with_capacity(512);
-    for (k, v) in &params {
-        msg::parameter_status(k, v, &mut out);
+    let mut out = BytesMut::with_capacity(params.len() + 64);
+    out.extend_from_slice(&params);
+    if let Some(app) = app_name {
+        msg::parameter_status("application_name", app, &mut out);
     }
     msg::backend_key_data(key.pid, key.secret, &mut out);
     msg::ready_for_query(b'I', &mut out);

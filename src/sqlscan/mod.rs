@@ -138,48 +138,99 @@ pub fn has_session_effects(sql: &str) -> bool {
 
 /// Words (lower case) one of which appears, as bytes, in every statement the classifier finds an effect in: the
 /// statements' first keywords (`SET`, `RESET`, `DISCARD`, `LISTEN`/`UNLISTEN`, `PREPARE`, `DEALLOCATE`, `CLOSE`,
-/// `DECLARE`, `CREATE`, `LOAD`), the functions it looks for (`set_config`, `pg_*advisory*`, `dblink_connect*`),
-/// `pg_settings`, `INTO TEMP`/`pg_temp`, and `U&` (an escaped identifier can spell any name).
+/// `DECLARE`, `CREATE`, `LOAD`, `DROP`, and `EXPLAIN` before them), the functions it looks for (`set_config`, `pg_*advisory*`,
+/// `dblink_connect*`), `pg_settings`, `INTO TEMP`/`pg_temp` (`temp`), and `U&` (an escaped identifier can spell
+/// any name).
 const TRIGGERS: &[&[u8]] = &[
     b"set",
+    b"reset",
     b"discard",
     b"listen",
+    b"unlisten",
     b"prepare",
     b"deallocate",
     b"close",
     b"declare",
     b"create",
     b"load",
-    b"into",
+    b"drop",
+    // The statement it explains may be any of these.
+    b"explain",
+    b"set_config",
+    b"pg_settings",
     b"temp",
     b"advisory",
     b"dblink",
-    b"drop",
     b"u&",
 ];
+
+/// The first [`TRIGGERS`] are first keywords: they count only where a statement can start (so `UPDATE … SET`,
+/// `created_at` or `closed` do not).
+const FIRST_KEYWORDS: usize = 13;
+
+/// Could a statement start at byte `i`? Only whitespace (and comments) may separate it from the start of the
+/// text or the `;` before it. Conservative: after a line break (a `--` comment may end there) or a `/` (the end of
+/// a `/* */` comment) the answer is yes.
+fn statement_start(sql: &[u8], i: usize) -> bool {
+    let mut j = i;
+    while j > 0 {
+        match sql[j - 1] {
+            b'\n' | b'\r' => return true,
+            b' ' | b'\t' | 0x0b | 0x0c => j -= 1,
+            b';' | b'/' => return true,
+            _ => return false,
+        }
+    }
+    true
+}
 
 /// A conservative byte-level filter in front of the lexer: false only when no trigger word appears anywhere in
 /// `sql` (case-insensitively), so the statement cannot have an effect. Plain DML — most of what a proxy sees —
 /// costs one pass over its bytes instead of a full lex.
-fn may_have_effects(sql: &[u8]) -> bool {
-    for i in 0..sql.len() {
-        let c = sql[i] | 0x20;
-        if !matches!(
-            c,
-            b's' | b'd' | b'l' | b'p' | b'c' | b'i' | b't' | b'a' | b'u'
-        ) {
+///
+/// It works on bytes in any ASCII-compatible encoding: callers may use it before they know the text is UTF-8.
+pub fn may_have_effects(sql: &[u8]) -> bool {
+    for (i, &b) in sql.iter().enumerate() {
+        // Most bytes start no trigger word: one table lookup each.
+        let mut words = FIRST_BYTE[(b | 0x20) as usize];
+        if words == 0 {
             continue;
         }
-        let rest = &sql[i..];
-        if TRIGGERS
-            .iter()
-            .any(|w| w[0] == c && rest.len() >= w.len() && rest[..w.len()].eq_ignore_ascii_case(w))
-        {
-            return true;
+        // Every trigger's second byte is a letter or `&` (which the lower-case bit leaves alone).
+        let Some(&second) = sql.get(i + 1) else {
+            return false;
+        };
+        let second = second | 0x20;
+        while words != 0 {
+            let k = words.trailing_zeros() as usize;
+            let w = TRIGGERS[k];
+            words &= words - 1;
+            if w[1] != second {
+                continue;
+            }
+            if let Some(rest) = sql.get(i + 1..i + w.len()) {
+                if rest.eq_ignore_ascii_case(&w[1..])
+                    && (k >= FIRST_KEYWORDS || statement_start(sql, i))
+                {
+                    return true;
+                }
+            }
         }
     }
     false
 }
+
+/// For each byte (with the ASCII lower-case bit set): the [`TRIGGERS`] that start with it, one bit each.
+static FIRST_BYTE: [u32; 256] = {
+    assert!(TRIGGERS.len() <= 32);
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < TRIGGERS.len() {
+        table[TRIGGERS[i][0] as usize] |= 1 << i;
+        i += 1;
+    }
+    table
+};
 
 /// `v` as a SQL string literal for `SET name = <literal>`: single quotes doubled, no `E` prefix (so it assumes
 /// `standard_conforming_strings = on`, under which backslashes are ordinary characters). NUL characters, which no

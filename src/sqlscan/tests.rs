@@ -1181,3 +1181,33 @@ proptest! {
         }
     }
 }
+
+/// The byte-level prefilter lets common DML through without a lex: first keywords count only where a statement can
+/// start, and column names that merely contain a trigger word do not count.
+#[test]
+fn prefilter_passes_plain_dml() {
+    for sql in [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 4711;",
+        "UPDATE pgbench_accounts SET abalance = abalance + -12 WHERE aid = 4711;",
+        "UPDATE pgbench_tellers SET tbalance = tbalance + 3 WHERE tid = 7;",
+        "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 2, 3, 4, CURRENT_TIMESTAMP);",
+        "SELECT id, created_at, closed_at, loaded FROM orders WHERE status = $1 OFFSET 10",
+        "BEGIN;",
+        "END;",
+    ] {
+        assert!(!super::may_have_effects(sql.as_bytes()), "{sql}");
+    }
+    for sql in [
+        "SET x = 1",
+        "select 1;set x = 1",
+        "select 1; \t RESET x",
+        "select 1 -- c\nset x = 1",
+        "/* c */SET x = 1",
+        "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
+        "UPDATE t SET a = set_config('x', 'y', false)",
+        "UPDATE pg_catalog.pg_settings SET setting = 1",
+        "SELECT 1 INTO TEMP t",
+    ] {
+        assert!(super::may_have_effects(sql.as_bytes()), "{sql}");
+    }
+}
