@@ -19,6 +19,8 @@ use crate::tenant::StaticDirectory;
 pub struct DevOptions {
     pub data_dir: PathBuf,
     pub listen: std::net::SocketAddr,
+    /// Address of the admin HTTP listener (health, readiness, metrics).
+    pub admin_listen: std::net::SocketAddr,
 }
 
 /// Secrets generated on the first run, kept in `<data_dir>/dev-secrets` (mode 0600).
@@ -110,6 +112,9 @@ default_tenant = "{DEMO_TENANT}"
 cert = "{cert}"
 key = "{key}"
 
+[admin]
+listen = "{admin_listen}"
+
 [pool]
 max_size = 20
 
@@ -130,6 +135,7 @@ name = "{DEMO_USER}"
 password = "{verifier}"
 "#,
         listen = opts.listen,
+        admin_listen = opts.admin_listen,
         cert = cert.display(),
         key = key.display(),
         port = cluster.port(),
@@ -148,6 +154,9 @@ password = "{verifier}"
         pg_dir.display(),
         cluster.port()
     );
+    if let Some(admin) = server.admin_addr() {
+        eprintln!("pgweir dev: admin API on http://{admin} (/healthz, /readyz, /metrics)");
+    }
     eprintln!("pgweir dev: config written to {}", config_path.display());
     eprintln!(
         "pgweir dev: connect with psql \"<the line below>\"; Ctrl-C stops pgweir and PostgreSQL"

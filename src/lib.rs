@@ -18,6 +18,7 @@
 //! - [`dev`]: `pgweir dev`, a local cluster with pgweir in front.
 //! - [`pgcluster`]: starting and stopping local PostgreSQL clusters (dev mode, tests).
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cancel;
@@ -31,6 +32,7 @@ pub mod routing;
 pub mod server;
 pub mod session;
 pub mod sqlscan;
+pub mod telemetry;
 pub mod tenant;
 pub mod tls;
 pub mod wire;

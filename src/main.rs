@@ -31,6 +31,9 @@ enum Command {
         /// Address pgweir listens on.
         #[arg(long, default_value = "127.0.0.1:6432")]
         listen: std::net::SocketAddr,
+        /// Address of the admin HTTP listener (health, readiness, Prometheus metrics).
+        #[arg(long, default_value = "127.0.0.1:9930")]
+        admin_listen: std::net::SocketAddr,
     },
     /// Run the proxy from a config file.
     Serve {
@@ -135,12 +138,17 @@ fn main() -> ExitCode {
             });
             report(result)
         }
-        Command::Dev { data_dir, listen } => {
+        Command::Dev {
+            data_dir,
+            listen,
+            admin_listen,
+        } => {
             init_tracing();
             let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
                 rt.block_on(pgweir::dev::run(pgweir::dev::DevOptions {
                     data_dir,
                     listen,
+                    admin_listen,
                 }))
             });
             report(result)

@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::pool::Pools;
+use crate::telemetry::Telemetry;
 use crate::tenant::TenantDirectory;
 use crate::tls::TlsServer;
 use crate::wire::error::sqlstate;
@@ -30,12 +32,29 @@ pub struct Proxy {
     pub tls: Option<TlsServer>,
     /// Process secret for deterministic dummy verifiers (unknown users).
     pub secret: [u8; 32],
+    pub telemetry: Telemetry,
+    /// One permit per connected client (`max_client_connections`).
+    pub client_slots: Arc<Semaphore>,
+    /// The client listener is accepting connections (`/readyz`).
+    pub ready: AtomicBool,
+}
+
+impl Proxy {
+    /// Client connections open now (logging in or logged in).
+    pub fn clients_connected(&self) -> usize {
+        self.cfg
+            .proxy
+            .max_client_connections
+            .saturating_sub(self.client_slots.available_permits())
+    }
 }
 
 /// A bound, not yet running proxy.
 pub struct Server {
     proxy: Arc<Proxy>,
     listener: TcpListener,
+    /// The admin HTTP listener (`[admin]`).
+    admin: Option<TcpListener>,
     /// SIGHUP, registered at bind time so that a reload signal is never the default (fatal) action.
     hangup: Option<tokio::signal::unix::Signal>,
 }
@@ -49,20 +68,42 @@ impl Server {
         let listener = TcpListener::bind(cfg.proxy.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.proxy.listen))?;
+        let admin = match &cfg.admin {
+            Some(a) => Some(
+                TcpListener::bind(a.listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", a.listen))?,
+            ),
+            None => None,
+        };
+        let telemetry = Telemetry::new();
+        let pools = Pools::new(
+            telemetry.checkout_wait_seconds.clone(),
+            telemetry.backend_connect_seconds.clone(),
+        );
         let proxy = Arc::new(Proxy {
+            client_slots: Arc::new(Semaphore::new(cfg.proxy.max_client_connections)),
             cfg,
             directory,
-            pools: Pools::default(),
+            pools,
             cancels: Arc::new(CancelRegistry::default()),
             tls,
             secret: rand::random(),
+            telemetry,
+            ready: AtomicBool::new(false),
         });
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         Ok(Server {
             proxy,
             listener,
+            admin,
             hangup,
         })
+    }
+
+    /// Where the admin HTTP listener is, if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -80,9 +121,15 @@ impl Server {
         let Server {
             proxy,
             listener,
+            admin,
             hangup,
         } = self;
-        let slots = Arc::new(Semaphore::new(proxy.cfg.proxy.max_client_connections));
+        let slots = proxy.client_slots.clone();
+        let admin = admin.map(|l| {
+            info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin API listening");
+            tokio::spawn(crate::admin::serve(l, proxy.clone()))
+        });
+        proxy.ready.store(true, Ordering::Relaxed);
         info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgweir is accepting connections");
         let reload = tokio::spawn(reload_on_sighup(proxy.clone(), hangup));
         tokio::pin!(shutdown);
@@ -100,6 +147,7 @@ impl Server {
                     continue;
                 }
             };
+            proxy.telemetry.clients_accepted.increment(1);
             match slots.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let proxy = proxy.clone();
@@ -109,6 +157,8 @@ impl Server {
                     });
                 }
                 Err(_) => {
+                    proxy.telemetry.clients_refused.increment(1);
+                    proxy.telemetry.error_sent(sqlstate::TOO_MANY_CONNECTIONS);
                     warn!(%peer, "client connection limit reached");
                     tokio::spawn(async move {
                         let mut tcp = tcp;
@@ -126,7 +176,11 @@ impl Server {
                 }
             }
         }
+        proxy.ready.store(false, Ordering::Relaxed);
         reload.abort();
+        if let Some(a) = admin {
+            a.abort();
+        }
         info!("pgweir stopped accepting connections");
     }
 }

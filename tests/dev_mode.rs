@@ -28,11 +28,12 @@ impl Drop for DevProcess {
     }
 }
 
-fn start_dev(data_dir: &std::path::Path, port: u16) -> (DevProcess, String) {
+fn start_dev(data_dir: &std::path::Path, port: u16, admin: u16) -> (DevProcess, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgweir"))
         .args(["dev", "--data-dir"])
         .arg(data_dir)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -72,6 +73,23 @@ fn psql(url: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The body of a GET on the admin listener (which must answer 200).
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the admin listener");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
 fn stop(mut p: DevProcess) {
     unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -93,9 +111,12 @@ fn dev_mode_serves_psql_and_keeps_data_across_runs() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("dev");
     let port = free_port();
+    let admin = free_port();
 
-    let (proc, url) = start_dev(&data_dir, port);
+    let (proc, url) = start_dev(&data_dir, port, admin);
     assert_eq!(psql(&url, "select current_database()"), "tenant_demo_main");
+    assert_eq!(http_get(admin, "/healthz"), "ok\n");
+    assert!(http_get(admin, "/metrics").contains("pgweir_client_logins_total{result=\"ok\"} "));
     assert_eq!(
         psql(&format!("{url}?sslmode=require"), "select 'tls'"),
         "tls"
@@ -108,7 +129,7 @@ fn dev_mode_serves_psql_and_keeps_data_across_runs() {
     // pgweir and its cluster are gone.
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 
-    let (proc, url2) = start_dev(&data_dir, port);
+    let (proc, url2) = start_dev(&data_dir, port, admin);
     assert_eq!(
         url, url2,
         "the second run prints the same connection string"

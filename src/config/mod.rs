@@ -31,6 +31,28 @@ pub struct Config {
     /// Tenants served from this file.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// The operators' HTTP listener (`/healthz`, `/readyz`, `/metrics`). Without this section there is none.
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin listener (loopback by default: it is for operators, not clients).
+    pub listen: SocketAddr,
+    /// `/metrics` reports each pool as its own series (labels tenant, cluster, database, role) up to this many
+    /// pools; above it only totals, so that a large fleet does not explode Prometheus cardinality.
+    pub max_pool_series: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9930)),
+            max_pool_series: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

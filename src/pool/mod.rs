@@ -51,6 +51,8 @@ pub enum CheckoutError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolStats {
     pub key: String,
+    /// The tenant whose client created the pool.
+    pub tenant: String,
     pub server_total: usize,
     pub server_idle: usize,
     pub server_active: usize,
@@ -63,6 +65,8 @@ pub struct PoolStats {
 
 pub struct Pool {
     key: PoolKey,
+    tenant: String,
+    metrics: PoolMetrics,
     target: BackendTarget,
     cfg: PoolConfig,
     tls: Option<Arc<ClientConfig>>,
@@ -110,10 +114,18 @@ const LOGIN_PARAMS_TTL: Duration = Duration::from_secs(60);
 const LOGIN_PARAMS_MAX: usize = 1024;
 
 impl Pool {
-    fn new(key: PoolKey, target: BackendTarget, cfg: PoolConfig) -> anyhow::Result<Arc<Pool>> {
+    fn new(
+        key: PoolKey,
+        tenant: &str,
+        target: BackendTarget,
+        cfg: PoolConfig,
+        metrics: PoolMetrics,
+    ) -> anyhow::Result<Arc<Pool>> {
         let tls = backend_client_config(target.cluster.tls, target.cluster.ca_file.as_deref())?;
         let pool = Arc::new(Pool {
             key,
+            tenant: tenant.to_owned(),
+            metrics,
             target,
             cfg,
             tls,
@@ -241,12 +253,14 @@ impl Pool {
         )
         .await;
         drop(waiting);
+        let waited = started.elapsed();
+        self.metrics.checkout_wait.record(waited.as_secs_f64());
         let permit = match permit {
             Ok(Ok(p)) => p,
             _ => return Err(CheckoutError::Timeout(self.cfg.checkout_timeout)),
         };
         self.max_wait_us
-            .fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
         if let Some(conn) = self.take_quiet(startup, shared) {
             return Ok(self.guard(conn, permit));
         }
@@ -275,6 +289,7 @@ impl Pool {
         // Counted from here: if this future is dropped while connecting (the client left, or a cancel answered
         // its request), the count must come down again.
         let opening = Opening(self);
+        let started = Instant::now();
         let conn = backend::connect(
             &self.target,
             startup.clone(),
@@ -282,6 +297,7 @@ impl Pool {
             self.cfg.connect_timeout,
         )
         .await;
+        self.metrics.connect.record(started.elapsed().as_secs_f64());
         std::mem::forget(opening);
         match conn {
             Ok(mut conn) => {
@@ -337,6 +353,7 @@ impl Pool {
         let total = self.total.load(Ordering::Relaxed);
         PoolStats {
             key: self.key.to_string(),
+            tenant: self.tenant.clone(),
             server_total: total,
             server_idle: idle,
             server_active: total.saturating_sub(idle),
@@ -592,14 +609,37 @@ async fn reset(conn: &mut ServerConn, tx_status: u8) -> Result<(), String> {
 }
 
 /// All pools of this process.
-#[derive(Default)]
 pub struct Pools {
     map: DashMap<PoolKey, Arc<Pool>>,
+    metrics: PoolMetrics,
+}
+
+/// Histograms every pool records into.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    checkout_wait: metrics::Histogram,
+    connect: metrics::Histogram,
 }
 
 impl Pools {
-    /// The pool for `target`, created with `cfg` on first use.
-    pub fn get(&self, target: &BackendTarget, cfg: PoolConfig) -> anyhow::Result<Arc<Pool>> {
+    /// Pools that record checkout waits and connect times into these histograms.
+    pub fn new(checkout_wait: metrics::Histogram, connect: metrics::Histogram) -> Pools {
+        Pools {
+            map: DashMap::new(),
+            metrics: PoolMetrics {
+                checkout_wait,
+                connect,
+            },
+        }
+    }
+
+    /// The pool for `target`, created with `cfg` on first use (by a client of `tenant`).
+    pub fn get(
+        &self,
+        tenant: &str,
+        target: &BackendTarget,
+        cfg: PoolConfig,
+    ) -> anyhow::Result<Arc<Pool>> {
         let key = PoolKey {
             cluster: target.cluster.name.clone(),
             database: target.database.clone(),
@@ -610,12 +650,24 @@ impl Pools {
             Entry::Occupied(e) if e.get().target == *target => Ok(e.get().clone()),
             Entry::Occupied(mut e) => {
                 // The tenant's backend changed (e.g. a new password): new connections use the new target.
-                let pool = Pool::new(e.key().clone(), target.clone(), cfg)?;
+                let pool = Pool::new(
+                    e.key().clone(),
+                    tenant,
+                    target.clone(),
+                    cfg,
+                    self.metrics.clone(),
+                )?;
                 e.insert(pool.clone());
                 Ok(pool)
             }
             Entry::Vacant(e) => {
-                let pool = Pool::new(e.key().clone(), target.clone(), cfg)?;
+                let pool = Pool::new(
+                    e.key().clone(),
+                    tenant,
+                    target.clone(),
+                    cfg,
+                    self.metrics.clone(),
+                )?;
                 e.insert(pool.clone());
                 Ok(pool)
             }

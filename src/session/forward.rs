@@ -79,6 +79,11 @@ pub struct End {
     pub reported: Vec<(String, String)>,
     /// pgweir sent the server a cancel (query timeout): the backend may still act on it late.
     pub cancel_sent: bool,
+    /// Requests answered (ReadyForQuery messages) during the run.
+    pub answered: u64,
+    /// Bytes read from the client, and from the server for the client, during the run.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }
 
 /// Bounds of a forwarding run.
@@ -157,6 +162,8 @@ struct Shared<'a> {
     cancel_sent: AtomicBool,
     /// Where that cancel goes (only with a query timeout).
     cancel: Option<crate::cancel::CancelTarget>,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
 }
 
 impl<'r> Shared<'r> {
@@ -254,6 +261,9 @@ pub async fn run(
         timed_out: AtomicBool::new(false),
         cancel_sent: AtomicBool::new(false),
         cancel,
+        // Client bytes consumed: those already read count, those left over at the end do not.
+        bytes_in: AtomicU64::new(client_buf.len() as u64),
+        bytes_out: AtomicU64::new(0),
     };
     let mut c_scan = Scanner::new(max_message);
     let mut s_scan = Scanner::new(max_message);
@@ -280,6 +290,7 @@ pub async fn run(
             pumps.run(&mut cr, &mut cw, &mut sr, &mut sw).await
         }
     };
+    let pumps_client_left = pumps.client_buf.len();
     let requests = shared.requests.load(Ordering::Relaxed);
     let ready = shared.ready.load(Ordering::Relaxed);
     let server_clean = matches!(
@@ -306,6 +317,12 @@ pub async fn run(
             .unwrap_or_else(|p| p.into_inner()),
         reported,
         cancel_sent: shared.cancel_sent.load(Ordering::Relaxed),
+        answered: ready,
+        bytes_in: shared
+            .bytes_in
+            .load(Ordering::Relaxed)
+            .saturating_sub(pumps_client_left as u64),
+        bytes_out: shared.bytes_out.load(Ordering::Relaxed),
     }
 }
 
@@ -620,14 +637,20 @@ async fn read_client<R: AsyncRead + Unpin>(
     let Some(shortest) = shortest else {
         return match r.read_buf(buf).await {
             Ok(0) | Err(_) => Err(EndReason::ClientGone),
-            Ok(_) => Ok(()),
+            Ok(n) => {
+                shared.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                Ok(())
+            }
         };
     };
     let tick = (shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         match tokio::time::timeout(tick, r.read_buf(buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(EndReason::ClientGone),
-            Ok(Ok(_)) => return Ok(()),
+            Ok(Ok(n)) => {
+                shared.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                return Ok(());
+            }
             Err(_) => {
                 check_query_timeout(shared);
                 let since = shared.idle_since_ms.load(Ordering::Relaxed);
@@ -806,7 +829,9 @@ where
         make_room(buf);
         match r.read_buf(buf).await {
             Ok(0) | Err(_) => return EndReason::ServerGone,
-            Ok(_) => {}
+            Ok(n) => {
+                shared.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
     }
 }

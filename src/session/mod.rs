@@ -64,20 +64,28 @@ async fn login_or_fail(
     peer: SocketAddr,
 ) -> Option<(ClientStream, Box<Session>)> {
     let login = tokio::time::timeout(proxy.cfg.proxy.login_timeout, Box::pin(login(proxy, tcp)));
+    let t = &proxy.telemetry;
     match login.await {
-        Ok(Ok(Some((stream, session)))) => Some((stream, Box::new(session))),
+        Ok(Ok(Some((stream, session)))) => {
+            t.logins_ok.increment(1);
+            Some((stream, Box::new(session)))
+        }
         Ok(Ok(None)) => None,
         Ok(Err((Some(mut stream), err))) => {
+            t.logins_failed.increment(1);
+            t.error_sent(err.code);
             debug!(%peer, error = %err, "login failed");
             send_error(&mut stream, &err).await;
             crate::net::linger_close(&mut stream).await;
             None
         }
         Ok(Err((None, err))) => {
+            t.logins_failed.increment(1);
             debug!(%peer, error = %err, "connection refused before startup");
             None
         }
         Err(_) => {
+            t.logins_failed.increment(1);
             debug!(%peer, "login timeout");
             None
         }
@@ -417,6 +425,13 @@ async fn finish(stream: &mut ClientStream, tenant: &str, end: &forward::End, che
     }
 }
 
+/// Adds what a forwarding run did to the process counters.
+fn count_run(t: &crate::telemetry::Telemetry, end: &forward::End) {
+    t.requests.increment(end.answered);
+    t.bytes_from_clients.increment(end.bytes_in);
+    t.bytes_to_clients.increment(end.bytes_out);
+}
+
 /// The FATAL for a client disconnected for idling (as Postgres words its own idle timeouts).
 fn idle_timeout_error(reason: &forward::EndReason) -> PgError {
     match reason {
@@ -478,7 +493,7 @@ async fn session_mode(
         return false;
     }
     let mut out = BytesMut::with_capacity(512);
-    let pool = match proxy.pools.get(&s.target, s.pool_cfg) {
+    let pool = match proxy.pools.get(&s.tenant, &s.target, s.pool_cfg) {
         Ok(p) => p,
         Err(e) => {
             warn!(tenant = %s.tenant, error = %e, "could not set up the pool");
@@ -525,6 +540,7 @@ async fn session_mode(
         None,
     ))
     .await;
+    count_run(&proxy.telemetry, &end);
     // Unlink before the server can go to another client: waits for a cancel that is being delivered.
     key.slot.set(SlotState::Idle).await;
     drop(key);

@@ -27,7 +27,7 @@ use crate::wire::msg;
 use crate::wire::PgError;
 
 use super::forward::{self, EndReason, Mode, Statements};
-use super::{finish, idle_timeout_error, report_checkout_error, send_error, Session};
+use super::{count_run, finish, idle_timeout_error, report_checkout_error, send_error, Session};
 
 /// Reported parameters a client cannot set: never moved between server connections.
 const READ_ONLY_REPORTED: &[&str] = &[
@@ -169,7 +169,7 @@ async fn attach(
             return None;
         }
     };
-    let pool = match proxy.pools.get(&s.target, s.pool_cfg) {
+    let pool = match proxy.pools.get(&s.tenant, &s.target, s.pool_cfg) {
         Ok(p) => p,
         Err(e) => {
             warn!(tenant = %s.tenant, error = %e, "could not set up the pool");
@@ -285,6 +285,9 @@ impl Client {
             return Next::Stop;
         }
         c.statements.set_search_path(get(&c.desired, "search_path"));
+        let telemetry = &proxy.telemetry;
+        telemetry.transactions.increment(1);
+        let started = std::time::Instant::now();
         let limits = forward::Limits::from_config(&proxy.cfg.proxy);
         let mut mode = Mode::Transaction;
         let mut pins = Pins::default();
@@ -300,6 +303,7 @@ impl Client {
                 statements_for(&mut c.statements, per_server),
             ))
             .await;
+            count_run(telemetry, &end);
             // Unlinked while pgweir runs its own queries on the connection.
             c.key.slot.set(SlotState::Idle).await;
             cancel_forwarded |= c.key.slot.take_forwarded() | end.cancel_sent;
@@ -363,6 +367,9 @@ impl Client {
             link(&c.key, checkout.conn_ref()).await;
         }
         drop(counted_pin);
+        telemetry
+            .transaction_seconds
+            .record(started.elapsed().as_secs_f64());
         if cancel_forwarded {
             // The backend may hold the cancel pending and act on the next query it runs: let that be pgweir's own
             // (it may fail with 57014; that is the point), not another client's.

@@ -28,6 +28,8 @@ pub const BOB_PASSWORD: &str = "bob-secret";
 pub struct Env {
     pub cluster: LocalCluster,
     pub addr: SocketAddr,
+    /// The admin HTTP listener.
+    pub admin: SocketAddr,
     pub proxy: Arc<Proxy>,
     pub dir: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -139,6 +141,9 @@ base_domain = "db.test"
 
 {tls}
 
+[admin]
+listen = "127.0.0.1:0"
+
 [pool]
 {pool}
 
@@ -223,7 +228,7 @@ backend_password = "app-user-secret"
                 let directory = Arc::new(StaticDirectory::from_config(&cfg));
                 let server = Server::bind(cfg, directory).await.expect("bind pgweir");
                 ready_tx
-                    .send((server.local_addr(), server.proxy()))
+                    .send((server.local_addr(), server.admin_addr(), server.proxy()))
                     .unwrap();
                 server
                     .run(async {
@@ -233,12 +238,13 @@ backend_password = "app-user-secret"
             });
             rt.shutdown_timeout(Duration::from_secs(2));
         });
-        let (addr, proxy) = ready_rx
+        let (addr, admin, proxy) = ready_rx
             .recv_timeout(Duration::from_secs(30))
             .expect("pgweir started");
         Env {
             cluster,
             addr,
+            admin: admin.expect("the admin listener"),
             proxy,
             dir,
             shutdown: Some(tx),

@@ -3,6 +3,7 @@
 mod harness;
 mod raw;
 
+mod admin;
 mod auth;
 mod backend;
 mod basics;

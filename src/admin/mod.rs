@@ -1,0 +1,90 @@
+//! The operators' HTTP listener (axum), separate from the client listener and on loopback by default:
+//! `/healthz` (the process is up), `/readyz` (the client listener accepts connections) and `/metrics` (Prometheus
+//! text, see [`crate::telemetry`]). The tenant API of the control plane will live here too.
+//!
+//! Errors have one JSON shape: `{"code": "...", "message": "..."}`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::server::Proxy;
+
+/// The stable error body of every failed admin request.
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    fn response(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+        let body = ApiError {
+            code,
+            message: message.into(),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// The admin routes over `proxy`.
+pub fn router(proxy: Arc<Proxy>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(proxy)
+}
+
+/// Serves the admin routes on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, proxy: Arc<Proxy>) {
+    if let Err(e) = axum::serve(listener, router(proxy)).await {
+        tracing::error!(error = %e, "the admin listener failed");
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
+    if proxy.ready.load(Ordering::Relaxed) {
+        "ready\n".into_response()
+    } else {
+        ApiError::response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the client listener is not accepting connections",
+        )
+    }
+}
+
+async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
+    let max_series = proxy
+        .cfg
+        .admin
+        .as_ref()
+        .map_or(usize::MAX, |a| a.max_pool_series);
+    let body = proxy
+        .telemetry
+        .render(&proxy.pools.stats(), proxy.clients_connected(), max_series);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    ApiError::response(StatusCode::NOT_FOUND, "not_found", "no such route")
+}

@@ -1,0 +1,214 @@
+//! Process metrics in Prometheus form, served by the admin listener (`/metrics`).
+//!
+//! Every proxy has its own recorder (not a process-global one: tests run several proxies in one process). Handles
+//! are registered once and kept, so the data path pays an atomic add per event and never a registry lookup; hot
+//! loops count locally and add once per transaction. Pool gauges are read from the pools when scraped.
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Counter, Histogram};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::pool::PoolStats;
+
+/// Bucket bounds (seconds) of the latency histograms: 100 µs … 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// The proxy's metrics: a recorder and the handles the data path uses.
+pub struct Telemetry {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// Client connections accepted (before login).
+    pub clients_accepted: Counter,
+    /// Client connections refused at the `max_client_connections` cap.
+    pub clients_refused: Counter,
+    pub logins_ok: Counter,
+    pub logins_failed: Counter,
+    /// Requests answered by a server: Query, Sync (an extended-protocol batch) and FunctionCall messages.
+    pub requests: Counter,
+    /// Transaction-mode transactions (one server checkout each).
+    pub transactions: Counter,
+    pub bytes_from_clients: Counter,
+    pub bytes_to_clients: Counter,
+    /// Transaction-mode transactions, from the checkout to the ReadyForQuery that ends them.
+    pub transaction_seconds: Histogram,
+    /// Checkouts that had to wait for a server connection (a free idle connection is taken at once and not
+    /// recorded), from the request to the connection.
+    pub checkout_wait_seconds: Histogram,
+    /// Opening and logging in a server connection.
+    pub backend_connect_seconds: Histogram,
+}
+
+/// The HELP text of every metric.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "pgweir_client_connections_total",
+        "Client connections accepted."
+    );
+    describe_counter!(
+        "pgweir_client_connections_refused_total",
+        "Client connections refused, by reason."
+    );
+    describe_counter!("pgweir_client_logins_total", "Client logins, by result.");
+    describe_counter!(
+        "pgweir_requests_total",
+        "Requests answered by a server (Query, Sync, FunctionCall)."
+    );
+    describe_counter!(
+        "pgweir_transactions_total",
+        "Transaction-mode transactions (server checkouts)."
+    );
+    describe_counter!(
+        "pgweir_client_bytes_received_total",
+        Unit::Bytes,
+        "Bytes received from clients while forwarding."
+    );
+    describe_counter!(
+        "pgweir_client_bytes_sent_total",
+        Unit::Bytes,
+        "Bytes forwarded from servers to clients."
+    );
+    describe_counter!(
+        "pgweir_errors_sent_total",
+        "Errors pgweir itself sent clients, by SQLSTATE class."
+    );
+    describe_histogram!(
+        "pgweir_transaction_seconds",
+        Unit::Seconds,
+        "Transaction-mode transactions, checkout to end."
+    );
+    describe_histogram!(
+        "pgweir_checkout_wait_seconds",
+        Unit::Seconds,
+        "Waits for a server connection (checkouts that waited)."
+    );
+    describe_histogram!(
+        "pgweir_backend_connect_seconds",
+        Unit::Seconds,
+        "Opening and logging in a server connection."
+    );
+    describe_gauge!("pgweir_client_connections", "Client connections open now.");
+    describe_gauge!(
+        "pgweir_server_connections",
+        "Server connections by state (idle, active, pinned)."
+    );
+    describe_gauge!(
+        "pgweir_clients_waiting",
+        "Clients waiting for a server connection."
+    );
+    describe_gauge!("pgweir_pools", "Backend pools.");
+    describe_gauge!(
+        "pgweir_pool_server_connections",
+        "Server connections of a pool by state."
+    );
+    describe_gauge!(
+        "pgweir_pool_clients_waiting",
+        "Clients waiting for a server connection of a pool."
+    );
+    describe_gauge!(
+        "pgweir_pool_max_wait_seconds",
+        Unit::Seconds,
+        "Longest checkout wait of a pool so far."
+    );
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry::new()
+    }
+}
+
+impl Telemetry {
+    pub fn new() -> Telemetry {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("the bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let r = &recorder;
+        metrics::with_local_recorder(r, describe);
+        let (c, h) = (
+            |name: &'static str| metrics::with_local_recorder(r, || counter!(name)),
+            |name: &'static str| metrics::with_local_recorder(r, || histogram!(name)),
+        );
+        Telemetry {
+            clients_accepted: c("pgweir_client_connections_total"),
+            clients_refused: metrics::with_local_recorder(
+                r,
+                || counter!("pgweir_client_connections_refused_total", "reason" => "max_client_connections"),
+            ),
+            logins_ok: metrics::with_local_recorder(
+                r,
+                || counter!("pgweir_client_logins_total", "result" => "ok"),
+            ),
+            logins_failed: metrics::with_local_recorder(
+                r,
+                || counter!("pgweir_client_logins_total", "result" => "failed"),
+            ),
+            requests: c("pgweir_requests_total"),
+            transactions: c("pgweir_transactions_total"),
+            bytes_from_clients: c("pgweir_client_bytes_received_total"),
+            bytes_to_clients: c("pgweir_client_bytes_sent_total"),
+            transaction_seconds: h("pgweir_transaction_seconds"),
+            checkout_wait_seconds: h("pgweir_checkout_wait_seconds"),
+            backend_connect_seconds: h("pgweir_backend_connect_seconds"),
+            handle,
+            recorder,
+        }
+    }
+
+    /// Counts an error pgweir itself sent a client, by SQLSTATE class (the first two characters).
+    pub fn error_sent(&self, sqlstate: &str) {
+        let class = sqlstate.get(..2).unwrap_or("XX").to_owned();
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!("pgweir_errors_sent_total", "class" => class).increment(1)
+        });
+    }
+
+    /// The Prometheus text: the counters and histograms, plus gauges read now from the pools (one series per
+    /// pool up to `max_pool_series` pools, totals always) and the number of connected clients.
+    pub fn render(&self, pools: &[PoolStats], clients: usize, max_pool_series: usize) -> String {
+        metrics::with_local_recorder(&self.recorder, || {
+            gauge!("pgweir_client_connections").set(clients as f64);
+            let per_pool = pools.len() <= max_pool_series;
+            let mut totals = [0usize; 5];
+            for p in pools {
+                let values = [
+                    ("idle", p.server_idle),
+                    ("active", p.server_active),
+                    ("pinned", p.server_pinned),
+                ];
+                totals[0] += p.server_idle;
+                totals[1] += p.server_active;
+                totals[2] += p.server_pinned;
+                totals[3] += p.clients_waiting;
+                totals[4] = totals[4].max(p.max_wait_us as usize);
+                if !per_pool {
+                    continue;
+                }
+                let labels = [("tenant", p.tenant.clone()), ("pool", p.key.clone())];
+                for (state, v) in values {
+                    let mut l = labels.to_vec();
+                    l.push(("state", state.to_owned()));
+                    gauge!("pgweir_pool_server_connections", &l).set(v as f64);
+                }
+                gauge!("pgweir_pool_clients_waiting", &labels).set(p.clients_waiting as f64);
+                gauge!("pgweir_pool_max_wait_seconds", &labels)
+                    .set(Duration::from_micros(p.max_wait_us).as_secs_f64());
+            }
+            for (i, state) in ["idle", "active", "pinned"].iter().enumerate() {
+                gauge!("pgweir_server_connections", "state" => *state).set(totals[i] as f64);
+            }
+            gauge!("pgweir_clients_waiting").set(totals[3] as f64);
+            gauge!("pgweir_pools").set(pools.len() as f64);
+        });
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
