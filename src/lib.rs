@@ -22,6 +22,7 @@ pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cancel;
+pub mod catalog;
 pub mod config;
 pub mod dev;
 pub mod net;

@@ -3,7 +3,6 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use pgweir::auth::md5::md5_verifier;
@@ -130,8 +129,10 @@ fn main() -> ExitCode {
             };
             let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
                 rt.block_on(async {
-                    let directory = Arc::new(pgweir::tenant::StaticDirectory::from_config(&cfg));
-                    let server = pgweir::server::Server::bind(cfg, directory).await?;
+                    let (directory, control) =
+                        pgweir::catalog::control::directory_for(&cfg).await?;
+                    let server =
+                        pgweir::server::Server::bind_with_control(cfg, directory, control).await?;
                     server.run(pgweir::server::shutdown_signal()).await;
                     anyhow::Ok(())
                 })

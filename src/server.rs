@@ -37,6 +37,8 @@ pub struct Proxy {
     pub client_slots: Arc<Semaphore>,
     /// The client listener is accepting connections (`/readyz`).
     pub ready: AtomicBool,
+    /// The control plane (`[catalog]`), if this instance has one.
+    pub control: Option<Arc<crate::catalog::control::Control>>,
 }
 
 impl Proxy {
@@ -61,6 +63,15 @@ pub struct Server {
 
 impl Server {
     pub async fn bind(cfg: Config, directory: Arc<dyn TenantDirectory>) -> anyhow::Result<Server> {
+        Server::bind_with_control(cfg, directory, None).await
+    }
+
+    /// [`Server::bind`] with a control plane (catalog, admin `/v1` API).
+    pub async fn bind_with_control(
+        cfg: Config,
+        directory: Arc<dyn TenantDirectory>,
+        control: Option<Arc<crate::catalog::control::Control>>,
+    ) -> anyhow::Result<Server> {
         let tls = match &cfg.tls {
             Some(t) => Some(TlsServer::load(t)?),
             None => None,
@@ -76,6 +87,15 @@ impl Server {
             ),
             None => None,
         };
+        if let (Some(c), Ok(addr)) = (&control, listener.local_addr()) {
+            // Connection strings name the port actually bound (the config may say 0).
+            let _ = c.public_port.compare_exchange(
+                0,
+                addr.port(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         let telemetry = Telemetry::new();
         let pools = Pools::new(
             telemetry.checkout_wait_seconds.clone(),
@@ -91,6 +111,7 @@ impl Server {
             secret: rand::random(),
             telemetry,
             ready: AtomicBool::new(false),
+            control,
         });
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         Ok(Server {

@@ -34,6 +34,7 @@ fn start_dev(data_dir: &std::path::Path, port: u16, admin: u16) -> (DevProcess, 
         .arg(data_dir)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .env("PGWEIR_ADMIN_TOKEN", DEV_TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -73,21 +74,30 @@ fn psql(url: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// The body of a GET on the admin listener (which must answer 200).
-fn http_get(port: u16, path: &str) -> String {
+const DEV_TOKEN: &str = "dev-mode-test-token";
+
+/// One request to the admin listener: (status, body).
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the admin listener");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nAuthorization: Bearer {DEV_TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// The body of a GET on the admin listener (which must answer 200).
+fn http_get(port: u16, path: &str) -> String {
+    let (status, body) = http(port, "GET", path, "");
+    assert_eq!(status, 200, "{path}: {body}");
+    body
 }
 
 fn stop(mut p: DevProcess) {
@@ -117,6 +127,15 @@ fn dev_mode_serves_psql_and_keeps_data_across_runs() {
     assert_eq!(psql(&url, "select current_database()"), "tenant_demo_main");
     assert_eq!(http_get(admin, "/healthz"), "ok\n");
     assert!(http_get(admin, "/metrics").contains("pgweir_client_logins_total{result=\"ok\"} "));
+    // The README's session: a tenant created with the token, reached with the connection string it returns.
+    let (status, body) = http(admin, "PUT", "/v1/tenants/my-app", "{}");
+    assert_eq!(status, 201, "{body}");
+    let created: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let app_url = created["connection_string"].as_str().unwrap();
+    assert_eq!(
+        psql(app_url, "select current_database()"),
+        "tenant_my_app_main"
+    );
     assert_eq!(
         psql(&format!("{url}?sslmode=require"), "select 'tls'"),
         "tls"

@@ -16,6 +16,8 @@ use serde::Serialize;
 
 use crate::server::Proxy;
 
+pub mod v1;
+
 /// The stable error body of every failed admin request.
 #[derive(Debug, Serialize)]
 pub struct ApiError {
@@ -24,7 +26,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn response(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+    pub(crate) fn response(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Response {
         let body = ApiError {
             code,
             message: message.into(),
@@ -36,6 +42,7 @@ impl ApiError {
 /// The admin routes over `proxy`.
 pub fn router(proxy: Arc<Proxy>) -> Router {
     Router::new()
+        .merge(v1::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -55,15 +62,23 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
-    if proxy.ready.load(Ordering::Relaxed) {
-        "ready\n".into_response()
-    } else {
-        ApiError::response(
+    if !proxy.ready.load(Ordering::Relaxed) {
+        return ApiError::response(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
             "the client listener is not accepting connections",
-        )
+        );
     }
+    if let Some(control) = &proxy.control {
+        if !control.catalog.ping().await {
+            return ApiError::response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "the control database does not answer",
+            );
+        }
+    }
+    "ready\n".into_response()
 }
 
 async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {

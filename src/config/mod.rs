@@ -31,8 +31,32 @@ pub struct Config {
     /// Tenants served from this file.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
-    /// The operators' HTTP listener (`/healthz`, `/readyz`, `/metrics`). Without this section there is none.
+    /// The operators' HTTP listener (`/healthz`, `/readyz`, `/metrics`, and with a catalog the `/v1` API).
+    /// Without this section there is none.
     pub admin: Option<AdminConfig>,
+    /// The control database: tenants created through the admin API live there.
+    pub catalog: Option<CatalogConfig>,
+}
+
+/// The control database (catalog).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    /// A PostgreSQL connection string (URI or key=value) of the control database.
+    pub url: String,
+    /// A file with the catalog key (base64 of 32 bytes) that seals the passwords pgweir generates. The environment
+    /// variable `PGWEIR_CATALOG_KEY` takes precedence.
+    pub key_file: Option<PathBuf>,
+    /// A login for a tenant that is not loaded yet waits at most this long for the catalog.
+    #[serde(default = "default_fetch_timeout", with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// The host name clients use to reach pgweir, for the connection strings the API returns (default: the
+    /// listen address's IP).
+    pub public_host: Option<String>,
+}
+
+fn default_fetch_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// The admin HTTP listener.
@@ -504,7 +528,8 @@ impl Config {
                 }
             }
         }
-        if let Some(d) = &self.proxy.default_tenant {
+        // With a catalog the default tenant may live there.
+        if let (Some(d), None) = (&self.proxy.default_tenant, &self.catalog) {
             if !self.tenants.iter().any(|t| &t.id == d) {
                 p.push(format!(
                     "proxy.default_tenant {d:?} is not a tenant of this file"

@@ -161,7 +161,10 @@ async fn login(
         Err(e) => fail!(e),
     };
 
-    let tenant = proxy.directory.get(&routed.endpoint.tenant);
+    let tenant = match proxy.directory.get(&routed.endpoint.tenant) {
+        Some(t) => Some(t),
+        None => proxy.directory.lookup(&routed.endpoint.tenant).await,
+    };
     let user = tenant.as_ref().and_then(|t| t.users.get(&routed.user));
     let authenticated = match auth::authenticate(
         proxy,

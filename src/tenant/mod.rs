@@ -116,9 +116,44 @@ impl Tenant {
     }
 }
 
-/// The data plane's view of tenants. Lookups never block on I/O.
+/// A boxed future of a tenant lookup.
+pub type Lookup<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Arc<Tenant>>> + Send + 'a>>;
+
+/// The data plane's view of tenants.
 pub trait TenantDirectory: Send + Sync + 'static {
+    /// The tenant as the directory knows it now; never waits on I/O.
     fn get(&self, id: &str) -> Option<Arc<Tenant>>;
+
+    /// Like [`TenantDirectory::get`], but a directory backed by a database may load a tenant it does not have yet
+    /// (bounded in time). Used once per login.
+    fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
+        let t = self.get(id);
+        Box::pin(async move { t })
+    }
+}
+
+/// Directories asked in order (e.g. the config file's tenants, then the catalog's).
+pub struct Layered(pub Vec<Arc<dyn TenantDirectory>>);
+
+impl TenantDirectory for Layered {
+    fn get(&self, id: &str) -> Option<Arc<Tenant>> {
+        self.0.iter().find_map(|d| d.get(id))
+    }
+
+    fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
+        Box::pin(async move {
+            if let Some(t) = self.get(id) {
+                return Some(t);
+            }
+            for d in &self.0 {
+                if let Some(t) = d.lookup(id).await {
+                    return Some(t);
+                }
+            }
+            None
+        })
+    }
 }
 
 /// Tenants from the config file.

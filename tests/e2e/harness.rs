@@ -14,7 +14,6 @@ use pgweir::auth::scram::ScramVerifier;
 use pgweir::config::Config;
 use pgweir::pgcluster::LocalCluster;
 use pgweir::server::{Proxy, Server};
-use pgweir::tenant::StaticDirectory;
 
 pub const OWNER_PASSWORD: &str = "owner-secret";
 pub const ALICE_PASSWORD: &str = "alice-secret";
@@ -48,6 +47,8 @@ pub struct Setup {
     /// TLS from pgweir to the backend: `Some("require")` or `Some("verify-full")` turns on `ssl` in the cluster
     /// (certificate for `localhost`) and points `[clusters.main]` at it.
     pub backend_tls: Option<&'static str>,
+    /// A catalog (control database `control` on the same cluster, key file in the temp folder): the `/v1` API.
+    pub catalog: bool,
 }
 
 impl Default for Setup {
@@ -58,6 +59,7 @@ impl Default for Setup {
             proxy: String::new(),
             tls: true,
             backend_tls: None,
+            catalog: false,
         }
     }
 }
@@ -126,6 +128,27 @@ impl Env {
         let key = dir.path().join("server.key");
         pgweir::tls::ensure_self_signed(&cert, &key, &["localhost", "*.db.test", "127.0.0.1"])
             .unwrap();
+        let catalog = if setup.catalog {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(cluster.execute("postgres", "CREATE DATABASE control"))
+                .expect("create the control database");
+            let key_file = dir.path().join("catalog.key");
+            std::fs::write(
+                &key_file,
+                pgweir::catalog::secret::SecretKey::generate_base64(),
+            )
+            .unwrap();
+            format!(
+                "[catalog]\nurl = {:?}\nkey_file = {:?}\npublic_host = \"127.0.0.1\"\n",
+                cluster.superuser_dsn("control"),
+                key_file
+            )
+        } else {
+            String::new()
+        };
         let tls = if setup.tls {
             format!("[tls]\ncert = {:?}\nkey = {:?}\n", cert, key)
         } else {
@@ -143,6 +166,8 @@ base_domain = "db.test"
 
 [admin]
 listen = "127.0.0.1:0"
+
+{catalog}
 
 [pool]
 {pool}
@@ -225,8 +250,12 @@ backend_password = "app-user-secret"
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let directory = Arc::new(StaticDirectory::from_config(&cfg));
-                let server = Server::bind(cfg, directory).await.expect("bind pgweir");
+                let (directory, control) = pgweir::catalog::control::directory_for(&cfg)
+                    .await
+                    .expect("the tenant directory");
+                let server = Server::bind_with_control(cfg, directory, control)
+                    .await
+                    .expect("bind pgweir");
                 ready_tx
                     .send((server.local_addr(), server.admin_addr(), server.proxy()))
                     .unwrap();

@@ -1,0 +1,488 @@
+//! The control plane's `/v1` API: clusters and tenants, over the catalog. Bearer tokens (`admin` may change,
+//! `read` may look); every change is written to the audit log.
+
+// Handlers return early with a finished `Response` as the error value; it is big, and that is fine off the data path.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::ApiError;
+use crate::catalog::control::Control;
+use crate::catalog::provision::ClusterAdmin;
+use crate::catalog::store::{TenantRow, TokenInfo};
+use crate::catalog::tenants::{self, CreateError, Created, NewTenant};
+use crate::server::Proxy;
+
+/// The `/v1` routes (and the OpenAPI document that lists them).
+pub fn routes() -> Router<Arc<Proxy>> {
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/clusters/{name}", put(put_cluster))
+        .route("/v1/tenants", get(list_tenants))
+        .route(
+            "/v1/tenants/{id}",
+            put(put_tenant).get(get_tenant).delete(delete_tenant),
+        )
+}
+
+/// Every route of the API, as `(method, path)`; the OpenAPI document is built from this list and a test checks
+/// that the router and the document agree.
+pub const ROUTES: &[(&str, &str, &str)] = &[
+    ("get", "/v1/openapi.json", "This document."),
+    ("put", "/v1/clusters/{name}", "Register or update a backend cluster (admin)."),
+    ("get", "/v1/tenants", "List tenants, paged: ?after=<id>&limit=<1..1000> (read)."),
+    ("put", "/v1/tenants/{id}", "Create a tenant (idempotent: the same body again is the same tenant, another body is 409) (admin)."),
+    ("get", "/v1/tenants/{id}", "One tenant (read)."),
+    ("delete", "/v1/tenants/{id}", "Delete a tenant: no new connections, then its databases and role are dropped (admin)."),
+];
+
+async fn openapi() -> Json<Value> {
+    let mut paths = Map::new();
+    for (method, path, summary) in ROUTES {
+        let entry = paths
+            .entry(path.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        entry.as_object_mut().expect("an object").insert(
+            method.to_string(),
+            json!({
+                "summary": summary,
+                "responses": {"default": {"description": "JSON; errors are {code, message, details?}"}}
+            }),
+        );
+    }
+    Json(json!({
+        "openapi": "3.0.3",
+        "info": {"title": "pgweir admin API", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }))
+}
+
+/// What a route needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Read,
+    Admin,
+}
+
+/// The control plane and the caller's token, or the error response.
+async fn authorize(
+    proxy: &Proxy,
+    headers: &HeaderMap,
+    need: Scope,
+) -> Result<(Arc<Control>, TokenInfo), Response> {
+    let Some(control) = proxy.control.clone() else {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_catalog",
+            "this pgweir has no catalog ([catalog] in its config)",
+        ));
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let unauthorized = || {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            "Bearer".parse().expect("a header value"),
+        );
+        r
+    };
+    let Some(bearer) = bearer else {
+        return Err(unauthorized());
+    };
+    let Some(token) = control.authorize(bearer).await else {
+        return Err(unauthorized());
+    };
+    if need == Scope::Admin && token.scope != "admin" {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("token \"{}\" may only read", token.name),
+        ));
+    }
+    Ok((control, token))
+}
+
+fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+    ApiError::response(status, code, message)
+}
+
+fn invalid(problems: Vec<(String, String)>) -> Response {
+    let details: Vec<Value> = problems
+        .iter()
+        .map(|(field, problem)| json!({"field": field, "problem": problem}))
+        .collect();
+    let body = json!({
+        "code": "invalid_request",
+        "message": format!("{} problem(s) in the request", problems.len()),
+        "details": details,
+    });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "admin API: catalog error");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "catalog_unavailable",
+        "the catalog could not be read or written; try again",
+    )
+}
+
+/// The request body as a JSON object (an empty body is `{}`).
+fn json_object(body: &Bytes) -> Result<Map<String, Value>, Response> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(invalid(vec![(
+            "".into(),
+            "the body must be a JSON object".into(),
+        )])),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not JSON: {e}"),
+        )),
+    }
+}
+
+/// A DNS label of at most `max` characters without `--` (tenant ids, cluster names).
+fn valid_label(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+/// A plain lower-case SQL name (users, logical databases).
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !s.as_bytes()[0].is_ascii_digit()
+}
+
+/// Takes the string field `key` out of `body` (recording a problem when it is not a string).
+fn string_field(
+    body: &mut Map<String, Value>,
+    key: &str,
+    problems: &mut Vec<(String, String)>,
+) -> Option<String> {
+    match body.remove(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(_) => {
+            problems.push((key.into(), "must be a string".into()));
+            None
+        }
+    }
+}
+
+async fn put_cluster(
+    State(proxy): State<Arc<Proxy>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mut body = match json_object(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mut problems = Vec::new();
+    if !valid_label(&name, 63) {
+        problems.push((
+            "name".into(),
+            "must be a DNS label: a-z, 0-9 and '-'".into(),
+        ));
+    }
+    let host = string_field(&mut body, "host", &mut problems);
+    if host.as_deref().is_none_or(str::is_empty) {
+        problems.push(("host".into(), "is required".into()));
+    }
+    let port = match body.remove("port") {
+        None => Some(5432),
+        Some(Value::Number(n)) => match n.as_u64().and_then(|p| u16::try_from(p).ok()) {
+            Some(p) if p > 0 => Some(p),
+            _ => {
+                problems.push(("port".into(), "must be 1..65535".into()));
+                None
+            }
+        },
+        Some(_) => {
+            problems.push(("port".into(), "must be a number".into()));
+            None
+        }
+    };
+    let user = string_field(&mut body, "admin_user", &mut problems);
+    if user.as_deref().is_none_or(str::is_empty) {
+        problems.push(("admin_user".into(), "is required".into()));
+    }
+    let password = string_field(&mut body, "admin_password", &mut problems);
+    let capacity = match body.remove("capacity") {
+        None => Some(100),
+        Some(Value::Number(n)) => match n.as_i64().and_then(|c| i32::try_from(c).ok()) {
+            Some(c) if c > 0 => Some(c),
+            _ => {
+                problems.push(("capacity".into(), "must be a positive number".into()));
+                None
+            }
+        },
+        Some(_) => {
+            problems.push(("capacity".into(), "must be a number".into()));
+            None
+        }
+    };
+    for k in body.keys() {
+        problems.push((k.clone(), "unknown field".into()));
+    }
+    if !problems.is_empty() {
+        return invalid(problems);
+    }
+    let admin = ClusterAdmin {
+        name: name.clone(),
+        host: host.unwrap_or_default(),
+        port: port.unwrap_or(5432),
+        user: user.unwrap_or_default(),
+        password,
+    };
+    let result = control
+        .catalog
+        .put_cluster(&admin, capacity.unwrap_or(100))
+        .await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    control
+        .catalog
+        .audit(
+            &token.name,
+            "cluster.put",
+            &name,
+            outcome,
+            json!({"host": admin.host, "port": admin.port}),
+        )
+        .await;
+    match result {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(
+                json!({"name": name, "host": admin.host, "port": admin.port, "capacity": capacity}),
+            ),
+        )
+            .into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// A tenant's JSON; `password` (shown once) goes into its connection string.
+fn tenant_json(
+    control: &Control,
+    t: &TenantRow,
+    user: Option<&str>,
+    password: Option<&str>,
+) -> Value {
+    let host = &control.public_host;
+    let port = control
+        .public_port
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let user = user.unwrap_or("owner");
+    let auth = match password {
+        Some(p) => format!("{user}.{}:{p}", t.id),
+        None => format!("{user}.{}", t.id),
+    };
+    let mut v = serde_json::to_value(t).expect("a tenant serializes");
+    let o = v.as_object_mut().expect("an object");
+    o.insert("endpoint".into(), json!(t.id));
+    o.insert(
+        "connection_string".into(),
+        json!(format!("postgres://{auth}@{host}:{port}/{}", t.database)),
+    );
+    v
+}
+
+async fn get_tenant(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (control, _) = match authorize(&proxy, &headers, Scope::Read).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    match control.catalog.tenant(&id).await {
+        Ok(Some(t)) => Json(tenant_json(&control, &t, None, None)).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no tenant \"{id}\""),
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct Page {
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list_tenants(
+    State(proxy): State<Arc<Proxy>>,
+    headers: HeaderMap,
+    page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let (control, _) = match authorize(&proxy, &headers, Scope::Read).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let Ok(Query(page)) = page else {
+        return invalid(vec![(
+            "query".into(),
+            "after must be a tenant id, limit a number".into(),
+        )]);
+    };
+    let limit = page.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return invalid(vec![("limit".into(), "must be 1..1000".into())]);
+    }
+    match control.catalog.tenants(page.after.as_deref(), limit).await {
+        Ok(rows) => {
+            let next = (rows.len() as i64 == limit).then(|| rows.last().map(|t| t.id.clone()));
+            let items: Vec<Value> = rows
+                .iter()
+                .map(|t| tenant_json(&control, t, None, None))
+                .collect();
+            Json(json!({"tenants": items, "next_after": next.flatten()})).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn put_tenant(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mut body = match json_object(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let spec = Value::Object(body.clone());
+    let mut problems = Vec::new();
+    if !valid_label(&id, 40) {
+        problems.push((
+            "id".into(),
+            "must be 1..40 characters: a-z, 0-9 and '-' (not at either end, no '--')".into(),
+        ));
+    }
+    let plan = string_field(&mut body, "plan", &mut problems).unwrap_or_else(|| "free".into());
+    let cluster = string_field(&mut body, "cluster", &mut problems);
+    let database =
+        string_field(&mut body, "database", &mut problems).unwrap_or_else(|| "app".into());
+    let user = string_field(&mut body, "user", &mut problems).unwrap_or_else(|| "owner".into());
+    if !valid_name(&database) {
+        problems.push(("database".into(), "must be a lower-case SQL name".into()));
+    }
+    if !valid_name(&user) {
+        problems.push(("user".into(), "must be a lower-case SQL name".into()));
+    }
+    for k in body.keys() {
+        problems.push((k.clone(), "unknown field".into()));
+    }
+    if !problems.is_empty() {
+        return invalid(problems);
+    }
+    let req = NewTenant {
+        plan,
+        cluster,
+        database,
+        user: user.clone(),
+        password: None,
+    };
+    match tenants::create(&control, &token.name, &id, &spec, &req).await {
+        Ok(Created::Ready {
+            tenant,
+            password,
+            new,
+        }) => {
+            let status = if new {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let body = tenant_json(&control, &tenant, Some(&user), password.as_deref());
+            (status, Json(body)).into_response()
+        }
+        Ok(Created::Existing(tenant)) => {
+            Json(tenant_json(&control, &tenant, Some(&user), None)).into_response()
+        }
+        Ok(Created::Failed { tenant, reason }) => {
+            let mut body = tenant_json(&control, &tenant, Some(&user), None);
+            body["code"] = json!("provisioning_failed");
+            body["message"] = json!(format!(
+                "provisioning failed ({reason}); the same request again retries it"
+            ));
+            (StatusCode::BAD_GATEWAY, Json(body)).into_response()
+        }
+        Err(CreateError::Invalid(problems)) => invalid(problems),
+        Err(e @ CreateError::Conflict(_)) => error(StatusCode::CONFLICT, "conflict", e.to_string()),
+        Err(e @ CreateError::NoCluster) => error(StatusCode::CONFLICT, "no_cluster", e.to_string()),
+        Err(CreateError::Catalog(e)) => internal(e),
+    }
+}
+
+async fn delete_tenant(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    match tenants::delete(&control, &token.name, &id).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no tenant \"{id}\""),
+        ),
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "deprovisioning_failed",
+            format!("{e}; the tenant stays in state deleting and DELETE again retries"),
+        ),
+    }
+}

@@ -1,0 +1,102 @@
+//! The control plane of one pgweir instance: the catalog (migrated at start), the tenants it routes from it, and
+//! the admin API's tokens.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use subtle::ConstantTimeEq;
+use tracing::info;
+
+use super::directory::CatalogDirectory;
+use super::secret::SecretKey;
+use super::store::{token_hash, Catalog, TokenInfo};
+use crate::config::{CatalogConfig, PoolConfig};
+use crate::tenant::{Layered, StaticDirectory, TenantDirectory};
+
+/// The environment variable whose value, when set, is stored as the admin token named `bootstrap` at start.
+pub const ADMIN_TOKEN_ENV: &str = "PGWEIR_ADMIN_TOKEN";
+
+/// How often the token list is re-read at most.
+const TOKENS_FRESH: Duration = Duration::from_secs(2);
+
+pub struct Control {
+    pub catalog: Catalog,
+    pub directory: Arc<CatalogDirectory>,
+    /// Where clients reach pgweir, for connection strings (the port is the bound one when the config says 0).
+    pub public_host: String,
+    pub public_port: std::sync::atomic::AtomicU16,
+    tokens: tokio::sync::Mutex<(Option<Instant>, Vec<TokenInfo>)>,
+}
+
+/// The tenant directory for `cfg`: the config file's tenants, and with `[catalog]` the catalog's after them
+/// (with the control plane that serves the admin API).
+pub async fn directory_for(
+    cfg: &crate::config::Config,
+) -> anyhow::Result<(Arc<dyn TenantDirectory>, Option<Arc<Control>>)> {
+    let file: Arc<dyn TenantDirectory> = Arc::new(StaticDirectory::from_config(cfg));
+    let Some(catalog) = &cfg.catalog else {
+        return Ok((file, None));
+    };
+    let listen = cfg.proxy.listen;
+    let host = catalog
+        .public_host
+        .clone()
+        .unwrap_or_else(|| listen.ip().to_string());
+    let control = Control::start(catalog, cfg.pool, (host, listen.port())).await?;
+    let layered: Arc<dyn TenantDirectory> =
+        Arc::new(Layered(vec![file, control.directory.clone()]));
+    Ok((layered, Some(control)))
+}
+
+impl Control {
+    /// Opens the catalog, applies its migrations, stores the bootstrap token (if `PGWEIR_ADMIN_TOKEN` is set) and
+    /// loads the tenants.
+    pub async fn start(
+        cfg: &CatalogConfig,
+        pool_defaults: PoolConfig,
+        public: (String, u16),
+    ) -> anyhow::Result<Arc<Control>> {
+        let key = Arc::new(SecretKey::load(cfg.key_file.as_deref())?);
+        let db: tokio_postgres::Config = cfg
+            .url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("catalog.url: {e}"))?;
+        let catalog = Catalog::new(db.clone(), key.clone());
+        let applied = catalog.migrate().await?;
+        if !applied.is_empty() {
+            info!(?applied, "catalog migrations applied");
+        }
+        if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV) {
+            if !token.is_empty() {
+                catalog.put_token("bootstrap", &token, "admin").await?;
+            }
+        }
+        let directory = CatalogDirectory::start(db, key, pool_defaults, cfg.fetch_timeout).await?;
+        Ok(Arc::new(Control {
+            catalog,
+            directory,
+            public_host: public.0,
+            public_port: std::sync::atomic::AtomicU16::new(public.1),
+            tokens: tokio::sync::Mutex::new((None, Vec::new())),
+        }))
+    }
+
+    /// The token `bearer` stands for, if it is a valid one. Hashes are compared in constant time; the list is
+    /// re-read from the catalog when it is older than a moment.
+    pub async fn authorize(&self, bearer: &str) -> Option<TokenInfo> {
+        let hash = token_hash(bearer);
+        let mut cache = self.tokens.lock().await;
+        if cache.0.is_none_or(|at| at.elapsed() >= TOKENS_FRESH) {
+            if let Ok(list) = self.catalog.tokens().await {
+                *cache = (Some(Instant::now()), list);
+            }
+        }
+        let mut found = None;
+        for t in &cache.1 {
+            if bool::from(t.hash.ct_eq(&hash)) {
+                found = Some(t.clone());
+            }
+        }
+        found
+    }
+}

@@ -1,0 +1,116 @@
+//! What provisioning does on a backend cluster: a tenant's owner role and database, created and dropped with
+//! statements that are each safe to repeat, so that a retry after a crash or a failure finishes (or cleans up) what
+//! an earlier attempt started.
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::sqlscan::{quote_ident, quote_literal};
+
+/// A cluster pgweir provisions on, with the login it provisions as.
+#[derive(Debug, Clone)]
+pub struct ClusterAdmin {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+/// The names of a tenant's objects on its cluster: `tenant_<id>_main` and `tenant_<id>_owner` (`-` becomes `_`;
+/// tenant ids have no `_`, so the mapping is one to one). Ids are at most 40 characters, so names stay under
+/// PostgreSQL's 63.
+pub fn backend_names(tenant: &str) -> (String, String) {
+    let base = tenant.replace('-', "_");
+    (
+        format!("tenant_{base}_main"),
+        format!("tenant_{base}_owner"),
+    )
+}
+
+impl ClusterAdmin {
+    /// Connects to the cluster's `postgres` database.
+    pub async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname("postgres")
+            .application_name("pgweir-provisioning")
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(p) = &self.password {
+            cfg.password(p);
+        }
+        let (client, conn) = cfg.connect(NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+}
+
+/// Creates or updates the owner role (login, no superuser/createdb/createrole/replication, `connection_limit`,
+/// `password`), then creates its database if missing, and closes the database to everyone else.
+pub async fn create_tenant(
+    client: &Client,
+    database: &str,
+    role: &str,
+    password: &str,
+    connection_limit: i32,
+) -> Result<(), tokio_postgres::Error> {
+    let role_q = quote_ident(role);
+    let role_exists = !client
+        .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await?
+        .is_empty();
+    let attrs = format!(
+        "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS CONNECTION LIMIT {connection_limit} PASSWORD {}",
+        quote_literal(password)
+    );
+    if role_exists {
+        client
+            .batch_execute(&format!("ALTER ROLE {role_q} WITH {attrs}"))
+            .await?;
+    } else {
+        client
+            .batch_execute(&format!("CREATE ROLE {role_q} WITH {attrs}"))
+            .await?;
+    }
+    let db_exists = !client
+        .query("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+        .await?
+        .is_empty();
+    let db_q = quote_ident(database);
+    if !db_exists {
+        client
+            .batch_execute(&format!("CREATE DATABASE {db_q} OWNER {role_q}"))
+            .await?;
+    }
+    client
+        .batch_execute(&format!(
+            "REVOKE ALL ON DATABASE {db_q} FROM PUBLIC; GRANT ALL ON DATABASE {db_q} TO {role_q}"
+        ))
+        .await?;
+    Ok(())
+}
+
+/// Drops the tenant's databases (sessions on them are ended) and its owner role; missing objects are fine.
+pub async fn drop_tenant(
+    client: &Client,
+    databases: &[String],
+    role: &str,
+) -> Result<(), tokio_postgres::Error> {
+    for db in databases {
+        client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(db)
+            ))
+            .await?;
+    }
+    client
+        .batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(role)))
+        .await?;
+    Ok(())
+}

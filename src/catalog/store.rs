@@ -1,0 +1,485 @@
+//! Reads and writes of the catalog for the admin API: clusters, tenants, tokens and the audit log. One connection,
+//! re-opened when it fails; each operation is short (provisioning on a cluster happens between catalog calls,
+//! never inside one).
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio_postgres::{Client, NoTls};
+
+use super::provision::ClusterAdmin;
+use super::secret::SecretKey;
+
+/// The catalog as the admin API uses it.
+pub struct Catalog {
+    db: tokio_postgres::Config,
+    pub key: Arc<SecretKey>,
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+/// A tenant as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantRow {
+    pub id: String,
+    pub state: String,
+    pub failure: Option<String>,
+    pub cluster: String,
+    pub plan: String,
+    pub database: String,
+    #[serde(skip)]
+    pub backend_database: String,
+    #[serde(skip)]
+    pub backend_role: String,
+    #[serde(skip)]
+    pub backend_password_enc: Vec<u8>,
+    #[serde(skip)]
+    pub spec: Value,
+    pub created_at: String,
+}
+
+/// A plan's limits that provisioning needs.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: String,
+    pub max_connections: i32,
+}
+
+/// An API token's identity.
+#[derive(Debug, Clone)]
+pub struct TokenInfo {
+    pub name: String,
+    pub scope: String,
+    pub hash: [u8; 32],
+}
+
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+const TENANT_COLUMNS: &str = "id, state, failure, cluster, plan, database, backend_database, backend_role, \
+     backend_password_enc, spec, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')";
+
+fn tenant_row(r: &tokio_postgres::Row) -> TenantRow {
+    TenantRow {
+        id: r.get(0),
+        state: r.get(1),
+        failure: r.get(2),
+        cluster: r.get(3),
+        plan: r.get(4),
+        database: r.get(5),
+        backend_database: r.get(6),
+        backend_role: r.get(7),
+        backend_password_enc: r.get(8),
+        spec: r.get(9),
+        created_at: r.get(10),
+    }
+}
+
+impl Catalog {
+    pub fn new(db: tokio_postgres::Config, key: Arc<SecretKey>) -> Catalog {
+        Catalog {
+            db,
+            key,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs `f` with the catalog connection (opened if needed; dropped when a statement fails on a closed one).
+    async fn with<T>(
+        &self,
+        f: impl for<'c> FnOnce(
+            &'c mut Client,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>,
+        >,
+    ) -> Result<T, tokio_postgres::Error> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, conn) = self.db.connect(NoTls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            *guard = Some(client);
+        }
+        let client = guard.as_mut().expect("connected above");
+        let r = f(client).await;
+        if client.is_closed() {
+            *guard = None;
+        }
+        r
+    }
+
+    /// Applies the migrations (see [`super::migrate`]).
+    pub async fn migrate(&self) -> Result<Vec<i32>, super::CatalogError> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, conn) = self.db.connect(NoTls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            *guard = Some(client);
+        }
+        super::migrate(guard.as_mut().expect("connected above")).await
+    }
+
+    pub async fn ping(&self) -> bool {
+        self.with(|c| Box::pin(async move { c.simple_query("SELECT 1").await.map(|_| ()) }))
+            .await
+            .is_ok()
+    }
+
+    /// Registers (or updates) a cluster.
+    pub async fn put_cluster(
+        &self,
+        admin: &ClusterAdmin,
+        capacity: i32,
+    ) -> Result<(), tokio_postgres::Error> {
+        let sealed = admin
+            .password
+            .as_ref()
+            .map(|p| self.key.seal(&format!("cluster:{}", admin.name), p));
+        let (name, host, port, user) = (
+            admin.name.clone(),
+            admin.host.clone(),
+            i32::from(admin.port),
+            admin.user.clone(),
+        );
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO pgweir.clusters (name, host, port, admin_user, admin_password_enc, capacity)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (name) DO UPDATE SET host = $2, port = $3, admin_user = $4,
+                         admin_password_enc = $5, capacity = $6",
+                    &[&name, &host, &port, &user, &sealed, &capacity],
+                )
+                .await
+                .map(|_| ())
+            })
+        })
+        .await
+    }
+
+    /// A cluster's provisioning login.
+    pub async fn cluster_admin(
+        &self,
+        name: &str,
+    ) -> Result<Option<ClusterAdmin>, tokio_postgres::Error> {
+        let name = name.to_owned();
+        let row = self
+            .with(move |c| {
+                Box::pin(async move {
+                    c.query_opt(
+                        "SELECT name, host, port, admin_user, admin_password_enc FROM pgweir.clusters WHERE name = $1",
+                        &[&name],
+                    )
+                    .await
+                })
+            })
+            .await?;
+        Ok(row.map(|r| {
+            let name: String = r.get(0);
+            let sealed: Option<Vec<u8>> = r.get(4);
+            let port: i32 = r.get(2);
+            ClusterAdmin {
+                password: sealed.and_then(|s| self.key.open(&format!("cluster:{name}"), &s).ok()),
+                host: r.get(1),
+                port: u16::try_from(port).unwrap_or(5432),
+                user: r.get(3),
+                name,
+            }
+        }))
+    }
+
+    /// The cluster for a new tenant: `wanted` if it exists and is not draining, else the one with the most free
+    /// capacity. None when there is no such cluster.
+    pub async fn place(
+        &self,
+        wanted: Option<&str>,
+    ) -> Result<Option<String>, tokio_postgres::Error> {
+        let wanted = wanted.map(str::to_owned);
+        self.with(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt(
+                        "SELECT c.name FROM pgweir.clusters c
+                          WHERE NOT c.draining AND ($1::text IS NULL OR c.name = $1)
+                          ORDER BY c.capacity - (SELECT count(*) FROM pgweir.tenants t WHERE t.cluster = c.name) DESC,
+                                   c.name
+                          LIMIT 1",
+                        &[&wanted],
+                    )
+                    .await?;
+                Ok(row.map(|r| r.get(0)))
+            })
+        })
+        .await
+    }
+
+    pub async fn plan(&self, name: &str) -> Result<Option<Plan>, tokio_postgres::Error> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt(
+                        "SELECT name, max_connections FROM pgweir.plans WHERE name = $1",
+                        &[&name],
+                    )
+                    .await?;
+                Ok(row.map(|r| Plan {
+                    name: r.get(0),
+                    max_connections: r.get(1),
+                }))
+            })
+        })
+        .await
+    }
+
+    pub async fn tenant(&self, id: &str) -> Result<Option<TenantRow>, tokio_postgres::Error> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt(
+                        &format!("SELECT {TENANT_COLUMNS} FROM pgweir.tenants WHERE id = $1"),
+                        &[&id],
+                    )
+                    .await?;
+                Ok(row.as_ref().map(tenant_row))
+            })
+        })
+        .await
+    }
+
+    /// Tenants after `after` (by id), at most `limit`.
+    pub async fn tenants(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<TenantRow>, tokio_postgres::Error> {
+        let after = after.map(str::to_owned);
+        self.with(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        &format!(
+                            "SELECT {TENANT_COLUMNS} FROM pgweir.tenants WHERE $1::text IS NULL OR id > $1 \
+                             ORDER BY id LIMIT $2"
+                        ),
+                        &[&after, &limit],
+                    )
+                    .await?;
+                Ok(rows.iter().map(tenant_row).collect())
+            })
+        })
+        .await
+    }
+
+    /// Records a new tenant in state `provisioning` with its first user; false when the id is taken.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn insert_tenant(
+        &self,
+        id: &str,
+        cluster: &str,
+        plan: &str,
+        database: &str,
+        backend: (&str, &str),
+        backend_password: &str,
+        spec: &Value,
+        user: (&str, &str, &str),
+    ) -> Result<bool, tokio_postgres::Error> {
+        let sealed = self.key.seal(&format!("tenant:{id}"), backend_password);
+        let owner_sealed = self.key.seal(&format!("owner:{id}"), user.2);
+        let (id, cluster, plan, database) = (
+            id.to_owned(),
+            cluster.to_owned(),
+            plan.to_owned(),
+            database.to_owned(),
+        );
+        let (bdb, brole) = (backend.0.to_owned(), backend.1.to_owned());
+        let (uname, uscram) = (user.0.to_owned(), user.1.to_owned());
+        let spec = spec.clone();
+        self.with(move |c| {
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                let n = tx
+                    .execute(
+                        "INSERT INTO pgweir.tenants (id, state, cluster, plan, database, backend_database, backend_role,
+                             backend_password_enc, spec, owner_password_enc)
+                         VALUES ($1, 'provisioning', $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+                        &[&id, &cluster, &plan, &database, &bdb, &brole, &sealed, &spec, &owner_sealed],
+                    )
+                    .await?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                tx.execute(
+                    "INSERT INTO pgweir.tenant_users (tenant, name, scram) VALUES ($1, $2, $3)",
+                    &[&id, &uname, &uscram],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    /// The generated password of the tenant's first user, once: it is forgotten as it is returned.
+    pub async fn take_owner_password(
+        &self,
+        id: &str,
+    ) -> Result<Option<String>, tokio_postgres::Error> {
+        let id_owned = id.to_owned();
+        let sealed: Option<Vec<u8>> = self
+            .with(move |c| {
+                Box::pin(async move {
+                    let row = c
+                        .query_opt(
+                            "UPDATE pgweir.tenants t SET owner_password_enc = NULL
+                               FROM (SELECT owner_password_enc AS old FROM pgweir.tenants WHERE id = $1 FOR UPDATE) o
+                              WHERE t.id = $1 RETURNING o.old",
+                            &[&id_owned],
+                        )
+                        .await?;
+                    Ok(row.and_then(|r| r.get(0)))
+                })
+            })
+            .await?;
+        Ok(sealed.and_then(|s| self.key.open(&format!("owner:{id}"), &s).ok()))
+    }
+
+    /// Moves a tenant to `state` (with the failure reason for `failed`).
+    pub async fn set_state(
+        &self,
+        id: &str,
+        state: &str,
+        failure: Option<&str>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let (id, state, failure) = (id.to_owned(), state.to_owned(), failure.map(str::to_owned));
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE pgweir.tenants SET state = $2, failure = $3, updated_at = now() WHERE id = $1",
+                    &[&id, &state, &failure],
+                )
+                .await
+                .map(|_| ())
+            })
+        })
+        .await
+    }
+
+    /// Physical databases of the tenant: main and its branches.
+    pub async fn tenant_databases(&self, id: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT backend_database FROM pgweir.tenants WHERE id = $1
+                         UNION ALL SELECT backend_database FROM pgweir.branches WHERE tenant = $1",
+                        &[&id],
+                    )
+                    .await?;
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            })
+        })
+        .await
+    }
+
+    pub async fn delete_tenant_row(&self, id: &str) -> Result<(), tokio_postgres::Error> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute("DELETE FROM pgweir.tenants WHERE id = $1", &[&id])
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .await
+    }
+
+    /// Stores a token (by hash) under `name`, replacing an earlier one of that name.
+    pub async fn put_token(
+        &self,
+        name: &str,
+        token: &str,
+        scope: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        let hash = token_hash(token).to_vec();
+        let (name, scope) = (name.to_owned(), scope.to_owned());
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO pgweir.api_tokens (name, hash, scope) VALUES ($1, $2, $3)
+                     ON CONFLICT (name) DO UPDATE SET hash = $2, scope = $3, revoked_at = NULL",
+                    &[&name, &hash, &scope],
+                )
+                .await
+                .map(|_| ())
+            })
+        })
+        .await
+    }
+
+    /// Every token not revoked.
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, tokio_postgres::Error> {
+        self.with(|c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT name, scope, hash FROM pgweir.api_tokens WHERE revoked_at IS NULL",
+                        &[],
+                    )
+                    .await?;
+                Ok(rows
+                    .iter()
+                    .filter_map(|r| {
+                        let hash: Vec<u8> = r.get(2);
+                        Some(TokenInfo {
+                            name: r.get(0),
+                            scope: r.get(1),
+                            hash: hash.try_into().ok()?,
+                        })
+                    })
+                    .collect())
+            })
+        })
+        .await
+    }
+
+    /// Writes an audit record; a failure to write is logged, never hidden.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        result: &str,
+        detail: Value,
+    ) {
+        let (actor, action, target, result) = (
+            actor.to_owned(),
+            action.to_owned(),
+            target.to_owned(),
+            result.to_owned(),
+        );
+        let r = self
+            .with(move |c| {
+                Box::pin(async move {
+                    c.execute(
+                        "INSERT INTO pgweir.audit_log (actor, action, target, result, detail) VALUES ($1, $2, $3, $4, $5)",
+                        &[&actor, &action, &target, &result, &detail],
+                    )
+                    .await
+                    .map(|_| ())
+                })
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "could not write the audit log");
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Creating and deleting tenants: the one code path the admin API and `pgweir dev` share.
+//!
+//! Creation is crash-safe: the tenant is recorded as `provisioning` first, then its role and database are created
+//! on the cluster with repeatable statements, then it becomes `ready` (or `failed`, with the reason). The same
+//! request again finishes whatever an earlier attempt left, and a different request for the same id is a conflict.
+
+use serde_json::Value;
+
+use super::control::Control;
+use super::provision::{self, backend_names};
+use super::store::TenantRow;
+use crate::auth::scram::ScramVerifier;
+
+/// What a new tenant is made of (defaults filled in).
+#[derive(Debug, Clone)]
+pub struct NewTenant {
+    pub plan: String,
+    /// None: the cluster with the most free capacity.
+    pub cluster: Option<String>,
+    /// The logical database name clients use.
+    pub database: String,
+    /// The first user.
+    pub user: String,
+    /// Its password; None: generated (and shown once).
+    pub password: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum Created {
+    /// Created (or completed) now; `password` is the first user's, when it was generated and not shown before.
+    Ready {
+        tenant: TenantRow,
+        password: Option<String>,
+        new: bool,
+    },
+    /// It existed already with this definition.
+    Existing(TenantRow),
+    /// Recorded, but provisioning on the cluster failed; the same request again retries.
+    Failed { tenant: TenantRow, reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("invalid request")]
+    Invalid(Vec<(String, String)>),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("no backend cluster takes new tenants: register one (PUT /v1/clusters/{{name}})")]
+    NoCluster,
+    #[error("catalog: {0}")]
+    Catalog(String),
+}
+
+fn catalog_err(e: impl std::fmt::Display) -> CreateError {
+    CreateError::Catalog(e.to_string())
+}
+
+fn random_password() -> String {
+    use rand::distributions::Alphanumeric;
+    use rand::Rng;
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect()
+}
+
+/// Creates tenant `id` as `spec` (the request as given, which decides idempotency) describes it.
+pub async fn create(
+    control: &Control,
+    actor: &str,
+    id: &str,
+    spec: &Value,
+    req: &NewTenant,
+) -> Result<Created, CreateError> {
+    let catalog = &control.catalog;
+    let plan = catalog.plan(&req.plan).await.map_err(catalog_err)?;
+    let cluster = catalog
+        .place(req.cluster.as_deref())
+        .await
+        .map_err(catalog_err)?;
+    let mut problems = Vec::new();
+    if plan.is_none() {
+        problems.push(("plan".into(), format!("no plan \"{}\"", req.plan)));
+    }
+    if cluster.is_none() {
+        if let Some(c) = &req.cluster {
+            problems.push((
+                "cluster".into(),
+                format!("no cluster \"{c}\" that takes tenants"),
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(CreateError::Invalid(problems));
+    }
+    let (Some(plan), Some(cluster)) = (plan, cluster) else {
+        return Err(CreateError::NoCluster);
+    };
+    let conflict = || {
+        CreateError::Conflict(format!(
+            "tenant \"{id}\" exists with a different definition"
+        ))
+    };
+
+    let mut new = false;
+    let tenant = match catalog.tenant(id).await.map_err(catalog_err)? {
+        Some(t) if t.spec != *spec => return Err(conflict()),
+        Some(t) if t.state == "deleting" => {
+            return Err(CreateError::Conflict(format!(
+                "tenant \"{id}\" is being deleted"
+            )))
+        }
+        Some(t) if t.state == "ready" || t.state == "paused" => return Ok(Created::Existing(t)),
+        Some(t) => t,
+        None => {
+            let (backend_db, backend_role) = backend_names(id);
+            let password = req.password.clone().unwrap_or_else(random_password);
+            let scram = ScramVerifier::generate(&password, 4096).to_string();
+            // A password the caller chose is not shown back.
+            let shown = if req.password.is_some() {
+                ""
+            } else {
+                &password
+            };
+            new = catalog
+                .insert_tenant(
+                    id,
+                    &cluster,
+                    &plan.name,
+                    &req.database,
+                    (&backend_db, &backend_role),
+                    &random_password(),
+                    spec,
+                    (&req.user, &scram, shown),
+                )
+                .await
+                .map_err(catalog_err)?;
+            match catalog.tenant(id).await.map_err(catalog_err)? {
+                Some(t) if t.spec == *spec => t,
+                Some(_) => return Err(conflict()),
+                None => {
+                    return Err(CreateError::Catalog(
+                        "the tenant vanished while it was created".into(),
+                    ))
+                }
+            }
+        }
+    };
+    let outcome = provision(control, &tenant, plan.max_connections).await;
+    let result = match &outcome {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("failed: {e}"),
+    };
+    catalog
+        .audit(actor, "tenant.create", id, &result, spec.clone())
+        .await;
+    match &outcome {
+        Ok(()) => catalog.set_state(id, "ready", None).await,
+        Err(e) => catalog.set_state(id, "failed", Some(e)).await,
+    }
+    .map_err(catalog_err)?;
+    let tenant = catalog
+        .tenant(id)
+        .await
+        .map_err(catalog_err)?
+        .ok_or_else(|| {
+            CreateError::Catalog("the tenant vanished while it was provisioned".into())
+        })?;
+    match outcome {
+        Ok(()) => {
+            let password = catalog
+                .take_owner_password(id)
+                .await
+                .map_err(catalog_err)?
+                .filter(|p| !p.is_empty());
+            // Routable by this instance at once (the others follow the notification).
+            if let Err(e) = control.directory.reload(id).await {
+                tracing::warn!(tenant = %id, error = %e, "could not load the new tenant yet");
+            }
+            Ok(Created::Ready {
+                tenant,
+                password,
+                new,
+            })
+        }
+        Err(reason) => Ok(Created::Failed { tenant, reason }),
+    }
+}
+
+/// Creates (or finishes) the tenant's role and database on its cluster.
+async fn provision(control: &Control, t: &TenantRow, connection_limit: i32) -> Result<(), String> {
+    let admin = control
+        .catalog
+        .cluster_admin(&t.cluster)
+        .await
+        .map_err(|e| format!("catalog: {e}"))?
+        .ok_or_else(|| format!("cluster \"{}\" is not registered", t.cluster))?;
+    let password = control
+        .catalog
+        .key
+        .open(&format!("tenant:{}", t.id), &t.backend_password_enc)
+        .map_err(|e| e.to_string())?;
+    let client = admin
+        .connect()
+        .await
+        .map_err(|e| format!("cluster \"{}\": {e}", t.cluster))?;
+    provision::create_tenant(
+        &client,
+        &t.backend_database,
+        &t.backend_role,
+        &password,
+        connection_limit,
+    )
+    .await
+    .map_err(|e| format!("cluster \"{}\": {e}", t.cluster))
+}
+
+/// Deletes tenant `id`: no new connections (state `deleting`, dropped from routing), then its databases (their
+/// sessions ended) and role are dropped and its catalog rows removed. Ok(false) when there is no such tenant; an
+/// error leaves it `deleting`, and deleting again retries.
+pub async fn delete(control: &Control, actor: &str, id: &str) -> Result<bool, String> {
+    let catalog = &control.catalog;
+    let Some(tenant) = catalog
+        .tenant(id)
+        .await
+        .map_err(|e| format!("catalog: {e}"))?
+    else {
+        return Ok(false);
+    };
+    catalog
+        .set_state(id, "deleting", None)
+        .await
+        .map_err(|e| format!("catalog: {e}"))?;
+    if let Err(e) = control.directory.reload(id).await {
+        tracing::warn!(tenant = %id, error = %e, "could not drop the tenant from the directory yet");
+    }
+    let outcome = async {
+        let databases = catalog
+            .tenant_databases(id)
+            .await
+            .map_err(|e| format!("catalog: {e}"))?;
+        let admin = catalog
+            .cluster_admin(&tenant.cluster)
+            .await
+            .map_err(|e| format!("catalog: {e}"))?
+            .ok_or_else(|| format!("cluster \"{}\" is not registered", tenant.cluster))?;
+        let client = admin
+            .connect()
+            .await
+            .map_err(|e| format!("cluster \"{}\": {e}", tenant.cluster))?;
+        provision::drop_tenant(&client, &databases, &tenant.backend_role)
+            .await
+            .map_err(|e| format!("cluster \"{}\": {e}", tenant.cluster))?;
+        catalog
+            .delete_tenant_row(id)
+            .await
+            .map_err(|e| format!("catalog: {e}"))
+    }
+    .await;
+    let result = match &outcome {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("failed: {e}"),
+    };
+    catalog
+        .audit(actor, "tenant.delete", id, &result, Value::Null)
+        .await;
+    outcome.map(|()| true)
+}

@@ -1,0 +1,320 @@
+//! The control plane through its HTTP API, as an operator drives it: tokens, clusters, tenants provisioned on a
+//! real cluster and used with a real client, idempotency, conflicts, validation, failure and retry, deletion.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::*;
+
+const ADMIN: &str = "admin-token-for-tests";
+const READER: &str = "read-token-for-tests";
+
+/// One HTTP/1.1 request: (status, JSON body or Null).
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut raw))
+        .await
+        .expect("the admin API answers")
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn control_env() -> Env {
+    Env::with(Setup {
+        catalog: true,
+        ..Setup::default()
+    })
+}
+
+async fn add_tokens(env: &Env) {
+    let control = env.proxy.control.as_ref().expect("a control plane");
+    control
+        .catalog
+        .put_token("ops", ADMIN, "admin")
+        .await
+        .unwrap();
+    control
+        .catalog
+        .put_token("viewer", READER, "read")
+        .await
+        .unwrap();
+}
+
+async fn register_cluster(env: &Env, name: &str, port: u16) -> (u16, Value) {
+    let body = json!({
+        "host": "127.0.0.1",
+        "port": port,
+        "admin_user": "postgres",
+        "admin_password": env.cluster.superuser_password(),
+    })
+    .to_string();
+    call(
+        env.admin,
+        "PUT",
+        &format!("/v1/clusters/{name}"),
+        Some(ADMIN),
+        Some(&body),
+    )
+    .await
+}
+
+/// Connects with a `postgres://` string the API returned (no TLS: the test's pgweir has it, the URL does not ask).
+async fn connect_url(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) =
+        tokio_postgres::connect(&format!("{url}?sslmode=disable"), tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+#[test]
+fn tokens_are_required_and_scoped() {
+    let env = control_env();
+    runtime().block_on(async {
+        add_tokens(&env).await;
+        let (s, body) = call(env.admin, "GET", "/v1/tenants", None, None).await;
+        assert_eq!((s, body["code"].as_str()), (401, Some("unauthorized")));
+        let (s, _) = call(env.admin, "GET", "/v1/tenants", Some("not-a-token"), None).await;
+        assert_eq!(s, 401);
+        let (s, body) = call(env.admin, "GET", "/v1/tenants", Some(READER), None).await;
+        assert_eq!(s, 200, "{body}");
+        let (s, body) = call(env.admin, "PUT", "/v1/tenants/x", Some(READER), Some("{}")).await;
+        assert_eq!((s, body["code"].as_str()), (403, Some("forbidden")));
+        // Every route of the OpenAPI document exists (not 404/405), and the document lists what the API has.
+        let (s, doc) = call(env.admin, "GET", "/v1/openapi.json", None, None).await;
+        assert_eq!(s, 200);
+        let paths = doc["paths"].as_object().unwrap();
+        for (method, path, _) in pgweir::admin::v1::ROUTES {
+            assert!(
+                paths[*path][*method].is_object(),
+                "{method} {path} in the document"
+            );
+            let concrete = path.replace("{name}", "nothing").replace("{id}", "nothing");
+            let (s, body) = call(
+                env.admin,
+                &method.to_uppercase(),
+                &concrete,
+                Some(READER),
+                None,
+            )
+            .await;
+            assert_ne!(s, 405, "{method} {path}");
+            assert_ne!(body["message"], "no such route", "{method} {path}");
+        }
+    });
+}
+
+#[test]
+fn tenants_are_provisioned_used_and_deleted() {
+    let env = control_env();
+    runtime().block_on(async {
+        add_tokens(&env).await;
+        let (s, body) = call(env.admin, "PUT", "/v1/tenants/shop", Some(ADMIN), Some("{}")).await;
+        assert_eq!((s, body["code"].as_str()), (409, Some("no_cluster")), "{body}");
+        let (s, body) = register_cluster(&env, "local", env.cluster.port()).await;
+        assert_eq!(s, 200, "{body}");
+
+        // Bad input: every problem listed, nothing created.
+        let (s, body) = call(
+            env.admin,
+            "PUT",
+            "/v1/tenants/Bad--Id",
+            Some(ADMIN),
+            Some(r#"{"plan": 5, "database": "Not A Name", "colour": "blue"}"#),
+        )
+        .await;
+        assert_eq!(s, 400, "{body}");
+        let fields: Vec<&str> = body["details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["field"].as_str().unwrap())
+            .collect();
+        for f in ["id", "plan", "database", "colour"] {
+            assert!(fields.contains(&f), "{f} in {body}");
+        }
+        let (s, body) = call(env.admin, "PUT", "/v1/tenants/shop", Some(ADMIN), Some("{nope")).await;
+        assert_eq!((s, body["code"].as_str()), (400, Some("invalid_json")));
+
+        // Create: the connection string works with a real client.
+        let started = Instant::now();
+        let (s, created) = call(env.admin, "PUT", "/v1/tenants/shop", Some(ADMIN), Some("{}")).await;
+        eprintln!("provisioning took {:?}", started.elapsed());
+        assert_eq!(s, 201, "{created}");
+        assert_eq!(created["state"], "ready");
+        let url = created["connection_string"].as_str().unwrap().to_owned();
+        assert!(url.starts_with("postgres://owner.shop:"), "{url}");
+        let client = connect_url(&url).await.expect("the new tenant accepts its owner");
+        let db: String = client
+            .query_one("select current_database()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(db, "tenant_shop_main");
+        client
+            .batch_execute("create table orders(id int); insert into orders values (1)")
+            .await
+            .unwrap();
+
+        // The same request again: the same tenant, no password shown again. Another request: a conflict.
+        let (s, again) = call(env.admin, "PUT", "/v1/tenants/shop", Some(ADMIN), Some("{}")).await;
+        assert_eq!(s, 200, "{again}");
+        assert_eq!(again["created_at"], created["created_at"]);
+        assert_eq!(again["connection_string"], "postgres://owner.shop@".to_owned() + url.split('@').nth(1).unwrap());
+        let (s, body) = call(env.admin, "PUT", "/v1/tenants/shop", Some(ADMIN), Some(r#"{"plan":"pro"}"#)).await;
+        assert_eq!((s, body["code"].as_str()), (409, Some("conflict")));
+
+        let (s, one) = call(env.admin, "GET", "/v1/tenants/shop", Some(READER), None).await;
+        assert_eq!((s, one["state"].as_str()), (200, Some("ready")));
+        let (s, list) = call(env.admin, "GET", "/v1/tenants?limit=10", Some(READER), None).await;
+        assert_eq!(s, 200);
+        assert!(list["tenants"].as_array().unwrap().iter().any(|t| t["id"] == "shop"));
+
+        // The backend: no superuser powers, and the database is closed to other roles.
+        let su = env.cluster.connect("postgres").await.unwrap();
+        let row = su
+            .query_one(
+                "select rolsuper, rolcreatedb, rolcreaterole, rolconnlimit from pg_roles where rolname = 'tenant_shop_owner'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!((row.get::<_, bool>(0), row.get::<_, bool>(1), row.get::<_, bool>(2)), (false, false, false));
+        assert_eq!(row.get::<_, i32>(3), 20, "the free plan's connection limit");
+        let public_connect: bool = su
+            .query_one("select has_database_privilege('public', 'tenant_shop_main', 'CONNECT')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(!public_connect);
+
+        // Delete: the tenant is gone from routing, the cluster and the catalog; it was audited.
+        drop(client);
+        let (s, _) = call(env.admin, "DELETE", "/v1/tenants/shop", Some(ADMIN), None).await;
+        assert_eq!(s, 204);
+        let err = connect_url(&url).await.expect_err("a deleted tenant refuses logins");
+        assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
+        let dbs: i64 = su
+            .query_one("select count(*) from pg_database where datname = 'tenant_shop_main'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(dbs, 0);
+        let (s, _) = call(env.admin, "GET", "/v1/tenants/shop", Some(READER), None).await;
+        assert_eq!(s, 404);
+        let control = env.cluster.connect("control").await.unwrap();
+        let audited: i64 = control
+            .query_one(
+                "select count(*) from pgweir.audit_log where target = 'shop' and actor = 'ops' and result = 'ok'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(audited, 2, "create and delete");
+    });
+}
+
+#[test]
+fn a_failed_provisioning_is_completed_by_a_retry_and_seen_by_other_instances() {
+    let env = control_env();
+    runtime().block_on(async {
+        add_tokens(&env).await;
+        // A cluster that does not answer: the tenant is recorded as failed, with the reason.
+        let closed = pgweir::pgcluster::free_port();
+        let (s, _) = register_cluster(&env, "flaky", closed).await;
+        assert_eq!(s, 200);
+        let body = r#"{"cluster": "flaky"}"#;
+        let (s, failed) = call(
+            env.admin,
+            "PUT",
+            "/v1/tenants/later",
+            Some(ADMIN),
+            Some(body),
+        )
+        .await;
+        assert_eq!(s, 502, "{failed}");
+        assert_eq!(failed["state"], "failed");
+        assert!(
+            failed["failure"].as_str().unwrap().contains("flaky"),
+            "{failed}"
+        );
+
+        // Another instance's view of the catalog.
+        let cfg = env.proxy.cfg.catalog.clone().unwrap();
+        let other = pgweir::catalog::control::Control::start(
+            &cfg,
+            env.proxy.cfg.pool,
+            ("127.0.0.1".into(), 1),
+        )
+        .await
+        .unwrap();
+        use pgweir::tenant::TenantDirectory;
+        assert!(
+            other.directory.get("later").is_none(),
+            "failed tenants are not routed"
+        );
+
+        // The cluster comes back (here: its registration is fixed); the same request completes the tenant.
+        let (s, _) = register_cluster(&env, "flaky", env.cluster.port()).await;
+        assert_eq!(s, 200);
+        let (s, done) = call(
+            env.admin,
+            "PUT",
+            "/v1/tenants/later",
+            Some(ADMIN),
+            Some(body),
+        )
+        .await;
+        assert_eq!(s, 200, "{done}");
+        assert_eq!(done["state"], "ready");
+        let url = done["connection_string"].as_str().unwrap();
+        let userinfo = url
+            .strip_prefix("postgres://")
+            .unwrap()
+            .split('@')
+            .next()
+            .unwrap();
+        assert!(
+            userinfo.starts_with("owner.later:") && userinfo.len() > 20,
+            "the password, once: {url}"
+        );
+        let client = connect_url(url)
+            .await
+            .expect("the completed tenant accepts its owner");
+        client.simple_query("select 1").await.unwrap();
+
+        // The other instance routes it within a second (notification), without a restart.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while other.directory.get("later").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the other instance sees the tenant within 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
