@@ -32,6 +32,12 @@ pub fn routes() -> Router<Arc<Proxy>> {
             "/v1/tenants/{id}",
             put(put_tenant).get(get_tenant).delete(delete_tenant),
         )
+        .route("/v1/tenants/{id}/users", get(list_users))
+        .route(
+            "/v1/tenants/{id}/users/{name}",
+            put(put_user).delete(delete_user),
+        )
+        .route("/v1/tenants/{id}/pools", get(tenant_pools))
 }
 
 /// Every route of the API, as `(method, path)`; the OpenAPI document is built from this list and a test checks
@@ -43,6 +49,10 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("put", "/v1/tenants/{id}", "Create a tenant (idempotent: the same body again is the same tenant, another body is 409) (admin)."),
     ("get", "/v1/tenants/{id}", "One tenant (read)."),
     ("delete", "/v1/tenants/{id}", "Delete a tenant: no new connections, then its databases and role are dropped (admin)."),
+    ("get", "/v1/tenants/{id}/users", "The tenant's users (read)."),
+    ("put", "/v1/tenants/{id}/users/{name}", "Add a user or rotate its password: {\"password\"?} (generated and shown once when absent); open sessions keep working (admin)."),
+    ("delete", "/v1/tenants/{id}/users/{name}", "Remove a user; its open sessions keep working until they end (admin)."),
+    ("get", "/v1/tenants/{id}/pools", "This instance's pools of the tenant, in the terms of PgBouncer's SHOW POOLS (read)."),
 ];
 
 async fn openapi() -> Json<Value> {
@@ -485,4 +495,187 @@ async fn delete_tenant(
             format!("{e}; the tenant stays in state deleting and DELETE again retries"),
         ),
     }
+}
+
+/// The tenant, or the 404/503 response.
+async fn existing_tenant(control: &Control, id: &str) -> Result<TenantRow, Response> {
+    match control.catalog.tenant(id).await {
+        Ok(Some(t)) if t.state != "deleting" => Ok(t),
+        Ok(_) => Err(error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no tenant \"{id}\""),
+        )),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+async fn list_users(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (control, _) = match authorize(&proxy, &headers, Scope::Read).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if let Err(r) = existing_tenant(&control, &id).await {
+        return r;
+    }
+    match control.catalog.users(&id).await {
+        Ok(users) => {
+            let users: Vec<Value> = users
+                .iter()
+                .map(|(name, at)| json!({"name": name, "created_at": at}))
+                .collect();
+            Json(json!({"users": users})).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn put_user(
+    State(proxy): State<Arc<Proxy>>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mut body = match json_object(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mut problems = Vec::new();
+    if !valid_name(&name) {
+        problems.push(("name".into(), "must be a lower-case SQL name".into()));
+    }
+    let given = string_field(&mut body, "password", &mut problems);
+    if given.as_ref().is_some_and(|p| p.len() < 12) {
+        problems.push(("password".into(), "must be at least 12 characters".into()));
+    }
+    for k in body.keys() {
+        problems.push((k.clone(), "unknown field".into()));
+    }
+    if !problems.is_empty() {
+        return invalid(problems);
+    }
+    let tenant = match existing_tenant(&control, &id).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let password = given.clone().unwrap_or_else(tenants::random_password);
+    let scram = crate::auth::scram::ScramVerifier::generate(&password, 4096).to_string();
+    let result = control.catalog.put_user(&id, &name, &scram).await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    control
+        .catalog
+        .audit(
+            &token.name,
+            "user.put",
+            &format!("{id}/{name}"),
+            outcome,
+            Value::Null,
+        )
+        .await;
+    let new = match result {
+        Ok(new) => new,
+        Err(e) => return internal(e),
+    };
+    // This instance uses the new password at once; the others follow the notification.
+    if let Err(e) = control.directory.reload(&id).await {
+        tracing::warn!(tenant = %id, error = %e, "could not reload the tenant yet");
+    }
+    let shown = if given.is_some() {
+        None
+    } else {
+        Some(password.as_str())
+    };
+    let mut body = json!({"tenant": id, "name": name});
+    body["connection_string"] =
+        tenant_json(&control, &tenant, Some(&name), shown)["connection_string"].clone();
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn delete_user(
+    State(proxy): State<Arc<Proxy>>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if let Err(r) = existing_tenant(&control, &id).await {
+        return r;
+    }
+    let result = control.catalog.delete_user(&id, &name).await;
+    let outcome = match &result {
+        Ok(true) => "ok",
+        Ok(false) => "not_found",
+        Err(_) => "error",
+    };
+    control
+        .catalog
+        .audit(
+            &token.name,
+            "user.delete",
+            &format!("{id}/{name}"),
+            outcome,
+            Value::Null,
+        )
+        .await;
+    match result {
+        Ok(true) => {
+            if let Err(e) = control.directory.reload(&id).await {
+                tracing::warn!(tenant = %id, error = %e, "could not reload the tenant yet");
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no user \"{name}\" in \"{id}\""),
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+async fn tenant_pools(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (control, _) = match authorize(&proxy, &headers, Scope::Read).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if let Err(r) = existing_tenant(&control, &id).await {
+        return r;
+    }
+    let pools: Vec<Value> = proxy
+        .pools
+        .stats()
+        .into_iter()
+        .filter(|p| p.tenant == id)
+        .map(|p| {
+            json!({
+                "pool": p.key,
+                "cl_waiting": p.clients_waiting,
+                "sv_active": p.server_active,
+                "sv_idle": p.server_idle,
+                "sv_pinned": p.server_pinned,
+                "sv_total": p.server_total,
+                "maxwait_us": p.max_wait_us,
+            })
+        })
+        .collect();
+    Json(json!({"tenant": id, "pools": pools})).into_response()
 }

@@ -390,6 +390,71 @@ impl Catalog {
         .await
     }
 
+    /// Sets (creates or replaces) a user's SCRAM verifier; true when the user is new.
+    pub async fn put_user(
+        &self,
+        tenant: &str,
+        name: &str,
+        scram: &str,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let (tenant, name, scram) = (tenant.to_owned(), name.to_owned(), scram.to_owned());
+        self.with(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_one(
+                        "INSERT INTO pgweir.tenant_users (tenant, name, scram) VALUES ($1, $2, $3)
+                         ON CONFLICT (tenant, name) DO UPDATE SET scram = $3
+                         RETURNING (xmax = 0)",
+                        &[&tenant, &name, &scram],
+                    )
+                    .await?;
+                Ok(row.get(0))
+            })
+        })
+        .await
+    }
+
+    /// Removes a user; false when there was none.
+    pub async fn delete_user(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "DELETE FROM pgweir.tenant_users WHERE tenant = $1 AND name = $2",
+                    &[&tenant, &name],
+                )
+                .await
+                .map(|n| n > 0)
+            })
+        })
+        .await
+    }
+
+    /// A tenant's users: (name, created_at).
+    pub async fn users(
+        &self,
+        tenant: &str,
+    ) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+        let tenant = tenant.to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT name, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+                           FROM pgweir.tenant_users WHERE tenant = $1 ORDER BY name",
+                        &[&tenant],
+                    )
+                    .await?;
+                Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            })
+        })
+        .await
+    }
+
     pub async fn delete_tenant_row(&self, id: &str) -> Result<(), tokio_postgres::Error> {
         let id = id.to_owned();
         self.with(move |c| {

@@ -55,7 +55,8 @@ fn catalog_err(e: impl std::fmt::Display) -> CreateError {
     CreateError::Catalog(e.to_string())
 }
 
-fn random_password() -> String {
+/// 24 random letters and digits.
+pub fn random_password() -> String {
     use rand::distributions::Alphanumeric;
     use rand::Rng;
     rand::thread_rng()

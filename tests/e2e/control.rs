@@ -187,6 +187,48 @@ fn tenants_are_provisioned_used_and_deleted() {
         let (s, body) = call(env.admin, "PUT", "/v1/tenants/shop", Some(ADMIN), Some(r#"{"plan":"pro"}"#)).await;
         assert_eq!((s, body["code"].as_str()), (409, Some("conflict")));
 
+        // Users: add one (password generated, shown once), rotate the owner's (open sessions keep working, the old
+        // password stops working for new ones), remove one.
+        let (s, added) = call(env.admin, "PUT", "/v1/tenants/shop/users/reader", Some(ADMIN), Some("{}")).await;
+        assert_eq!(s, 201, "{added}");
+        let reader_url = added["connection_string"].as_str().unwrap().to_owned();
+        assert!(reader_url.starts_with("postgres://reader.shop:"), "{reader_url}");
+        connect_url(&reader_url).await.expect("the new user logs in");
+        let (s, rotated) = call(
+            env.admin,
+            "PUT",
+            "/v1/tenants/shop/users/owner",
+            Some(ADMIN),
+            Some(r#"{"password": "a-new-password-42"}"#),
+        )
+        .await;
+        assert_eq!(s, 200, "{rotated}");
+        let rotated_url = rotated["connection_string"].as_str().unwrap().to_owned();
+        assert!(!rotated_url.contains("a-new-password-42"), "a password the caller chose is not echoed");
+        let err = connect_url(&url).await.expect_err("the old password no longer logs in");
+        assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
+        let new_url = rotated_url.replace("owner.shop@", "owner.shop:a-new-password-42@");
+        connect_url(&new_url).await.expect("the new password logs in");
+        let n: i32 = client.query_one("select count(*)::int from orders", &[]).await.unwrap().get(0);
+        assert_eq!(n, 1, "a session opened before the rotation keeps working");
+        let (s, _) = call(env.admin, "DELETE", "/v1/tenants/shop/users/reader", Some(ADMIN), None).await;
+        assert_eq!(s, 204);
+        assert!(connect_url(&reader_url).await.is_err(), "a removed user cannot log in");
+        let (s, users) = call(env.admin, "GET", "/v1/tenants/shop/users", Some(READER), None).await;
+        assert_eq!(s, 200);
+        assert_eq!(users["users"].as_array().unwrap().len(), 1, "{users}");
+        assert_eq!(users["users"][0]["name"], "owner");
+        let (s, bad) = call(env.admin, "PUT", "/v1/tenants/shop/users/Bad", Some(ADMIN), Some(r#"{"password": "short"}"#)).await;
+        assert_eq!(s, 400);
+        assert_eq!(bad["details"].as_array().unwrap().len(), 2, "{bad}");
+
+        // This instance's pools of the tenant, in SHOW POOLS terms.
+        let (s, pools) = call(env.admin, "GET", "/v1/tenants/shop/pools", Some(READER), None).await;
+        assert_eq!(s, 200);
+        let pool = &pools["pools"][0];
+        assert_eq!(pool["pool"], "local/tenant_shop_main@tenant_shop_owner", "{pools}");
+        assert!(pool["sv_total"].as_u64().unwrap() >= 1, "{pools}");
+
         let (s, one) = call(env.admin, "GET", "/v1/tenants/shop", Some(READER), None).await;
         assert_eq!((s, one["state"].as_str()), (200, Some("ready")));
         let (s, list) = call(env.admin, "GET", "/v1/tenants?limit=10", Some(READER), None).await;
@@ -234,7 +276,16 @@ fn tenants_are_provisioned_used_and_deleted() {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(audited, 2, "create and delete");
+        assert_eq!(audited, 2, "create and delete of the tenant");
+        let user_changes: i64 = control
+            .query_one(
+                "select count(*) from pgweir.audit_log where target like 'shop/%' and result = 'ok'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(user_changes, 3, "user add, rotation, removal");
     });
 }
 
