@@ -150,6 +150,22 @@ impl Server {
             info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin API listening");
             tokio::spawn(crate::admin::serve(l, proxy.clone()))
         });
+        let usage = proxy.control.clone().map(|control| {
+            let proxy = proxy.clone();
+            let every = proxy
+                .cfg
+                .catalog
+                .as_ref()
+                .map_or(Duration::from_secs(60), |c| c.usage_flush_interval);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    control.flush_usage(&proxy.pools).await;
+                }
+            })
+        });
         proxy.ready.store(true, Ordering::Relaxed);
         info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgweir is accepting connections");
         let reload = tokio::spawn(reload_on_sighup(proxy.clone(), hangup));
@@ -201,6 +217,14 @@ impl Server {
         reload.abort();
         if let Some(a) = admin {
             a.abort();
+        }
+        if let Some(u) = usage {
+            u.abort();
+        }
+        if let Some(control) = &proxy.control {
+            // What was counted since the last flush.
+            let _ = tokio::time::timeout(Duration::from_secs(2), control.flush_usage(&proxy.pools))
+                .await;
         }
         info!("pgweir stopped accepting connections");
     }

@@ -38,6 +38,7 @@ pub fn routes() -> Router<Arc<Proxy>> {
             put(put_user).delete(delete_user),
         )
         .route("/v1/tenants/{id}/pools", get(tenant_pools))
+        .route("/v1/tenants/{id}/usage", get(tenant_usage))
 }
 
 /// Every route of the API, as `(method, path)`; the OpenAPI document is built from this list and a test checks
@@ -53,6 +54,7 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("put", "/v1/tenants/{id}/users/{name}", "Add a user or rotate its password: {\"password\"?} (generated and shown once when absent); open sessions keep working (admin)."),
     ("delete", "/v1/tenants/{id}/users/{name}", "Remove a user; its open sessions keep working until they end (admin)."),
     ("get", "/v1/tenants/{id}/pools", "This instance's pools of the tenant, in the terms of PgBouncer's SHOW POOLS (read)."),
+    ("get", "/v1/tenants/{id}/usage", "Usage for billing since ?since=<RFC 3339> (default: all): connections, queries, transactions, bytes, storage (read)."),
 ];
 
 async fn openapi() -> Json<Value> {
@@ -678,4 +680,71 @@ async fn tenant_pools(
         })
         .collect();
     Json(json!({"tenant": id, "pools": pools})).into_response()
+}
+
+#[derive(Deserialize)]
+struct Since {
+    since: Option<String>,
+}
+
+async fn tenant_usage(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    since: Result<Query<Since>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let (control, _) = match authorize(&proxy, &headers, Scope::Read).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let since = match since {
+        Ok(Query(s)) => s.since,
+        Err(_) => None,
+    };
+    if let Some(s) = &since {
+        if humantime::parse_rfc3339_weak(s).is_err() {
+            return invalid(vec![(
+                "since".into(),
+                "must be a time like 2026-11-01T00:00:00Z".into(),
+            )]);
+        }
+    }
+    let tenant = match existing_tenant(&control, &id).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let mut usage = match control.catalog.usage(&id, since.as_deref()).await {
+        Ok(u) => u,
+        Err(e) => return internal(e),
+    };
+    // Counted by this instance and not written yet.
+    usage.add(&control.unflushed_usage(&proxy.pools, &id));
+    let storage = tenant_storage(&control, &tenant).await;
+    Json(json!({
+        "tenant": id,
+        "since": since,
+        "connections": usage.connections,
+        "queries": usage.requests,
+        "transactions": usage.transactions,
+        "bytes_in": usage.bytes_in,
+        "bytes_out": usage.bytes_out,
+        "storage_bytes": storage,
+    }))
+    .into_response()
+}
+
+/// The size of the tenant's databases (None when its cluster cannot be asked).
+async fn tenant_storage(control: &Control, t: &TenantRow) -> Option<i64> {
+    let databases = control.catalog.tenant_databases(&t.id).await.ok()?;
+    let admin = control.catalog.cluster_admin(&t.cluster).await.ok()??;
+    let client = admin.connect().await.ok()?;
+    let row = client
+        .query_one(
+            "SELECT COALESCE(sum(pg_database_size(d)), 0)::bigint FROM unnest($1::text[]) d
+              WHERE EXISTS (SELECT FROM pg_database WHERE datname = d)",
+            &[&databases],
+        )
+        .await
+        .ok()?;
+    Some(row.get(0))
 }

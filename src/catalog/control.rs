@@ -1,6 +1,8 @@
 //! The control plane of one pgweir instance: the catalog (migrated at start), the tenants it routes from it, and
 //! the admin API's tokens.
 
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +13,7 @@ use super::directory::CatalogDirectory;
 use super::secret::SecretKey;
 use super::store::{token_hash, Catalog, TokenInfo};
 use crate::config::{CatalogConfig, PoolConfig};
+use crate::pool::{Pool, Pools, UsageDelta};
 use crate::tenant::{Layered, StaticDirectory, TenantDirectory};
 
 /// The environment variable whose value, when set, is stored as the admin token named `bootstrap` at start.
@@ -26,6 +29,8 @@ pub struct Control {
     pub public_host: String,
     pub public_port: std::sync::atomic::AtomicU16,
     tokens: tokio::sync::Mutex<(Option<Instant>, Vec<TokenInfo>)>,
+    /// This instance's name in the usage table.
+    pub instance: String,
 }
 
 /// The tenant directory for `cfg`: the config file's tenants, and with `[catalog]` the catalog's after them
@@ -78,7 +83,58 @@ impl Control {
             public_host: public.0,
             public_port: std::sync::atomic::AtomicU16::new(public.1),
             tokens: tokio::sync::Mutex::new((None, Vec::new())),
+            instance: format!(
+                "{}-{}",
+                std::process::id(),
+                super::tenants::random_password()
+                    .to_lowercase()
+                    .get(..8)
+                    .unwrap_or("x")
+            ),
         }))
+    }
+
+    /// Moves the pools' usage counters into the catalog (the current minute of each tenant). Counters that could
+    /// not be written are put back, to be written by the next flush.
+    pub async fn flush_usage(&self, pools: &Pools) {
+        let taken: Vec<(Arc<Pool>, UsageDelta)> = Pool::all(pools)
+            .into_iter()
+            .map(|p| {
+                let d = p.usage.take();
+                (p, d)
+            })
+            .filter(|(_, d)| !d.is_zero())
+            .collect();
+        if taken.is_empty() {
+            return;
+        }
+        let mut by_tenant: HashMap<String, UsageDelta> = HashMap::new();
+        for (p, d) in &taken {
+            by_tenant.entry(p.tenant().to_owned()).or_default().add(d);
+        }
+        let rows: Vec<(String, UsageDelta)> = by_tenant.into_iter().collect();
+        if let Err(e) = self.catalog.add_usage(&self.instance, &rows).await {
+            tracing::warn!(error = %e, "could not record usage; keeping it for the next flush");
+            for (p, d) in taken {
+                let u = &p.usage;
+                u.connections.fetch_add(d.connections, Ordering::Relaxed);
+                u.requests.fetch_add(d.requests, Ordering::Relaxed);
+                u.transactions.fetch_add(d.transactions, Ordering::Relaxed);
+                u.bytes_in.fetch_add(d.bytes_in, Ordering::Relaxed);
+                u.bytes_out.fetch_add(d.bytes_out, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The usage of `tenant` this instance has counted but not written yet.
+    pub fn unflushed_usage(&self, pools: &Pools, tenant: &str) -> UsageDelta {
+        let mut d = UsageDelta::default();
+        for p in Pool::all(pools) {
+            if p.tenant() == tenant {
+                d.add(&p.usage.peek());
+            }
+        }
+        d
     }
 
     /// The token `bearer` stands for, if it is a valid one. Hashes are compared in constant time; the list is

@@ -11,6 +11,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::provision::ClusterAdmin;
 use super::secret::SecretKey;
+use crate::pool::UsageDelta;
 
 /// The catalog as the admin API uses it.
 pub struct Catalog {
@@ -385,6 +386,84 @@ impl Catalog {
                     )
                     .await?;
                 Ok(rows.iter().map(|r| r.get(0)).collect())
+            })
+        })
+        .await
+    }
+
+    /// Adds usage counters of `instance` to the current minute of each tenant.
+    pub async fn add_usage(
+        &self,
+        instance: &str,
+        rows: &[(String, UsageDelta)],
+    ) -> Result<(), tokio_postgres::Error> {
+        let instance = instance.to_owned();
+        let rows = rows.to_vec();
+        self.with(move |c| {
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                let stmt = tx
+                    .prepare(
+                        "INSERT INTO pgweir.usage AS u (tenant, instance, period, connections, queries, transactions,
+                             bytes_in, bytes_out)
+                         VALUES ($1, $2, date_trunc('minute', now()), $3, $4, $5, $6, $7)
+                         ON CONFLICT (tenant, instance, period) DO UPDATE SET
+                             connections = u.connections + EXCLUDED.connections,
+                             queries = u.queries + EXCLUDED.queries,
+                             transactions = u.transactions + EXCLUDED.transactions,
+                             bytes_in = u.bytes_in + EXCLUDED.bytes_in,
+                             bytes_out = u.bytes_out + EXCLUDED.bytes_out",
+                    )
+                    .await?;
+                for (tenant, d) in &rows {
+                    let v = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
+                    tx.execute(
+                        &stmt,
+                        &[
+                            tenant,
+                            &instance,
+                            &v(d.connections),
+                            &v(d.requests),
+                            &v(d.transactions),
+                            &v(d.bytes_in),
+                            &v(d.bytes_out),
+                        ],
+                    )
+                    .await?;
+                }
+                tx.commit().await
+            })
+        })
+        .await
+    }
+
+    /// A tenant's recorded usage (every instance) since `since` (RFC 3339; None: all).
+    pub async fn usage(
+        &self,
+        tenant: &str,
+        since: Option<&str>,
+    ) -> Result<UsageDelta, tokio_postgres::Error> {
+        let (tenant, since) = (tenant.to_owned(), since.map(str::to_owned));
+        self.with(move |c| {
+            Box::pin(async move {
+                let r = c
+                    .query_one(
+                        "SELECT COALESCE(sum(connections), 0)::bigint, COALESCE(sum(queries), 0)::bigint,
+                                COALESCE(sum(transactions), 0)::bigint, COALESCE(sum(bytes_in), 0)::bigint,
+                                COALESCE(sum(bytes_out), 0)::bigint
+                           FROM pgweir.usage
+                          WHERE tenant = $1 AND ($2::text IS NULL OR period >= date_trunc('minute', $2::timestamptz))",
+                        &[&tenant, &since],
+                    )
+                    .await?;
+                let u = |i: usize| u64::try_from(r.get::<_, i64>(i)).unwrap_or(0);
+                Ok(UsageDelta {
+                    connections: u(0),
+                    requests: u(1),
+                    transactions: u(2),
+                    bytes_in: u(3),
+                    bytes_out: u(4),
+                })
             })
         })
         .await

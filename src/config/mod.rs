@@ -53,6 +53,13 @@ pub struct CatalogConfig {
     /// The host name clients use to reach pgweir, for the connection strings the API returns (default: the
     /// listen address's IP).
     pub public_host: Option<String>,
+    /// How often this instance writes its tenants' usage counters to the catalog.
+    #[serde(default = "default_usage_flush", with = "humantime_serde")]
+    pub usage_flush_interval: Duration,
+}
+
+fn default_usage_flush() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_fetch_timeout() -> Duration {

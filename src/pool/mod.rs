@@ -66,6 +66,8 @@ pub struct PoolStats {
 pub struct Pool {
     key: PoolKey,
     tenant: String,
+    /// What the pool's clients did, for the tenant's usage report (taken by the catalog's usage flush).
+    pub usage: Usage,
     metrics: PoolMetrics,
     target: BackendTarget,
     cfg: PoolConfig,
@@ -86,6 +88,64 @@ pub struct Pool {
     /// Transaction mode: the named prepared statements of this pool's clients, one id per distinct definition.
     statements: Arc<crate::prepared::Registry>,
     no_params: StartupParams,
+}
+
+/// Counters of a pool's client activity since they were last taken.
+#[derive(Debug, Default)]
+pub struct Usage {
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+    pub transactions: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// A taken set of [`Usage`] counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub connections: u64,
+    pub requests: u64,
+    pub transactions: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Usage {
+    /// Reads and zeroes the counters.
+    pub fn take(&self) -> UsageDelta {
+        UsageDelta {
+            connections: self.connections.swap(0, Ordering::Relaxed),
+            requests: self.requests.swap(0, Ordering::Relaxed),
+            transactions: self.transactions.swap(0, Ordering::Relaxed),
+            bytes_in: self.bytes_in.swap(0, Ordering::Relaxed),
+            bytes_out: self.bytes_out.swap(0, Ordering::Relaxed),
+        }
+    }
+
+    /// Reads the counters without taking them.
+    pub fn peek(&self) -> UsageDelta {
+        UsageDelta {
+            connections: self.connections.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            transactions: self.transactions.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl UsageDelta {
+    pub fn add(&mut self, o: &UsageDelta) {
+        self.connections += o.connections;
+        self.requests += o.requests;
+        self.transactions += o.transactions;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == UsageDelta::default()
+    }
 }
 
 /// Name/value pairs: session settings or ParameterStatus values.
@@ -125,6 +185,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             key,
             tenant: tenant.to_owned(),
+            usage: Usage::default(),
             metrics,
             target,
             cfg,
@@ -361,6 +422,16 @@ impl Pool {
             max_wait_us: self.max_wait_us.load(Ordering::Relaxed),
             server_pinned: self.pinned.load(Ordering::Relaxed),
         }
+    }
+
+    /// The tenant whose client created the pool.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// Every pool now.
+    pub fn all(pools: &Pools) -> Vec<Arc<Pool>> {
+        pools.map.iter().map(|p| p.value().clone()).collect()
     }
 
     /// The role its server connections log in as.

@@ -10,6 +10,7 @@ mod forward;
 mod txn;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -429,10 +430,14 @@ async fn finish(stream: &mut ClientStream, tenant: &str, end: &forward::End, che
 }
 
 /// Adds what a forwarding run did to the process counters.
-fn count_run(t: &crate::telemetry::Telemetry, end: &forward::End) {
+fn count_run(t: &crate::telemetry::Telemetry, pool: &Pool, end: &forward::End) {
     t.requests.increment(end.answered);
     t.bytes_from_clients.increment(end.bytes_in);
     t.bytes_to_clients.increment(end.bytes_out);
+    let u = &pool.usage;
+    u.requests.fetch_add(end.answered, Ordering::Relaxed);
+    u.bytes_in.fetch_add(end.bytes_in, Ordering::Relaxed);
+    u.bytes_out.fetch_add(end.bytes_out, Ordering::Relaxed);
 }
 
 /// The FATAL for a client disconnected for idling (as Postgres words its own idle timeouts).
@@ -531,6 +536,7 @@ async fn session_mode(
         return false; // dropping the checkout closes the server connection: it is clean, but the client never used it
     }
     drop(out);
+    pool.usage.connections.fetch_add(1, Ordering::Relaxed);
     info!(%peer, tenant = %s.tenant, user = %s.user, server_pid = conn.pid, "client attached");
 
     let mut client_buf = BytesMut::with_capacity(forward::CHUNK);
@@ -543,7 +549,7 @@ async fn session_mode(
         None,
     ))
     .await;
-    count_run(&proxy.telemetry, &end);
+    count_run(&proxy.telemetry, &pool, &end);
     // Unlink before the server can go to another client: waits for a cancel that is being delivered.
     key.slot.set(SlotState::Idle).await;
     drop(key);

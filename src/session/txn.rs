@@ -219,6 +219,9 @@ async fn attach(
     msg::backend_key_data(key.pid, key.secret, &mut out);
     msg::ready_for_query(b'I', &mut out);
     write_flush(stream, &out).await.ok()?;
+    pool.usage
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     info!(%peer, tenant = %s.tenant, user = %s.user, mode = "transaction", "client attached");
     Some(Client {
         statements: ClientStatements::new(pool.statements().clone()),
@@ -287,6 +290,10 @@ impl Client {
         c.statements.set_search_path(get(&c.desired, "search_path"));
         let telemetry = &proxy.telemetry;
         telemetry.transactions.increment(1);
+        c.pool
+            .usage
+            .transactions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
         let limits = forward::Limits::from_config(&proxy.cfg.proxy);
         let mut mode = Mode::Transaction;
@@ -303,7 +310,7 @@ impl Client {
                 statements_for(&mut c.statements, per_server),
             ))
             .await;
-            count_run(telemetry, &end);
+            count_run(telemetry, &c.pool, &end);
             // Unlinked while pgweir runs its own queries on the connection.
             c.key.slot.set(SlotState::Idle).await;
             cancel_forwarded |= c.key.slot.take_forwarded() | end.cancel_sent;

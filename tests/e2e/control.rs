@@ -253,6 +253,32 @@ fn tenants_are_provisioned_used_and_deleted() {
             .get(0);
         assert!(!public_connect);
 
+        // Usage for billing: what this test did, written to the catalog by the periodic flush, and the storage.
+        let (s, usage) = call(env.admin, "GET", "/v1/tenants/shop/usage?since=2000-01-01T00:00:00Z", Some(READER), None).await;
+        assert_eq!(s, 200, "{usage}");
+        assert!(usage["connections"].as_u64().unwrap() >= 3, "{usage}");
+        assert!(usage["queries"].as_u64().unwrap() >= 3, "{usage}");
+        assert!(usage["transactions"].as_u64().unwrap() >= 3, "{usage}");
+        assert!(usage["bytes_in"].as_u64().unwrap() > 100, "{usage}");
+        assert!(usage["bytes_out"].as_u64().unwrap() > 100, "{usage}");
+        assert!(usage["storage_bytes"].as_i64().unwrap() > 1_000_000, "{usage}");
+        let (s, _) = call(env.admin, "GET", "/v1/tenants/shop/usage?since=yesterday", Some(READER), None).await;
+        assert_eq!(s, 400);
+        let control_db = env.cluster.connect("control").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let flushed: i64 = control_db
+                .query_one("select coalesce(sum(queries), 0)::bigint from pgweir.usage where tenant = 'shop'", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if flushed >= 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "usage is written to the catalog");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
         // Delete: the tenant is gone from routing, the cluster and the catalog; it was audited.
         drop(client);
         let (s, _) = call(env.admin, "DELETE", "/v1/tenants/shop", Some(ADMIN), None).await;

@@ -142,7 +142,7 @@ impl Env {
             )
             .unwrap();
             format!(
-                "[catalog]\nurl = {:?}\nkey_file = {:?}\npublic_host = \"127.0.0.1\"\n",
+                "[catalog]\nurl = {:?}\nkey_file = {:?}\npublic_host = \"127.0.0.1\"\nusage_flush_interval = \"1s\"\n",
                 cluster.superuser_dsn("control"),
                 key_file
             )
