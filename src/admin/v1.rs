@@ -26,7 +26,12 @@ use crate::server::Proxy;
 pub fn routes() -> Router<Arc<Proxy>> {
     Router::new()
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/clusters", get(list_clusters))
         .route("/v1/clusters/{name}", put(put_cluster))
+        .route(
+            "/v1/clusters/{name}/drain",
+            axum::routing::post(drain_cluster),
+        )
         .route("/v1/tenants", get(list_tenants))
         .route(
             "/v1/tenants/{id}",
@@ -45,7 +50,9 @@ pub fn routes() -> Router<Arc<Proxy>> {
 /// that the router and the document agree.
 pub const ROUTES: &[(&str, &str, &str)] = &[
     ("get", "/v1/openapi.json", "This document."),
+    ("get", "/v1/clusters", "Clusters with their tenant count and health (read)."),
     ("put", "/v1/clusters/{name}", "Register or update a backend cluster (admin)."),
+    ("post", "/v1/clusters/{name}/drain", "Drain a cluster: no new tenants are placed on it; {\"draining\": false} undoes it (admin)."),
     ("get", "/v1/tenants", "List tenants, paged: ?after=<id>&limit=<1..1000> (read)."),
     ("put", "/v1/tenants/{id}", "Create a tenant (idempotent: the same body again is the same tenant, another body is 409) (admin)."),
     ("get", "/v1/tenants/{id}", "One tenant (read)."),
@@ -747,4 +754,91 @@ async fn tenant_storage(control: &Control, t: &TenantRow) -> Option<i64> {
         .await
         .ok()?;
     Some(row.get(0))
+}
+
+async fn list_clusters(State(proxy): State<Arc<Proxy>>, headers: HeaderMap) -> Response {
+    let (control, _) = match authorize(&proxy, &headers, Scope::Read).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let clusters = match control.catalog.clusters().await {
+        Ok(c) => c,
+        Err(e) => return internal(e),
+    };
+    let mut out = Vec::new();
+    for (name, host, port, capacity, draining, tenants) in clusters {
+        // Healthy: its provisioning login answers within a few seconds.
+        let healthy = match control.catalog.cluster_admin(&name).await {
+            Ok(Some(admin)) => tokio::time::timeout(std::time::Duration::from_secs(3), async {
+                match admin.connect().await {
+                    Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+                    Err(_) => false,
+                }
+            })
+            .await
+            .unwrap_or(false),
+            _ => false,
+        };
+        out.push(json!({
+            "name": name, "host": host, "port": port, "capacity": capacity,
+            "draining": draining, "tenants": tenants, "healthy": healthy,
+        }));
+    }
+    Json(json!({"clusters": out})).into_response()
+}
+
+async fn drain_cluster(
+    State(proxy): State<Arc<Proxy>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mut body = match json_object(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mut problems = Vec::new();
+    let draining = match body.remove("draining") {
+        None => true,
+        Some(Value::Bool(b)) => b,
+        Some(_) => {
+            problems.push(("draining".into(), "must be true or false".into()));
+            true
+        }
+    };
+    for k in body.keys() {
+        problems.push((k.clone(), "unknown field".into()));
+    }
+    if !problems.is_empty() {
+        return invalid(problems);
+    }
+    let result = control.catalog.set_draining(&name, draining).await;
+    let outcome = match &result {
+        Ok(true) => "ok",
+        Ok(false) => "not_found",
+        Err(_) => "error",
+    };
+    control
+        .catalog
+        .audit(
+            &token.name,
+            "cluster.drain",
+            &name,
+            outcome,
+            json!({"draining": draining}),
+        )
+        .await;
+    match result {
+        Ok(true) => Json(json!({"name": name, "draining": draining})).into_response(),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no cluster \"{name}\""),
+        ),
+        Err(e) => internal(e),
+    }
 }

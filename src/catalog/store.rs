@@ -163,6 +163,49 @@ impl Catalog {
         .await
     }
 
+    /// Every cluster: (name, host, port, capacity, draining, tenants on it).
+    pub async fn clusters(
+        &self,
+    ) -> Result<Vec<(String, String, i32, i32, bool, i64)>, tokio_postgres::Error> {
+        self.with(|c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT c.name, c.host, c.port, c.capacity, c.draining,
+                                (SELECT count(*) FROM pgweir.tenants t WHERE t.cluster = c.name)
+                           FROM pgweir.clusters c ORDER BY c.name",
+                        &[],
+                    )
+                    .await?;
+                Ok(rows
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+                    .collect())
+            })
+        })
+        .await
+    }
+
+    /// Marks a cluster as draining (no new tenants) or not; false when there is no such cluster.
+    pub async fn set_draining(
+        &self,
+        name: &str,
+        draining: bool,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE pgweir.clusters SET draining = $2 WHERE name = $1",
+                    &[&name, &draining],
+                )
+                .await
+                .map(|n| n > 0)
+            })
+        })
+        .await
+    }
+
     /// A cluster's provisioning login.
     pub async fn cluster_admin(
         &self,

@@ -395,3 +395,70 @@ fn a_failed_provisioning_is_completed_by_a_retry_and_seen_by_other_instances() {
         }
     });
 }
+
+/// Provisioning that stopped between steps (here: a cluster that did not answer, and objects an interrupted
+/// attempt left on the cluster) is finished by the same request again, or removed completely by a delete. Clusters
+/// show their health, and a draining cluster takes no new tenants.
+#[test]
+fn interrupted_provisioning_is_finished_or_cleaned_up_and_clusters_drain() {
+    let env = control_env();
+    runtime().block_on(async {
+        add_tokens(&env).await;
+        let closed = pgweir::pgcluster::free_port();
+        register_cluster(&env, "local", closed).await;
+        let (s, clusters) = call(env.admin, "GET", "/v1/clusters", Some(READER), None).await;
+        assert_eq!(s, 200);
+        assert_eq!(clusters["clusters"][0]["healthy"], false, "{clusters}");
+        for id in ["half", "gone"] {
+            let (s, body) = call(env.admin, "PUT", &format!("/v1/tenants/{id}"), Some(ADMIN), Some("{}")).await;
+            assert_eq!((s, body["state"].as_str()), (502, Some("failed")), "{body}");
+        }
+        // What an attempt interrupted after its first steps leaves behind on the cluster.
+        let su = env.cluster.connect("postgres").await.unwrap();
+        for sql in [
+            "CREATE ROLE tenant_half_owner LOGIN PASSWORD 'stale'",
+            "CREATE ROLE tenant_gone_owner LOGIN PASSWORD 'stale'",
+            "CREATE DATABASE tenant_gone_main OWNER tenant_gone_owner",
+        ] {
+            su.batch_execute(sql).await.unwrap();
+        }
+        register_cluster(&env, "local", env.cluster.port()).await;
+        let (_, clusters) = call(env.admin, "GET", "/v1/clusters", Some(READER), None).await;
+        assert_eq!(clusters["clusters"][0]["healthy"], true, "{clusters}");
+        assert_eq!(clusters["clusters"][0]["tenants"], 2, "{clusters}");
+
+        // The same request finishes "half" (the role gets its real password, the database is created).
+        let (s, half) = call(env.admin, "PUT", "/v1/tenants/half", Some(ADMIN), Some("{}")).await;
+        assert_eq!((s, half["state"].as_str()), (200, Some("ready")), "{half}");
+        let client = connect_url(half["connection_string"].as_str().unwrap())
+            .await
+            .expect("the finished tenant accepts its owner");
+        let db: String = client.query_one("select current_database()", &[]).await.unwrap().get(0);
+        assert_eq!(db, "tenant_half_main");
+        // Deleting "gone" removes what the interrupted attempt left.
+        let (s, _) = call(env.admin, "DELETE", "/v1/tenants/gone", Some(ADMIN), None).await;
+        assert_eq!(s, 204);
+        let left: Vec<String> = su
+            .query(
+                "select rolname::text from pg_roles where rolname like 'tenant\\_%'
+                 union all select datname::text from pg_database where datname like 'tenant\\_%' order by 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(left, ["tenant_half_main", "tenant_half_owner"], "nothing orphaned");
+
+        // A draining cluster takes no new tenants; undoing the drain lets them in again.
+        let (s, _) = call(env.admin, "POST", "/v1/clusters/local/drain", Some(ADMIN), Some("{}")).await;
+        assert_eq!(s, 200);
+        let (s, body) = call(env.admin, "PUT", "/v1/tenants/next", Some(ADMIN), Some("{}")).await;
+        assert_eq!((s, body["code"].as_str()), (409, Some("no_cluster")), "{body}");
+        let (s, _) = call(env.admin, "POST", "/v1/clusters/local/drain", Some(ADMIN), Some(r#"{"draining": false}"#)).await;
+        assert_eq!(s, 200);
+        let (s, body) = call(env.admin, "PUT", "/v1/tenants/next", Some(ADMIN), Some("{}")).await;
+        assert_eq!(s, 201, "{body}");
+    });
+}
