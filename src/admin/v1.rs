@@ -35,7 +35,10 @@ pub fn routes() -> Router<Arc<Proxy>> {
         .route("/v1/tenants", get(list_tenants))
         .route(
             "/v1/tenants/{id}",
-            put(put_tenant).get(get_tenant).delete(delete_tenant),
+            put(put_tenant)
+                .get(get_tenant)
+                .delete(delete_tenant)
+                .patch(patch_tenant),
         )
         .route("/v1/tenants/{id}/users", get(list_users))
         .route(
@@ -57,6 +60,7 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("put", "/v1/tenants/{id}", "Create a tenant (idempotent: the same body again is the same tenant, another body is 409) (admin)."),
     ("get", "/v1/tenants/{id}", "One tenant (read)."),
     ("delete", "/v1/tenants/{id}", "Delete a tenant: no new connections, then its databases and role are dropped (admin)."),
+    ("patch", "/v1/tenants/{id}", "Change a tenant's plan: {\"plan\": \"pro\"} (connection limit and pool size follow) (admin)."),
     ("get", "/v1/tenants/{id}/users", "The tenant's users (read)."),
     ("put", "/v1/tenants/{id}/users/{name}", "Add a user or rotate its password: {\"password\"?} (generated and shown once when absent); open sessions keep working (admin)."),
     ("delete", "/v1/tenants/{id}/users/{name}", "Remove a user; its open sessions keep working until they end (admin)."),
@@ -840,5 +844,43 @@ async fn drain_cluster(
             format!("no cluster \"{name}\""),
         ),
         Err(e) => internal(e),
+    }
+}
+
+async fn patch_tenant(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mut body = match json_object(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mut problems = Vec::new();
+    let plan = string_field(&mut body, "plan", &mut problems);
+    if plan.is_none() && problems.is_empty() {
+        problems.push(("plan".into(), "is required".into()));
+    }
+    for k in body.keys() {
+        problems.push((k.clone(), "unknown field".into()));
+    }
+    if !problems.is_empty() {
+        return invalid(problems);
+    }
+    let plan = plan.unwrap_or_default();
+    match tenants::change_plan(&control, &token.name, &id, &plan).await {
+        Ok(t) => Json(tenant_json(&control, &t, None, None)).into_response(),
+        Err(e @ tenants::ChangeError::NoTenant(_)) => {
+            error(StatusCode::NOT_FOUND, "not_found", e.to_string())
+        }
+        Err(e @ tenants::ChangeError::NoPlan(_)) => invalid(vec![("plan".into(), e.to_string())]),
+        Err(e @ tenants::ChangeError::Failed(_)) => {
+            error(StatusCode::BAD_GATEWAY, "change_failed", e.to_string())
+        }
     }
 }

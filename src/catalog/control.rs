@@ -1,7 +1,6 @@
 //! The control plane of one pgweir instance: the catalog (migrated at start), the tenants it routes from it, and
 //! the admin API's tokens.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use super::directory::CatalogDirectory;
 use super::secret::SecretKey;
 use super::store::{token_hash, Catalog, TokenInfo};
 use crate::config::{CatalogConfig, PoolConfig};
-use crate::pool::{Pool, Pools, UsageDelta};
+use crate::pool::{Pools, Usage, UsageDelta};
 use crate::tenant::{Layered, StaticDirectory, TenantDirectory};
 
 /// The environment variable whose value, when set, is stored as the admin token named `bootstrap` at start.
@@ -97,26 +96,23 @@ impl Control {
     /// Moves the pools' usage counters into the catalog (the current minute of each tenant). Counters that could
     /// not be written are put back, to be written by the next flush.
     pub async fn flush_usage(&self, pools: &Pools) {
-        let taken: Vec<(Arc<Pool>, UsageDelta)> = Pool::all(pools)
+        let taken: Vec<(String, Arc<Usage>, UsageDelta)> = pools
+            .usage()
             .into_iter()
-            .map(|p| {
-                let d = p.usage.take();
-                (p, d)
+            .map(|(tenant, u)| {
+                let d = u.take();
+                (tenant, u, d)
             })
-            .filter(|(_, d)| !d.is_zero())
+            .filter(|(_, _, d)| !d.is_zero())
             .collect();
         if taken.is_empty() {
             return;
         }
-        let mut by_tenant: HashMap<String, UsageDelta> = HashMap::new();
-        for (p, d) in &taken {
-            by_tenant.entry(p.tenant().to_owned()).or_default().add(d);
-        }
-        let rows: Vec<(String, UsageDelta)> = by_tenant.into_iter().collect();
+        let rows: Vec<(String, UsageDelta)> =
+            taken.iter().map(|(t, _, d)| (t.clone(), *d)).collect();
         if let Err(e) = self.catalog.add_usage(&self.instance, &rows).await {
             tracing::warn!(error = %e, "could not record usage; keeping it for the next flush");
-            for (p, d) in taken {
-                let u = &p.usage;
+            for (_, u, d) in taken {
                 u.connections.fetch_add(d.connections, Ordering::Relaxed);
                 u.requests.fetch_add(d.requests, Ordering::Relaxed);
                 u.transactions.fetch_add(d.transactions, Ordering::Relaxed);
@@ -128,13 +124,10 @@ impl Control {
 
     /// The usage of `tenant` this instance has counted but not written yet.
     pub fn unflushed_usage(&self, pools: &Pools, tenant: &str) -> UsageDelta {
-        let mut d = UsageDelta::default();
-        for p in Pool::all(pools) {
-            if p.tenant() == tenant {
-                d.add(&p.usage.peek());
-            }
-        }
-        d
+        pools
+            .tenant_usage(tenant)
+            .map(|u| u.peek())
+            .unwrap_or_default()
     }
 
     /// The token `bearer` stands for, if it is a valid one. Hashes are compared in constant time; the list is

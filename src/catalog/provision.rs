@@ -95,6 +95,20 @@ pub async fn create_tenant(
     Ok(())
 }
 
+/// Sets the owner role's connection limit (a plan change).
+pub async fn set_connection_limit(
+    client: &Client,
+    role: &str,
+    limit: i32,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "ALTER ROLE {} CONNECTION LIMIT {limit}",
+            quote_ident(role)
+        ))
+        .await
+}
+
 /// Drops the tenant's databases (sessions on them are ended) and its owner role; missing objects are fine.
 pub async fn drop_tenant(
     client: &Client,

@@ -395,6 +395,22 @@ impl Catalog {
         Ok(sealed.and_then(|s| self.key.open(&format!("owner:{id}"), &s).ok()))
     }
 
+    /// Changes a tenant's plan.
+    pub async fn set_plan(&self, id: &str, plan: &str) -> Result<(), tokio_postgres::Error> {
+        let (id, plan) = (id.to_owned(), plan.to_owned());
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE pgweir.tenants SET plan = $2, updated_at = now() WHERE id = $1",
+                    &[&id, &plan],
+                )
+                .await
+                .map(|_| ())
+            })
+        })
+        .await
+    }
+
     /// Moves a tenant to `state` (with the failure reason for `failed`).
     pub async fn set_state(
         &self,

@@ -217,6 +217,85 @@ async fn provision(control: &Control, t: &TenantRow, connection_limit: i32) -> R
     .map_err(|e| format!("cluster \"{}\": {e}", t.cluster))
 }
 
+/// Why a plan change was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("no tenant \"{0}\"")]
+    NoTenant(String),
+    #[error("no plan \"{0}\"")]
+    NoPlan(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Moves tenant `id` to `plan`: the owner role's connection limit first (so the cluster never allows more than
+/// the catalog says), then the catalog; every instance's new logins use the plan's pool size.
+pub async fn change_plan(
+    control: &Control,
+    actor: &str,
+    id: &str,
+    plan: &str,
+) -> Result<TenantRow, ChangeError> {
+    let catalog = &control.catalog;
+    let failed = |e: String| ChangeError::Failed(e);
+    let tenant = match catalog
+        .tenant(id)
+        .await
+        .map_err(|e| failed(format!("catalog: {e}")))?
+    {
+        Some(t) if t.state == "ready" || t.state == "paused" => t,
+        _ => return Err(ChangeError::NoTenant(id.to_owned())),
+    };
+    let Some(p) = catalog
+        .plan(plan)
+        .await
+        .map_err(|e| failed(format!("catalog: {e}")))?
+    else {
+        return Err(ChangeError::NoPlan(plan.to_owned()));
+    };
+    let outcome = async {
+        let admin = catalog
+            .cluster_admin(&tenant.cluster)
+            .await
+            .map_err(|e| format!("catalog: {e}"))?
+            .ok_or_else(|| format!("cluster \"{}\" is not registered", tenant.cluster))?;
+        let client = admin
+            .connect()
+            .await
+            .map_err(|e| format!("cluster \"{}\": {e}", tenant.cluster))?;
+        provision::set_connection_limit(&client, &tenant.backend_role, p.max_connections)
+            .await
+            .map_err(|e| format!("cluster \"{}\": {e}", tenant.cluster))?;
+        catalog
+            .set_plan(id, &p.name)
+            .await
+            .map_err(|e| format!("catalog: {e}"))
+    }
+    .await;
+    let result = match &outcome {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("failed: {e}"),
+    };
+    catalog
+        .audit(
+            actor,
+            "tenant.plan",
+            id,
+            &result,
+            serde_json::json!({"plan": plan}),
+        )
+        .await;
+    outcome.map_err(failed)?;
+    if let Err(e) = control.directory.reload(id).await {
+        tracing::warn!(tenant = %id, error = %e, "could not reload the tenant yet");
+    }
+    catalog
+        .tenant(id)
+        .await
+        .map_err(|e| failed(format!("catalog: {e}")))?
+        .ok_or_else(|| ChangeError::NoTenant(id.to_owned()))
+}
+
 /// Deletes tenant `id`: no new connections (state `deleting`, dropped from routing), then its databases (their
 /// sessions ended) and role are dropped and its catalog rows removed. Ok(false) when there is no such tenant; an
 /// error leaves it `deleting`, and deleting again retries.

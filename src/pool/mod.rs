@@ -66,8 +66,9 @@ pub struct PoolStats {
 pub struct Pool {
     key: PoolKey,
     tenant: String,
-    /// What the pool's clients did, for the tenant's usage report (taken by the catalog's usage flush).
-    pub usage: Usage,
+    /// What the tenant's clients did, for its usage report (shared by the tenant's pools, also by a pool that
+    /// replaces this one; taken by the catalog's usage flush).
+    pub usage: Arc<Usage>,
     metrics: PoolMetrics,
     target: BackendTarget,
     cfg: PoolConfig,
@@ -180,12 +181,13 @@ impl Pool {
         target: BackendTarget,
         cfg: PoolConfig,
         metrics: PoolMetrics,
+        usage: Arc<Usage>,
     ) -> anyhow::Result<Arc<Pool>> {
         let tls = backend_client_config(target.cluster.tls, target.cluster.ca_file.as_deref())?;
         let pool = Arc::new(Pool {
             key,
             tenant: tenant.to_owned(),
-            usage: Usage::default(),
+            usage,
             metrics,
             target,
             cfg,
@@ -427,11 +429,6 @@ impl Pool {
     /// The tenant whose client created the pool.
     pub fn tenant(&self) -> &str {
         &self.tenant
-    }
-
-    /// Every pool now.
-    pub fn all(pools: &Pools) -> Vec<Arc<Pool>> {
-        pools.map.iter().map(|p| p.value().clone()).collect()
     }
 
     /// The role its server connections log in as.
@@ -683,6 +680,8 @@ async fn reset(conn: &mut ServerConn, tx_status: u8) -> Result<(), String> {
 pub struct Pools {
     map: DashMap<PoolKey, Arc<Pool>>,
     metrics: PoolMetrics,
+    /// Usage counters by tenant.
+    usage: DashMap<String, Arc<Usage>>,
 }
 
 /// Histograms every pool records into.
@@ -697,6 +696,7 @@ impl Pools {
     pub fn new(checkout_wait: metrics::Histogram, connect: metrics::Histogram) -> Pools {
         Pools {
             map: DashMap::new(),
+            usage: DashMap::new(),
             metrics: PoolMetrics {
                 checkout_wait,
                 connect,
@@ -717,16 +717,22 @@ impl Pools {
             user: target.user.clone(),
         };
         use dashmap::mapref::entry::Entry;
+        let usage = self.usage.entry(tenant.to_owned()).or_default().clone();
         match self.map.entry(key) {
-            Entry::Occupied(e) if e.get().target == *target => Ok(e.get().clone()),
+            Entry::Occupied(e) if e.get().target == *target && e.get().cfg == cfg => {
+                Ok(e.get().clone())
+            }
             Entry::Occupied(mut e) => {
-                // The tenant's backend changed (e.g. a new password): new connections use the new target.
+                // The tenant's backend or limits changed (a new password, another plan): new connections use a new
+                // pool; clients of the old one keep it until they leave, and its idle connections are closed when
+                // the last of them does.
                 let pool = Pool::new(
                     e.key().clone(),
                     tenant,
                     target.clone(),
                     cfg,
                     self.metrics.clone(),
+                    usage,
                 )?;
                 e.insert(pool.clone());
                 Ok(pool)
@@ -738,11 +744,25 @@ impl Pools {
                     target.clone(),
                     cfg,
                     self.metrics.clone(),
+                    usage,
                 )?;
                 e.insert(pool.clone());
                 Ok(pool)
             }
         }
+    }
+
+    /// The usage counters of every tenant that has had a pool.
+    pub fn usage(&self) -> Vec<(String, Arc<Usage>)> {
+        self.usage
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
+    }
+
+    /// The usage counters of `tenant`, if it has had a pool.
+    pub fn tenant_usage(&self, tenant: &str) -> Option<Arc<Usage>> {
+        self.usage.get(tenant).map(|u| u.clone())
     }
 
     pub fn stats(&self) -> Vec<PoolStats> {

@@ -253,6 +253,21 @@ fn tenants_are_provisioned_used_and_deleted() {
             .get(0);
         assert!(!public_connect);
 
+        // A plan change: the role's connection limit follows; bad plans are refused.
+        let (s, changed) = call(env.admin, "PATCH", "/v1/tenants/shop", Some(ADMIN), Some(r#"{"plan": "pro"}"#)).await;
+        assert_eq!((s, changed["plan"].as_str()), (200, Some("pro")), "{changed}");
+        let limit: i32 = su
+            .query_one("select rolconnlimit from pg_roles where rolname = 'tenant_shop_owner'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(limit, 200, "the pro plan's connection limit");
+        let (s, _) = call(env.admin, "PATCH", "/v1/tenants/shop", Some(ADMIN), Some(r#"{"plan": "gold"}"#)).await;
+        assert_eq!(s, 400);
+        let (s, _) = call(env.admin, "PATCH", "/v1/tenants/shop", Some(ADMIN), Some("{}")).await;
+        assert_eq!(s, 400);
+        connect_url(&new_url).await.expect("the tenant keeps working on its new plan");
+
         // Usage for billing: what this test did, written to the catalog by the periodic flush, and the storage.
         let (s, usage) = call(env.admin, "GET", "/v1/tenants/shop/usage?since=2000-01-01T00:00:00Z", Some(READER), None).await;
         assert_eq!(s, 200, "{usage}");
@@ -296,7 +311,8 @@ fn tenants_are_provisioned_used_and_deleted() {
         let control = env.cluster.connect("control").await.unwrap();
         let audited: i64 = control
             .query_one(
-                "select count(*) from pgweir.audit_log where target = 'shop' and actor = 'ops' and result = 'ok'",
+                "select count(*) from pgweir.audit_log where target = 'shop' and actor = 'ops' and result = 'ok'
+                   and action in ('tenant.create', 'tenant.delete')",
                 &[],
             )
             .await
@@ -312,6 +328,12 @@ fn tenants_are_provisioned_used_and_deleted() {
             .unwrap()
             .get(0);
         assert_eq!(user_changes, 3, "user add, rotation, removal");
+        let plan_changes: i64 = control
+            .query_one("select count(*) from pgweir.audit_log where action = 'tenant.plan' and result = 'ok'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(plan_changes, 1);
     });
 }
 
