@@ -146,6 +146,8 @@ impl Server {
             hangup,
         } = self;
         let slots = proxy.client_slots.clone();
+        // The client listener is bound (connections queue in its backlog) and accepted from just below.
+        proxy.ready.store(true, Ordering::Relaxed);
         let admin = admin.map(|l| {
             info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin API listening");
             tokio::spawn(crate::admin::serve(l, proxy.clone()))
@@ -166,7 +168,6 @@ impl Server {
                 }
             })
         });
-        proxy.ready.store(true, Ordering::Relaxed);
         info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgweir is accepting connections");
         let reload = tokio::spawn(reload_on_sighup(proxy.clone(), hangup));
         tokio::pin!(shutdown);

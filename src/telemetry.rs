@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::pool::PoolStats;
+use crate::pool::{PoolStats, UsageDelta};
 
 /// Bucket bounds (seconds) of the latency histograms: 100 µs … 30 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -116,6 +116,28 @@ fn describe() {
         Unit::Seconds,
         "Longest checkout wait of a pool so far."
     );
+    describe_counter!(
+        "pgweir_tenant_connections_total",
+        "Client logins of a tenant."
+    );
+    describe_counter!(
+        "pgweir_tenant_requests_total",
+        "Requests of a tenant's clients."
+    );
+    describe_counter!(
+        "pgweir_tenant_transactions_total",
+        "Transaction-mode transactions of a tenant's clients."
+    );
+    describe_counter!(
+        "pgweir_tenant_bytes_received_total",
+        Unit::Bytes,
+        "Bytes received from a tenant's clients."
+    );
+    describe_counter!(
+        "pgweir_tenant_bytes_sent_total",
+        Unit::Bytes,
+        "Bytes sent to a tenant's clients."
+    );
 }
 
 impl Default for Telemetry {
@@ -173,10 +195,27 @@ impl Telemetry {
 
     /// The Prometheus text: the counters and histograms, plus gauges read now from the pools (one series per
     /// pool up to `max_pool_series` pools, totals always) and the number of connected clients.
-    pub fn render(&self, pools: &[PoolStats], clients: usize, max_pool_series: usize) -> String {
+    pub fn render(
+        &self,
+        pools: &[PoolStats],
+        tenants: &[(String, UsageDelta)],
+        clients: usize,
+        max_series: usize,
+    ) -> String {
         metrics::with_local_recorder(&self.recorder, || {
+            // Per tenant, while there are few enough of them for Prometheus.
+            if tenants.len() <= max_series {
+                for (tenant, u) in tenants {
+                    let t = || ("tenant", tenant.clone());
+                    counter!("pgweir_tenant_connections_total", &[t()]).absolute(u.connections);
+                    counter!("pgweir_tenant_requests_total", &[t()]).absolute(u.requests);
+                    counter!("pgweir_tenant_transactions_total", &[t()]).absolute(u.transactions);
+                    counter!("pgweir_tenant_bytes_received_total", &[t()]).absolute(u.bytes_in);
+                    counter!("pgweir_tenant_bytes_sent_total", &[t()]).absolute(u.bytes_out);
+                }
+            }
             gauge!("pgweir_client_connections").set(clients as f64);
-            let per_pool = pools.len() <= max_pool_series;
+            let per_pool = pools.len() <= max_series;
             let mut totals = [0usize; 5];
             for p in pools {
                 let values = [

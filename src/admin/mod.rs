@@ -87,9 +87,18 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
         .admin
         .as_ref()
         .map_or(usize::MAX, |a| a.max_pool_series);
-    let body = proxy
-        .telemetry
-        .render(&proxy.pools.stats(), proxy.clients_connected(), max_series);
+    let tenants: Vec<_> = proxy
+        .pools
+        .usage()
+        .into_iter()
+        .map(|(t, u)| (t, u.totals()))
+        .collect();
+    let body = proxy.telemetry.render(
+        &proxy.pools.stats(),
+        &tenants,
+        proxy.clients_connected(),
+        max_series,
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -1,7 +1,6 @@
 //! The control plane of one pgweir instance: the catalog (migrated at start), the tenants it routes from it, and
 //! the admin API's tokens.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -113,11 +112,7 @@ impl Control {
         if let Err(e) = self.catalog.add_usage(&self.instance, &rows).await {
             tracing::warn!(error = %e, "could not record usage; keeping it for the next flush");
             for (_, u, d) in taken {
-                u.connections.fetch_add(d.connections, Ordering::Relaxed);
-                u.requests.fetch_add(d.requests, Ordering::Relaxed);
-                u.transactions.fetch_add(d.transactions, Ordering::Relaxed);
-                u.bytes_in.fetch_add(d.bytes_in, Ordering::Relaxed);
-                u.bytes_out.fetch_add(d.bytes_out, Ordering::Relaxed);
+                u.untake(&d);
             }
         }
     }

@@ -91,7 +91,8 @@ pub struct Pool {
     no_params: StartupParams,
 }
 
-/// Counters of a pool's client activity since they were last taken.
+/// Counters of a tenant's client activity: monotonic (for `/metrics`), with the part already written to the
+/// catalog remembered (for usage reports).
 #[derive(Debug, Default)]
 pub struct Usage {
     pub connections: AtomicU64,
@@ -99,6 +100,7 @@ pub struct Usage {
     pub transactions: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    flushed: Mutex<UsageDelta>,
 }
 
 /// A taken set of [`Usage`] counters.
@@ -112,19 +114,29 @@ pub struct UsageDelta {
 }
 
 impl Usage {
-    /// Reads and zeroes the counters.
+    /// What was counted since the last `take` (which counts as written from now on).
     pub fn take(&self) -> UsageDelta {
-        UsageDelta {
-            connections: self.connections.swap(0, Ordering::Relaxed),
-            requests: self.requests.swap(0, Ordering::Relaxed),
-            transactions: self.transactions.swap(0, Ordering::Relaxed),
-            bytes_in: self.bytes_in.swap(0, Ordering::Relaxed),
-            bytes_out: self.bytes_out.swap(0, Ordering::Relaxed),
-        }
+        let now = self.totals();
+        let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        let delta = now.minus(&flushed);
+        *flushed = now;
+        delta
     }
 
-    /// Reads the counters without taking them.
+    /// Puts back a taken `delta` that could not be written.
+    pub fn untake(&self, delta: &UsageDelta) {
+        let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        *flushed = flushed.minus(delta);
+    }
+
+    /// What was counted and not taken yet.
     pub fn peek(&self) -> UsageDelta {
+        let flushed = *self.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        self.totals().minus(&flushed)
+    }
+
+    /// Everything counted since the process started.
+    pub fn totals(&self) -> UsageDelta {
         UsageDelta {
             connections: self.connections.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
@@ -136,6 +148,16 @@ impl Usage {
 }
 
 impl UsageDelta {
+    fn minus(&self, o: &UsageDelta) -> UsageDelta {
+        UsageDelta {
+            connections: self.connections.saturating_sub(o.connections),
+            requests: self.requests.saturating_sub(o.requests),
+            transactions: self.transactions.saturating_sub(o.transactions),
+            bytes_in: self.bytes_in.saturating_sub(o.bytes_in),
+            bytes_out: self.bytes_out.saturating_sub(o.bytes_out),
+        }
+    }
+
     pub fn add(&mut self, o: &UsageDelta) {
         self.connections += o.connections;
         self.requests += o.requests;

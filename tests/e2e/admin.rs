@@ -126,6 +126,10 @@ fn metrics_follow_what_clients_do() {
         assert!(grew("pgweir_client_bytes_received_total") >= 200.0);
         assert!(grew("pgweir_client_bytes_sent_total") > 0.0);
         assert!(grew("pgweir_transaction_seconds_count") >= 10.0);
+        // Per tenant (few tenants here, so the series are on).
+        assert!(grew("pgweir_tenant_transactions_total{tenant=\"tx\"}") >= 10.0, "{after:?}");
+        assert!(grew("pgweir_tenant_requests_total{tenant=\"tx\"}") >= 10.0);
+        assert!(grew("pgweir_tenant_connections_total{tenant=\"tx\"}") >= 1.0);
         assert!(value(&after, "pgweir_client_connections") >= 1.0);
         assert!(value(&after, "pgweir_pools") >= 1.0);
 
