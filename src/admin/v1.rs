@@ -454,7 +454,21 @@ async fn put_tenant(
         user: user.clone(),
         password: None,
     };
-    match tenants::create(&control, &token.name, &id, &spec, &req).await {
+    // In a task of its own: a client that hangs up does not stop provisioning halfway.
+    let job = {
+        let (control, actor, id, spec) = (
+            control.clone(),
+            token.name.clone(),
+            id.clone(),
+            spec.clone(),
+        );
+        tokio::spawn(async move { tenants::create(&control, &actor, &id, &spec, &req).await })
+    };
+    let result = match job.await {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    match result {
         Ok(Created::Ready {
             tenant,
             password,
@@ -495,7 +509,15 @@ async fn delete_tenant(
         Ok(x) => x,
         Err(r) => return r,
     };
-    match tenants::delete(&control, &token.name, &id).await {
+    let job = {
+        let (control, actor, id) = (control.clone(), token.name.clone(), id.clone());
+        tokio::spawn(async move { tenants::delete(&control, &actor, &id).await })
+    };
+    let result = match job.await {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    match result {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => error(
             StatusCode::NOT_FOUND,
@@ -873,7 +895,15 @@ async fn patch_tenant(
         return invalid(problems);
     }
     let plan = plan.unwrap_or_default();
-    match tenants::change_plan(&control, &token.name, &id, &plan).await {
+    let job = {
+        let (control, actor, id) = (control.clone(), token.name.clone(), id.clone());
+        tokio::spawn(async move { tenants::change_plan(&control, &actor, &id, &plan).await })
+    };
+    let result = match job.await {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    match result {
         Ok(t) => Json(tenant_json(&control, &t, None, None)).into_response(),
         Err(e @ tenants::ChangeError::NoTenant(_)) => {
             error(StatusCode::NOT_FOUND, "not_found", e.to_string())

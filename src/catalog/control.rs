@@ -29,6 +29,8 @@ pub struct Control {
     tokens: tokio::sync::Mutex<(Option<Instant>, Vec<TokenInfo>)>,
     /// This instance's name in the usage table.
     pub instance: String,
+    /// One create/delete/plan change per tenant at a time (in this instance).
+    tenant_locks: dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// The tenant directory for `cfg`: the config file's tenants, and with `[catalog]` the catalog's after them
@@ -60,10 +62,13 @@ impl Control {
         public: (String, u16),
     ) -> anyhow::Result<Arc<Control>> {
         let key = Arc::new(SecretKey::load(cfg.key_file.as_deref())?);
-        let db: tokio_postgres::Config = cfg
+        let mut db: tokio_postgres::Config = cfg
             .url
             .parse()
             .map_err(|e| anyhow::anyhow!("catalog.url: {e}"))?;
+        if db.get_connect_timeout().is_none() {
+            db.connect_timeout(Duration::from_secs(5));
+        }
         let catalog = Catalog::new(db.clone(), key.clone());
         let applied = catalog.migrate().await?;
         if !applied.is_empty() {
@@ -81,6 +86,7 @@ impl Control {
             public_host: public.0,
             public_port: std::sync::atomic::AtomicU16::new(public.1),
             tokens: tokio::sync::Mutex::new((None, Vec::new())),
+            tenant_locks: dashmap::DashMap::new(),
             instance: format!(
                 "{}-{}",
                 std::process::id(),
@@ -90,6 +96,12 @@ impl Control {
                     .unwrap_or("x")
             ),
         }))
+    }
+
+    /// Serializes changes of one tenant in this instance (held for a whole create, delete or plan change).
+    pub async fn lock_tenant(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self.tenant_locks.entry(id.to_owned()).or_default().clone();
+        m.lock_owned().await
     }
 
     /// Moves the pools' usage counters into the catalog (the current minute of each tenant). Counters that could

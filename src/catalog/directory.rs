@@ -26,6 +26,18 @@ use crate::tenant::{Cluster, Lookup, Tenant, TenantDirectory, User};
 
 /// How long a name the catalog did not know is answered from memory.
 const MISS_TTL: Duration = Duration::from_secs(1);
+/// At most this many recent misses are remembered; beyond it, unknown names are not looked up.
+const MAX_MISSES: usize = 10_000;
+
+/// Could `id` be a tenant id (what the API accepts)?
+fn possible_tenant_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 40
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// Full reload period (a backstop for lost notifications).
 const RESYNC_EVERY: Duration = Duration::from_secs(60);
 
@@ -227,13 +239,24 @@ impl TenantDirectory for CatalogDirectory {
             if let Some(t) = self.get(id) {
                 return Some(t);
             }
-            if self
-                .misses
-                .get(id)
-                .is_some_and(|at| at.elapsed() < MISS_TTL)
+            // Anything a client can send lands here before it authenticates: only names that can be tenant ids
+            // are looked up, and each at most once per MISS_TTL.
+            if !possible_tenant_id(id)
+                || self
+                    .misses
+                    .get(id)
+                    .is_some_and(|at| at.elapsed() < MISS_TTL)
             {
                 return None;
             }
+            if self.misses.len() >= MAX_MISSES {
+                self.misses.retain(|_, at| at.elapsed() < MISS_TTL);
+                if self.misses.len() >= MAX_MISSES {
+                    // Flooded with unknown names: answer from the snapshot only until the flood passes.
+                    return None;
+                }
+            }
+            self.misses.insert(id.to_owned(), Instant::now());
             match tokio::time::timeout(self.fetch_timeout, self.reload(id)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {

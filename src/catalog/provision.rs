@@ -64,9 +64,11 @@ pub async fn create_tenant(
         .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
         .await?
         .is_empty();
+    // The cluster gets a SCRAM verifier, never the password itself (statements can end up in its logs).
+    let verifier = crate::auth::scram::ScramVerifier::generate(password, 4096).to_string();
     let attrs = format!(
         "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS CONNECTION LIMIT {connection_limit} PASSWORD {}",
-        quote_literal(password)
+        quote_literal(&verifier)
     );
     if role_exists {
         client

@@ -153,7 +153,7 @@ impl Catalog {
                     "INSERT INTO pgweir.clusters (name, host, port, admin_user, admin_password_enc, capacity)
                      VALUES ($1, $2, $3, $4, $5, $6)
                      ON CONFLICT (name) DO UPDATE SET host = $2, port = $3, admin_user = $4,
-                         admin_password_enc = $5, capacity = $6",
+                         admin_password_enc = COALESCE($5, pgweir.clusters.admin_password_enc), capacity = $6",
                     &[&name, &host, &port, &user, &sealed, &capacity],
                 )
                 .await
@@ -421,9 +421,17 @@ impl Catalog {
         let (id, state, failure) = (id.to_owned(), state.to_owned(), failure.map(str::to_owned));
         self.with(move |c| {
             Box::pin(async move {
+                // Provisioning outcomes only land on a tenant still being provisioned: a concurrent delete
+                // (`deleting`) or an earlier success (`ready`) is never overwritten by a late `failed`.
+                let from: &[&str] = match state.as_str() {
+                    "ready" | "failed" => &["provisioning", "failed"],
+                    _ => &["provisioning", "failed", "ready", "paused", "deleting"],
+                };
+                let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
                 c.execute(
-                    "UPDATE pgweir.tenants SET state = $2, failure = $3, updated_at = now() WHERE id = $1",
-                    &[&id, &state, &failure],
+                    "UPDATE pgweir.tenants SET state = $2, failure = $3, updated_at = now()
+                      WHERE id = $1 AND state = ANY($4)",
+                    &[&id, &state, &failure, &from],
                 )
                 .await
                 .map(|_| ())

@@ -74,12 +74,36 @@ pub async fn create(
     spec: &Value,
     req: &NewTenant,
 ) -> Result<Created, CreateError> {
+    let _serialized = control.lock_tenant(id).await;
     let catalog = &control.catalog;
+    let conflict = || {
+        CreateError::Conflict(format!(
+            "tenant \"{id}\" exists with a different definition"
+        ))
+    };
+    // A tenant that is there already is answered before placement (its cluster may be draining by now).
+    let existing = catalog.tenant(id).await.map_err(catalog_err)?;
+    match &existing {
+        Some(t) if t.spec != *spec => return Err(conflict()),
+        Some(t) if t.state == "deleting" => {
+            return Err(CreateError::Conflict(format!(
+                "tenant \"{id}\" is being deleted"
+            )))
+        }
+        Some(t) if t.state == "ready" || t.state == "paused" => {
+            return Ok(Created::Existing(t.clone()))
+        }
+        _ => {}
+    }
     let plan = catalog.plan(&req.plan).await.map_err(catalog_err)?;
-    let cluster = catalog
-        .place(req.cluster.as_deref())
-        .await
-        .map_err(catalog_err)?;
+    let cluster = match &existing {
+        // A retry stays where the first attempt placed it.
+        Some(t) => Some(t.cluster.clone()),
+        None => catalog
+            .place(req.cluster.as_deref())
+            .await
+            .map_err(catalog_err)?,
+    };
     let mut problems = Vec::new();
     if plan.is_none() {
         problems.push(("plan".into(), format!("no plan \"{}\"", req.plan)));
@@ -98,21 +122,9 @@ pub async fn create(
     let (Some(plan), Some(cluster)) = (plan, cluster) else {
         return Err(CreateError::NoCluster);
     };
-    let conflict = || {
-        CreateError::Conflict(format!(
-            "tenant \"{id}\" exists with a different definition"
-        ))
-    };
 
     let mut new = false;
-    let tenant = match catalog.tenant(id).await.map_err(catalog_err)? {
-        Some(t) if t.spec != *spec => return Err(conflict()),
-        Some(t) if t.state == "deleting" => {
-            return Err(CreateError::Conflict(format!(
-                "tenant \"{id}\" is being deleted"
-            )))
-        }
-        Some(t) if t.state == "ready" || t.state == "paused" => return Ok(Created::Existing(t)),
+    let tenant = match existing {
         Some(t) => t,
         None => {
             let (backend_db, backend_role) = backend_names(id);
@@ -236,6 +248,7 @@ pub async fn change_plan(
     id: &str,
     plan: &str,
 ) -> Result<TenantRow, ChangeError> {
+    let _serialized = control.lock_tenant(id).await;
     let catalog = &control.catalog;
     let failed = |e: String| ChangeError::Failed(e);
     let tenant = match catalog
@@ -300,6 +313,7 @@ pub async fn change_plan(
 /// sessions ended) and role are dropped and its catalog rows removed. Ok(false) when there is no such tenant; an
 /// error leaves it `deleting`, and deleting again retries.
 pub async fn delete(control: &Control, actor: &str, id: &str) -> Result<bool, String> {
+    let _serialized = control.lock_tenant(id).await;
     let catalog = &control.catalog;
     let Some(tenant) = catalog
         .tenant(id)

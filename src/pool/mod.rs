@@ -116,8 +116,8 @@ pub struct UsageDelta {
 impl Usage {
     /// What was counted since the last `take` (which counts as written from now on).
     pub fn take(&self) -> UsageDelta {
-        let now = self.totals();
         let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.totals();
         let delta = now.minus(&flushed);
         *flushed = now;
         delta

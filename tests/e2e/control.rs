@@ -482,5 +482,16 @@ fn interrupted_provisioning_is_finished_or_cleaned_up_and_clusters_drain() {
         assert_eq!(s, 200);
         let (s, body) = call(env.admin, "PUT", "/v1/tenants/next", Some(ADMIN), Some("{}")).await;
         assert_eq!(s, 201, "{body}");
+
+        // Two creates of one tenant at once: one creates it, the other finds it; it ends ready.
+        let (a, b) = tokio::join!(
+            call(env.admin, "PUT", "/v1/tenants/twin", Some(ADMIN), Some("{}")),
+            call(env.admin, "PUT", "/v1/tenants/twin", Some(ADMIN), Some("{}")),
+        );
+        let mut statuses = [a.0, b.0];
+        statuses.sort();
+        assert_eq!(statuses, [200, 201], "{} / {}", a.1, b.1);
+        let (s, twin) = call(env.admin, "GET", "/v1/tenants/twin", Some(READER), None).await;
+        assert_eq!((s, twin["state"].as_str()), (200, Some("ready")));
     });
 }
