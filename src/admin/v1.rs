@@ -145,6 +145,16 @@ async fn authorize(
     Ok((control, token))
 }
 
+/// A change request: the admin token's control plane and caller, and the JSON object body.
+async fn admin_request(
+    proxy: &Proxy,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Arc<Control>, TokenInfo, Map<String, Value>), Response> {
+    let (control, token) = authorize(proxy, headers, Scope::Admin).await?;
+    Ok((control, token, json_object(body)?))
+}
+
 fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
     ApiError::response(status, code, message)
 }
@@ -232,12 +242,8 @@ async fn put_cluster(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+    let (control, token, mut body) = match admin_request(&proxy, &headers, &body).await {
         Ok(x) => x,
-        Err(r) => return r,
-    };
-    let mut body = match json_object(&body) {
-        Ok(b) => b,
         Err(r) => return r,
     };
     let mut problems = Vec::new();
@@ -414,12 +420,8 @@ async fn put_tenant(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+    let (control, token, mut body) = match admin_request(&proxy, &headers, &body).await {
         Ok(x) => x,
-        Err(r) => return r,
-    };
-    let mut body = match json_object(&body) {
-        Ok(b) => b,
         Err(r) => return r,
     };
     let spec = Value::Object(body.clone());
@@ -575,12 +577,8 @@ async fn put_user(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+    let (control, token, mut body) = match admin_request(&proxy, &headers, &body).await {
         Ok(x) => x,
-        Err(r) => return r,
-    };
-    let mut body = match json_object(&body) {
-        Ok(b) => b,
         Err(r) => return r,
     };
     let mut problems = Vec::new();
@@ -819,12 +817,8 @@ async fn drain_cluster(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+    let (control, token, mut body) = match admin_request(&proxy, &headers, &body).await {
         Ok(x) => x,
-        Err(r) => return r,
-    };
-    let mut body = match json_object(&body) {
-        Ok(b) => b,
         Err(r) => return r,
     };
     let mut problems = Vec::new();
@@ -875,12 +869,8 @@ async fn patch_tenant(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+    let (control, token, mut body) = match admin_request(&proxy, &headers, &body).await {
         Ok(x) => x,
-        Err(r) => return r,
-    };
-    let mut body = match json_object(&body) {
-        Ok(b) => b,
         Err(r) => return r,
     };
     let mut problems = Vec::new();

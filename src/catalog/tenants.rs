@@ -201,23 +201,31 @@ pub async fn create(
     }
 }
 
-/// Creates (or finishes) the tenant's role and database on its cluster.
-async fn provision(control: &Control, t: &TenantRow, connection_limit: i32) -> Result<(), String> {
+/// A provisioning connection to `cluster`.
+async fn cluster_client(
+    control: &Control,
+    cluster: &str,
+) -> Result<tokio_postgres::Client, String> {
     let admin = control
         .catalog
-        .cluster_admin(&t.cluster)
+        .cluster_admin(cluster)
         .await
         .map_err(|e| format!("catalog: {e}"))?
-        .ok_or_else(|| format!("cluster \"{}\" is not registered", t.cluster))?;
+        .ok_or_else(|| format!("cluster \"{cluster}\" is not registered"))?;
+    admin
+        .connect()
+        .await
+        .map_err(|e| format!("cluster \"{cluster}\": {e}"))
+}
+
+/// Creates (or finishes) the tenant's role and database on its cluster.
+async fn provision(control: &Control, t: &TenantRow, connection_limit: i32) -> Result<(), String> {
     let password = control
         .catalog
         .key
         .open(&format!("tenant:{}", t.id), &t.backend_password_enc)
         .map_err(|e| e.to_string())?;
-    let client = admin
-        .connect()
-        .await
-        .map_err(|e| format!("cluster \"{}\": {e}", t.cluster))?;
+    let client = cluster_client(control, &t.cluster).await?;
     provision::create_tenant(
         &client,
         &t.backend_database,
@@ -267,15 +275,7 @@ pub async fn change_plan(
         return Err(ChangeError::NoPlan(plan.to_owned()));
     };
     let outcome = async {
-        let admin = catalog
-            .cluster_admin(&tenant.cluster)
-            .await
-            .map_err(|e| format!("catalog: {e}"))?
-            .ok_or_else(|| format!("cluster \"{}\" is not registered", tenant.cluster))?;
-        let client = admin
-            .connect()
-            .await
-            .map_err(|e| format!("cluster \"{}\": {e}", tenant.cluster))?;
+        let client = cluster_client(control, &tenant.cluster).await?;
         provision::set_connection_limit(&client, &tenant.backend_role, p.max_connections)
             .await
             .map_err(|e| format!("cluster \"{}\": {e}", tenant.cluster))?;
@@ -334,15 +334,7 @@ pub async fn delete(control: &Control, actor: &str, id: &str) -> Result<bool, St
             .tenant_databases(id)
             .await
             .map_err(|e| format!("catalog: {e}"))?;
-        let admin = catalog
-            .cluster_admin(&tenant.cluster)
-            .await
-            .map_err(|e| format!("catalog: {e}"))?
-            .ok_or_else(|| format!("cluster \"{}\" is not registered", tenant.cluster))?;
-        let client = admin
-            .connect()
-            .await
-            .map_err(|e| format!("cluster \"{}\": {e}", tenant.cluster))?;
+        let client = cluster_client(control, &tenant.cluster).await?;
         provision::drop_tenant(&client, &databases, &tenant.backend_role)
             .await
             .map_err(|e| format!("cluster \"{}\": {e}", tenant.cluster))?;

@@ -744,34 +744,38 @@ impl Pools {
             Entry::Occupied(e) if e.get().target == *target && e.get().cfg == cfg => {
                 Ok(e.get().clone())
             }
+            // The tenant's backend or limits changed (a new password, another plan): new connections use a new
+            // pool; clients of the old one keep it until they leave, and its idle connections are closed when the
+            // last of them does.
             Entry::Occupied(mut e) => {
-                // The tenant's backend or limits changed (a new password, another plan): new connections use a new
-                // pool; clients of the old one keep it until they leave, and its idle connections are closed when
-                // the last of them does.
-                let pool = Pool::new(
-                    e.key().clone(),
-                    tenant,
-                    target.clone(),
-                    cfg,
-                    self.metrics.clone(),
-                    usage,
-                )?;
+                let pool = self.new_pool(e.key(), tenant, target, cfg, usage)?;
                 e.insert(pool.clone());
                 Ok(pool)
             }
             Entry::Vacant(e) => {
-                let pool = Pool::new(
-                    e.key().clone(),
-                    tenant,
-                    target.clone(),
-                    cfg,
-                    self.metrics.clone(),
-                    usage,
-                )?;
+                let pool = self.new_pool(e.key(), tenant, target, cfg, usage)?;
                 e.insert(pool.clone());
                 Ok(pool)
             }
         }
+    }
+
+    fn new_pool(
+        &self,
+        key: &PoolKey,
+        tenant: &str,
+        target: &BackendTarget,
+        cfg: PoolConfig,
+        usage: Arc<Usage>,
+    ) -> anyhow::Result<Arc<Pool>> {
+        Pool::new(
+            key.clone(),
+            tenant,
+            target.clone(),
+            cfg,
+            self.metrics.clone(),
+            usage,
+        )
     }
 
     /// The usage counters of every tenant that has had a pool.
