@@ -32,6 +32,7 @@ pub fn routes() -> Router<Arc<Proxy>> {
             "/v1/clusters/{name}/drain",
             axum::routing::post(drain_cluster),
         )
+        .route("/v1/tokens/{name}", put(put_token).delete(delete_token))
         .route("/v1/tenants", get(list_tenants))
         .route(
             "/v1/tenants/{id}",
@@ -53,6 +54,8 @@ pub fn routes() -> Router<Arc<Proxy>> {
 /// that the router and the document agree.
 pub const ROUTES: &[(&str, &str, &str)] = &[
     ("get", "/v1/openapi.json", "This document."),
+    ("put", "/v1/tokens/{name}", "Create or replace an API token: {\"scope\": \"admin\"|\"read\"}; the token is in the answer, once (admin)."),
+    ("delete", "/v1/tokens/{name}", "Revoke an API token (admin)."),
     ("get", "/v1/clusters", "Clusters with their tenant count and health (read)."),
     ("put", "/v1/clusters/{name}", "Register or update a backend cluster (admin)."),
     ("post", "/v1/clusters/{name}/drain", "Drain a cluster: no new tenants are placed on it; {\"draining\": false} undoes it (admin)."),
@@ -337,7 +340,11 @@ fn tenant_json(
     user: Option<&str>,
     password: Option<&str>,
 ) -> Value {
-    let host = &control.public_host;
+    // An IPv6 address goes in brackets in a URI.
+    let host = match control.public_host.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{}]", control.public_host),
+        Err(_) => control.public_host.clone(),
+    };
     let port = control
         .public_port
         .load(std::sync::atomic::Ordering::Relaxed);
@@ -902,5 +909,95 @@ async fn patch_tenant(
         Err(e @ tenants::ChangeError::Failed(_)) => {
             error(StatusCode::BAD_GATEWAY, "change_failed", e.to_string())
         }
+    }
+}
+
+async fn put_token(
+    State(proxy): State<Arc<Proxy>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (control, token, mut body) = match admin_request(&proxy, &headers, &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mut problems = Vec::new();
+    if !valid_label(&name, 63) {
+        problems.push((
+            "name".into(),
+            "must be a DNS label: a-z, 0-9 and '-'".into(),
+        ));
+    }
+    let scope = string_field(&mut body, "scope", &mut problems);
+    if !matches!(scope.as_deref(), Some("admin" | "read")) {
+        problems.push(("scope".into(), "must be \"admin\" or \"read\"".into()));
+    }
+    for k in body.keys() {
+        problems.push((k.clone(), "unknown field".into()));
+    }
+    if !problems.is_empty() {
+        return invalid(problems);
+    }
+    let scope = scope.unwrap_or_default();
+    // 32 letters and digits: about 190 bits.
+    let secret = format!(
+        "{}{}",
+        tenants::random_password(),
+        &tenants::random_password()[..8]
+    );
+    let result = control.catalog.put_token(&name, &secret, &scope).await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    control
+        .catalog
+        .audit(
+            &token.name,
+            "token.put",
+            &name,
+            outcome,
+            json!({"scope": scope}),
+        )
+        .await;
+    if let Err(e) = result {
+        return internal(e);
+    }
+    control.forget_tokens().await;
+    (
+        StatusCode::CREATED,
+        Json(json!({"name": name, "scope": scope, "token": secret})),
+    )
+        .into_response()
+}
+
+async fn delete_token(
+    State(proxy): State<Arc<Proxy>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (control, token) = match authorize(&proxy, &headers, Scope::Admin).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let result = control.catalog.revoke_token(&name).await;
+    let outcome = match &result {
+        Ok(true) => "ok",
+        Ok(false) => "not_found",
+        Err(_) => "error",
+    };
+    control
+        .catalog
+        .audit(&token.name, "token.revoke", &name, outcome, Value::Null)
+        .await;
+    match result {
+        Ok(true) => {
+            control.forget_tokens().await;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no token \"{name}\""),
+        ),
+        Err(e) => internal(e),
     }
 }

@@ -137,6 +137,11 @@ impl Control {
             .unwrap_or_default()
     }
 
+    /// Forgets the cached token list (after a token was created or revoked).
+    pub async fn forget_tokens(&self) {
+        self.tokens.lock().await.0 = None;
+    }
+
     /// The token `bearer` stands for, if it is a valid one. Hashes are compared in constant time; the list is
     /// re-read from the catalog when it is older than a moment.
     pub async fn authorize(&self, bearer: &str) -> Option<TokenInfo> {

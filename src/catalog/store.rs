@@ -636,6 +636,22 @@ impl Catalog {
         .await
     }
 
+    /// Revokes the token `name`; false when there is no such (unrevoked) token.
+    pub async fn revoke_token(&self, name: &str) -> Result<bool, tokio_postgres::Error> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE pgweir.api_tokens SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
+                    &[&name],
+                )
+                .await
+                .map(|n| n > 0)
+            })
+        })
+        .await
+    }
+
     /// Every token not revoked.
     pub async fn tokens(&self) -> Result<Vec<TokenInfo>, tokio_postgres::Error> {
         self.with(|c| {

@@ -103,6 +103,50 @@ fn tokens_are_required_and_scoped() {
         assert_eq!(s, 200, "{body}");
         let (s, body) = call(env.admin, "PUT", "/v1/tenants/x", Some(READER), Some("{}")).await;
         assert_eq!((s, body["code"].as_str()), (403, Some("forbidden")));
+        // Tokens made through the API: shown once, scoped, revocable.
+        let (s, made) = call(
+            env.admin,
+            "PUT",
+            "/v1/tokens/ci",
+            Some(ADMIN),
+            Some(r#"{"scope": "read"}"#),
+        )
+        .await;
+        assert_eq!(s, 201, "{made}");
+        let ci = made["token"].as_str().unwrap().to_owned();
+        assert!(ci.len() >= 32);
+        let (s, _) = call(env.admin, "GET", "/v1/tenants", Some(&ci), None).await;
+        assert_eq!(s, 200);
+        let (s, _) = call(env.admin, "PUT", "/v1/tenants/x", Some(&ci), Some("{}")).await;
+        assert_eq!(s, 403);
+        let (s, _) = call(
+            env.admin,
+            "PUT",
+            "/v1/tokens/more",
+            Some(&ci),
+            Some(r#"{"scope": "admin"}"#),
+        )
+        .await;
+        assert_eq!(s, 403, "a read token cannot make tokens");
+        let (s, bad) = call(
+            env.admin,
+            "PUT",
+            "/v1/tokens/ci",
+            Some(ADMIN),
+            Some(r#"{"scope": "root"}"#),
+        )
+        .await;
+        assert_eq!(
+            (s, bad["details"][0]["field"].as_str()),
+            (400, Some("scope"))
+        );
+        let (s, _) = call(env.admin, "DELETE", "/v1/tokens/ci", Some(ADMIN), None).await;
+        assert_eq!(s, 204);
+        let (s, _) = call(env.admin, "GET", "/v1/tenants", Some(&ci), None).await;
+        assert_eq!(s, 401, "a revoked token is refused");
+        let (s, _) = call(env.admin, "DELETE", "/v1/tokens/ci", Some(ADMIN), None).await;
+        assert_eq!(s, 404);
+
         // Every route of the OpenAPI document exists (not 404/405), and the document lists what the API has.
         let (s, doc) = call(env.admin, "GET", "/v1/openapi.json", None, None).await;
         assert_eq!(s, 200);
