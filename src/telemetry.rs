@@ -2,7 +2,8 @@
 //!
 //! Every proxy has its own recorder (not a process-global one: tests run several proxies in one process). Handles
 //! are registered once and kept, so the data path pays an atomic add per event and never a registry lookup; hot
-//! loops count locally and add once per transaction. Pool gauges are read from the pools when scraped.
+//! loops count locally and add once per transaction. Pool gauges are read from the pools when scraped, and the
+//! request, transaction and byte totals are the sums of the tenants' usage counters (`pool::Usage`), counted once.
 
 use std::time::Duration;
 
@@ -29,12 +30,6 @@ pub struct Telemetry {
     pub clients_refused: Counter,
     pub logins_ok: Counter,
     pub logins_failed: Counter,
-    /// Requests answered by a server: Query, Sync (an extended-protocol batch) and FunctionCall messages.
-    pub requests: Counter,
-    /// Transaction-mode transactions (one server checkout each).
-    pub transactions: Counter,
-    pub bytes_from_clients: Counter,
-    pub bytes_to_clients: Counter,
     /// Transaction-mode transactions, from the checkout to the ReadyForQuery that ends them.
     pub transaction_seconds: Histogram,
     /// Checkouts that had to wait for a server connection (a free idle connection is taken at once and not
@@ -173,10 +168,6 @@ impl Telemetry {
                 r,
                 || counter!("pgweir_client_logins_total", "result" => "failed"),
             ),
-            requests: c("pgweir_requests_total"),
-            transactions: c("pgweir_transactions_total"),
-            bytes_from_clients: c("pgweir_client_bytes_received_total"),
-            bytes_to_clients: c("pgweir_client_bytes_sent_total"),
             transaction_seconds: h("pgweir_transaction_seconds"),
             checkout_wait_seconds: h("pgweir_checkout_wait_seconds"),
             backend_connect_seconds: h("pgweir_backend_connect_seconds"),
@@ -203,6 +194,15 @@ impl Telemetry {
         max_series: usize,
     ) -> String {
         metrics::with_local_recorder(&self.recorder, || {
+            // The process totals are the sums of the tenants' counters (counted once, on the data path).
+            let mut all = UsageDelta::default();
+            for (_, u) in tenants {
+                all.add(u);
+            }
+            counter!("pgweir_requests_total").absolute(all.requests);
+            counter!("pgweir_transactions_total").absolute(all.transactions);
+            counter!("pgweir_client_bytes_received_total").absolute(all.bytes_in);
+            counter!("pgweir_client_bytes_sent_total").absolute(all.bytes_out);
             // Per tenant, while there are few enough of them for Prometheus.
             if tenants.len() <= max_series {
                 for (tenant, u) in tenants {

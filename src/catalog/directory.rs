@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::secret::SecretKey;
 use super::TENANT_CHANNEL;
@@ -121,13 +121,7 @@ impl CatalogDirectory {
     async fn load(&self, id: Option<&str>) -> anyhow::Result<HashMap<String, Arc<Tenant>>> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            let (client, conn) = self.db.connect(NoTls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "catalog connection ended");
-                }
-            });
-            *guard = Some(client);
+            *guard = Some(super::connect(&self.db).await?);
         }
         let client = guard.as_ref().expect("connected above");
         let result = self.load_with(client, id).await;
@@ -217,15 +211,6 @@ impl CatalogDirectory {
             out.insert(id, Arc::new(tenant));
         }
         Ok(out)
-    }
-
-    /// Tenants in the snapshot now.
-    pub fn len(&self) -> usize {
-        self.tenants.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tenants.is_empty()
     }
 }
 

@@ -41,6 +41,17 @@ pub enum CatalogError {
     Db(#[from] tokio_postgres::Error),
 }
 
+/// Connects to the control database; the connection is driven by a task of its own.
+pub(crate) async fn connect(db: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = db.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "catalog connection ended");
+        }
+    });
+    Ok(client)
+}
+
 /// Brings the catalog schema to [`SCHEMA_VERSION`]; returns the versions it applied (none when it was current).
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, CatalogError> {
     let tx = client.transaction().await?;

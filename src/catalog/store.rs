@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::provision::ClusterAdmin;
 use super::secret::SecretKey;
@@ -96,14 +96,7 @@ impl Catalog {
             Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>,
         >,
     ) -> Result<T, tokio_postgres::Error> {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            let (client, conn) = self.db.connect(NoTls).await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            *guard = Some(client);
-        }
+        let mut guard = self.connected().await?;
         let client = guard.as_mut().expect("connected above");
         let r = f(client).await;
         if client.is_closed() {
@@ -112,16 +105,20 @@ impl Catalog {
         r
     }
 
-    /// Applies the migrations (see [`super::migrate`]).
-    pub async fn migrate(&self) -> Result<Vec<i32>, super::CatalogError> {
+    /// The catalog connection, opened (again) when there is none or it closed.
+    async fn connected(
+        &self,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, tokio_postgres::Error> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            let (client, conn) = self.db.connect(NoTls).await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            *guard = Some(client);
+            *guard = Some(super::connect(&self.db).await?);
         }
+        Ok(guard)
+    }
+
+    /// Applies the migrations (see [`super::migrate`]).
+    pub async fn migrate(&self) -> Result<Vec<i32>, super::CatalogError> {
+        let mut guard = self.connected().await?;
         super::migrate(guard.as_mut().expect("connected above")).await
     }
 

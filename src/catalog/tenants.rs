@@ -161,13 +161,7 @@ pub async fn create(
         }
     };
     let outcome = provision(control, &tenant, plan.max_connections).await;
-    let result = match &outcome {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => format!("failed: {e}"),
-    };
-    catalog
-        .audit(actor, "tenant.create", id, &result, spec.clone())
-        .await;
+    audit_outcome(catalog, actor, "tenant.create", id, &outcome, spec.clone()).await;
     match &outcome {
         Ok(()) => catalog.set_state(id, "ready", None).await,
         Err(e) => catalog.set_state(id, "failed", Some(e)).await,
@@ -199,6 +193,22 @@ pub async fn create(
         }
         Err(reason) => Ok(Created::Failed { tenant, reason }),
     }
+}
+
+/// Writes the audit record of an operation's outcome (`ok` or `failed: <why>`).
+async fn audit_outcome<T>(
+    catalog: &super::store::Catalog,
+    actor: &str,
+    action: &str,
+    target: &str,
+    outcome: &Result<T, String>,
+    detail: Value,
+) {
+    let result = match outcome {
+        Ok(_) => "ok".to_owned(),
+        Err(e) => format!("failed: {e}"),
+    };
+    catalog.audit(actor, action, target, &result, detail).await;
 }
 
 /// A provisioning connection to `cluster`.
@@ -285,19 +295,15 @@ pub async fn change_plan(
             .map_err(|e| format!("catalog: {e}"))
     }
     .await;
-    let result = match &outcome {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => format!("failed: {e}"),
-    };
-    catalog
-        .audit(
-            actor,
-            "tenant.plan",
-            id,
-            &result,
-            serde_json::json!({"plan": plan}),
-        )
-        .await;
+    audit_outcome(
+        catalog,
+        actor,
+        "tenant.plan",
+        id,
+        &outcome,
+        serde_json::json!({"plan": plan}),
+    )
+    .await;
     outcome.map_err(failed)?;
     if let Err(e) = control.directory.reload(id).await {
         tracing::warn!(tenant = %id, error = %e, "could not reload the tenant yet");
@@ -344,12 +350,6 @@ pub async fn delete(control: &Control, actor: &str, id: &str) -> Result<bool, St
             .map_err(|e| format!("catalog: {e}"))
     }
     .await;
-    let result = match &outcome {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => format!("failed: {e}"),
-    };
-    catalog
-        .audit(actor, "tenant.delete", id, &result, Value::Null)
-        .await;
+    audit_outcome(catalog, actor, "tenant.delete", id, &outcome, Value::Null).await;
     outcome.map(|()| true)
 }

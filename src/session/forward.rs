@@ -178,10 +178,10 @@ impl<'r> Shared<'r> {
             self.push(Effect::SessionStateUnknown);
             return None;
         };
-        if !sqlscan::has_session_effects(sql) {
+        let found = sqlscan::session_effects(sql);
+        if found.is_empty() {
             return None;
         }
-        let found = sqlscan::session_effects(sql);
         if self.mode == Mode::Pinned
             && found
                 .iter()

@@ -430,10 +430,8 @@ async fn finish(stream: &mut ClientStream, tenant: &str, end: &forward::End, che
 }
 
 /// Adds what a forwarding run did to the process counters.
-fn count_run(t: &crate::telemetry::Telemetry, pool: &Pool, end: &forward::End) {
-    t.requests.increment(end.answered);
-    t.bytes_from_clients.increment(end.bytes_in);
-    t.bytes_to_clients.increment(end.bytes_out);
+/// (`/metrics` derives the process totals from these per-tenant counters.)
+fn count_run(pool: &Pool, end: &forward::End) {
     let u = &pool.usage;
     u.requests.fetch_add(end.answered, Ordering::Relaxed);
     u.bytes_in.fetch_add(end.bytes_in, Ordering::Relaxed);
@@ -549,7 +547,7 @@ async fn session_mode(
         None,
     ))
     .await;
-    count_run(&proxy.telemetry, &pool, &end);
+    count_run(&pool, &end);
     // Unlink before the server can go to another client: waits for a cancel that is being delivered.
     key.slot.set(SlotState::Idle).await;
     drop(key);

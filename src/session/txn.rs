@@ -289,7 +289,6 @@ impl Client {
         }
         c.statements.set_search_path(get(&c.desired, "search_path"));
         let telemetry = &proxy.telemetry;
-        telemetry.transactions.increment(1);
         c.pool
             .usage
             .transactions
@@ -310,7 +309,7 @@ impl Client {
                 statements_for(&mut c.statements, per_server),
             ))
             .await;
-            count_run(telemetry, &c.pool, &end);
+            count_run(&c.pool, &end);
             // Unlinked while pgweir runs its own queries on the connection.
             c.key.slot.set(SlotState::Idle).await;
             cancel_forwarded |= c.key.slot.take_forwarded() | end.cancel_sent;
