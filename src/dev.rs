@@ -191,7 +191,7 @@ max_size = 20
         None => {
             control
                 .catalog
-                .put_token("dev", &secrets.admin_token, "admin")
+                .put_token("dev", &secrets.admin_token, "admin", true)
                 .await?;
             secrets.admin_token.clone()
         }

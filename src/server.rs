@@ -165,6 +165,9 @@ impl Server {
                 loop {
                     tick.tick().await;
                     control.flush_usage(&proxy.pools).await;
+                    proxy
+                        .pools
+                        .retain_tenants(|t| proxy.directory.get(t).is_some());
                 }
             })
         });

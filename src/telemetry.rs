@@ -32,6 +32,7 @@ pub struct Telemetry {
     pub logins_failed: Counter,
     /// Transaction-mode transactions, from the checkout to the ReadyForQuery that ends them.
     pub transaction_seconds: Histogram,
+    pub query_seconds: Histogram,
     /// Checkouts that had to wait for a server connection (a free idle connection is taken at once and not
     /// recorded), from the request to the connection.
     pub checkout_wait_seconds: Histogram,
@@ -79,6 +80,11 @@ fn describe() {
         "Transaction-mode transactions, checkout to end."
     );
     describe_histogram!(
+        "pgweir_query_seconds",
+        Unit::Seconds,
+        "Request latency: from a Query, Sync or FunctionCall reaching the server (or the previous answer of a pipeline) to its ReadyForQuery."
+    );
+    describe_histogram!(
         "pgweir_checkout_wait_seconds",
         Unit::Seconds,
         "Waits for a server connection (checkouts that waited)."
@@ -103,8 +109,8 @@ fn describe() {
         "Server connections of a pool by state."
     );
     describe_gauge!(
-        "pgweir_pool_clients_waiting",
-        "Clients waiting for a server connection of a pool."
+        "pgweir_pool_client_connections",
+        "Client sessions of a pool: active (not waiting) or waiting for a server connection."
     );
     describe_gauge!(
         "pgweir_pool_max_wait_seconds",
@@ -146,6 +152,12 @@ impl Telemetry {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
             .expect("the bucket list is not empty")
+            // Gauges are all set at each scrape from live state: one not set for a while belongs to a pool that
+            // is gone, and leaves the output.
+            .idle_timeout(
+                metrics_util::MetricKindMask::GAUGE,
+                Some(Duration::from_secs(1)),
+            )
             .build_recorder();
         let handle = recorder.handle();
         let r = &recorder;
@@ -169,6 +181,7 @@ impl Telemetry {
                 || counter!("pgweir_client_logins_total", "result" => "failed"),
             ),
             transaction_seconds: h("pgweir_transaction_seconds"),
+            query_seconds: h("pgweir_query_seconds"),
             checkout_wait_seconds: h("pgweir_checkout_wait_seconds"),
             backend_connect_seconds: h("pgweir_backend_connect_seconds"),
             handle,
@@ -237,7 +250,11 @@ impl Telemetry {
                     l.push(("state", state.to_owned()));
                     gauge!("pgweir_pool_server_connections", &l).set(v as f64);
                 }
-                gauge!("pgweir_pool_clients_waiting", &labels).set(p.clients_waiting as f64);
+                for (state, v) in [("active", p.clients_active), ("waiting", p.clients_waiting)] {
+                    let mut l = labels.to_vec();
+                    l.push(("state", state.to_owned()));
+                    gauge!("pgweir_pool_client_connections", &l).set(v as f64);
+                }
                 gauge!("pgweir_pool_max_wait_seconds", &labels)
                     .set(Duration::from_micros(p.max_wait_us).as_secs_f64());
             }

@@ -121,3 +121,79 @@ async fn tenant_changes_are_announced() {
         .iter()
         .all(|(channel, payload)| channel == TENANT_CHANNEL && payload == "acme"));
 }
+
+/// Usage flushes are written exactly once (a retry of a flush whose commit answer was lost adds nothing), and a
+/// revoked bootstrap token is not revived by a restart that still has it in the environment.
+#[tokio::test]
+async fn usage_is_written_once_and_revoked_tokens_stay_revoked() {
+    use pgweir::catalog::secret::SecretKey;
+    use pgweir::catalog::store::Catalog;
+    use pgweir::pool::UsageDelta;
+    use std::sync::Arc;
+
+    let cluster = LocalCluster::temporary().expect("temporary cluster");
+    let _ = control_db(&cluster).await;
+    let key = SecretKey::from_base64(&SecretKey::generate_base64()).unwrap();
+    let cat = Catalog::new(
+        cluster.superuser_dsn("control").parse().unwrap(),
+        Arc::new(key),
+    );
+    cat.migrate().await.unwrap();
+
+    let d = UsageDelta {
+        connections: 1,
+        requests: 10,
+        transactions: 5,
+        bytes_in: 100,
+        bytes_out: 1000,
+    };
+    let rows = vec![("t1".to_owned(), d)];
+    cat.add_usage("i1", 1, &rows).await.unwrap();
+    cat.add_usage("i1", 1, &rows).await.unwrap(); // the retry of flush 1
+    cat.add_usage("i2", 1, &rows).await.unwrap(); // another instance's flush 1
+    cat.add_usage("i1", 2, &rows).await.unwrap();
+    let total = cat.usage("t1", None).await.unwrap();
+    assert_eq!(total.requests, 30, "three distinct flushes: {total:?}");
+    assert_eq!(total.bytes_out, 3000);
+
+    async fn names(c: &Catalog) -> Vec<String> {
+        let mut v: Vec<String> = c
+            .tokens()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        v.sort();
+        v
+    }
+    cat.put_token("bootstrap", "first-value", "admin", false)
+        .await
+        .unwrap();
+    assert_eq!(names(&cat).await, ["bootstrap"]);
+    assert!(cat.revoke_token("bootstrap").await.unwrap());
+    cat.put_token("bootstrap", "first-value", "admin", false)
+        .await
+        .unwrap();
+    assert!(
+        names(&cat).await.is_empty(),
+        "a revoked bootstrap token stays revoked"
+    );
+    cat.put_token("bootstrap", "second-value", "admin", false)
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&cat).await,
+        ["bootstrap"],
+        "a new value is a new token"
+    );
+    cat.revoke_token("bootstrap").await.unwrap();
+    cat.put_token("bootstrap", "second-value", "admin", true)
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&cat).await,
+        ["bootstrap"],
+        "the API's put replaces a revoked token"
+    );
+}

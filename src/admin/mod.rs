@@ -70,6 +70,13 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> Response {
         );
     }
     if let Some(control) = &proxy.control {
+        if !control.directory.following() {
+            return ApiError::response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "not following catalog changes (reconnecting to the control database)",
+            );
+        }
         if !control.catalog.ping().await {
             return ApiError::response(
                 StatusCode::SERVICE_UNAVAILABLE,

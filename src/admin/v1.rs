@@ -708,6 +708,7 @@ async fn tenant_pools(
         .map(|p| {
             json!({
                 "pool": p.key,
+                "cl_active": p.clients_active,
                 "cl_waiting": p.clients_waiting,
                 "sv_active": p.server_active,
                 "sv_idle": p.server_idle,
@@ -756,7 +757,7 @@ async fn tenant_usage(
         Err(e) => return internal(e),
     };
     // Counted by this instance and not written yet.
-    usage.add(&control.unflushed_usage(&proxy.pools, &id));
+    usage.add(&control.unflushed_usage(&proxy.pools, &id).await);
     let storage = tenant_storage(&control, &tenant).await;
     Json(json!({
         "tenant": id,
@@ -946,7 +947,10 @@ async fn put_token(
         tenants::random_password(),
         &tenants::random_password()[..8]
     );
-    let result = control.catalog.put_token(&name, &secret, &scope).await;
+    let result = control
+        .catalog
+        .put_token(&name, &secret, &scope, true)
+        .await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
     control
         .catalog

@@ -1,6 +1,7 @@
 //! The control plane of one pgweir instance: the catalog (migrated at start), the tenants it routes from it, and
 //! the admin API's tokens.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use super::directory::CatalogDirectory;
 use super::secret::SecretKey;
 use super::store::{token_hash, Catalog, TokenInfo};
 use crate::config::{CatalogConfig, PoolConfig};
-use crate::pool::{Pools, Usage, UsageDelta};
+use crate::pool::{Pools, UsageDelta};
 use crate::tenant::{Layered, StaticDirectory, TenantDirectory};
 
 /// The environment variable whose value, when set, is stored as the admin token named `bootstrap` at start.
@@ -19,6 +20,9 @@ pub const ADMIN_TOKEN_ENV: &str = "PGWEIR_ADMIN_TOKEN";
 
 /// How often the token list is re-read at most.
 const TOKENS_FRESH: Duration = Duration::from_secs(2);
+
+/// Usage counters by tenant, as one flush writes them.
+type UsageRows = Vec<(String, UsageDelta)>;
 
 pub struct Control {
     pub catalog: Catalog,
@@ -31,6 +35,10 @@ pub struct Control {
     pub instance: String,
     /// One create/delete/plan change per tenant at a time (in this instance).
     tenant_locks: dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// The number of this instance's next usage flush.
+    usage_seq: AtomicU64,
+    /// A usage flush that failed, retried as it is (same number) before anything new is taken.
+    pending_usage: tokio::sync::Mutex<Option<(u64, UsageRows)>>,
 }
 
 /// The tenant directory for `cfg`: the config file's tenants, and with `[catalog]` the catalog's after them
@@ -76,7 +84,11 @@ impl Control {
         }
         if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV) {
             if !token.is_empty() {
-                catalog.put_token("bootstrap", &token, "admin").await?;
+                // A bootstrap token revoked through the API stays revoked while the environment still holds it;
+                // a new value replaces it.
+                catalog
+                    .put_token("bootstrap", &token, "admin", false)
+                    .await?;
             }
         }
         let directory = CatalogDirectory::start(db, key, pool_defaults, cfg.fetch_timeout).await?;
@@ -87,6 +99,8 @@ impl Control {
             public_port: std::sync::atomic::AtomicU16::new(public.1),
             tokens: tokio::sync::Mutex::new((None, Vec::new())),
             tenant_locks: dashmap::DashMap::new(),
+            usage_seq: AtomicU64::new(1),
+            pending_usage: tokio::sync::Mutex::new(None),
             instance: format!(
                 "{}-{}",
                 std::process::id(),
@@ -104,37 +118,48 @@ impl Control {
         m.lock_owned().await
     }
 
-    /// Moves the pools' usage counters into the catalog (the current minute of each tenant). Counters that could
-    /// not be written are put back, to be written by the next flush.
+    /// Moves the pools' usage counters into the catalog (the current minute of each tenant), exactly once: a
+    /// flush that failed is retried with the same number and the same counters before anything new is taken, so
+    /// a flush whose commit went through but whose answer was lost is not counted twice.
     pub async fn flush_usage(&self, pools: &Pools) {
-        let taken: Vec<(String, Arc<Usage>, UsageDelta)> = pools
+        let mut pending = self.pending_usage.lock().await;
+        if let Some((seq, rows)) = pending.as_ref() {
+            if let Err(e) = self.catalog.add_usage(&self.instance, *seq, rows).await {
+                tracing::warn!(error = %e, "could not record usage; keeping it for the next flush");
+                return;
+            }
+            *pending = None;
+        }
+        let rows: UsageRows = pools
             .usage()
             .into_iter()
-            .map(|(tenant, u)| {
-                let d = u.take();
-                (tenant, u, d)
-            })
-            .filter(|(_, _, d)| !d.is_zero())
+            .map(|(tenant, u)| (tenant, u.take()))
+            .filter(|(_, d)| !d.is_zero())
             .collect();
-        if taken.is_empty() {
+        if rows.is_empty() {
             return;
         }
-        let rows: Vec<(String, UsageDelta)> =
-            taken.iter().map(|(t, _, d)| (t.clone(), *d)).collect();
-        if let Err(e) = self.catalog.add_usage(&self.instance, &rows).await {
+        let seq = self.usage_seq.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.catalog.add_usage(&self.instance, seq, &rows).await {
             tracing::warn!(error = %e, "could not record usage; keeping it for the next flush");
-            for (_, u, d) in taken {
-                u.untake(&d);
-            }
+            *pending = Some((seq, rows));
         }
     }
 
     /// The usage of `tenant` this instance has counted but not written yet.
-    pub fn unflushed_usage(&self, pools: &Pools, tenant: &str) -> UsageDelta {
-        pools
+    pub async fn unflushed_usage(&self, pools: &Pools, tenant: &str) -> UsageDelta {
+        let mut d = pools
             .tenant_usage(tenant)
             .map(|u| u.peek())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Some((_, rows)) = self.pending_usage.lock().await.as_ref() {
+            for (t, p) in rows {
+                if t == tenant {
+                    d.add(p);
+                }
+            }
+        }
+        d
     }
 
     /// Forgets the cached token list (after a token was created or revoked).

@@ -10,6 +10,7 @@
 //! - When the control database is unreachable, the snapshot keeps serving the tenants it has.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,8 @@ pub struct CatalogDirectory {
     misses: DashMap<String, Instant>,
     /// The connection used for loads; replaced when it fails.
     client: tokio::sync::Mutex<Option<Client>>,
+    /// True while changes are followed (LISTEN established and everything reloaded since).
+    following: AtomicBool,
 }
 
 const TENANT_SQL: &str = "
@@ -82,11 +85,17 @@ impl CatalogDirectory {
             tenants: DashMap::new(),
             misses: DashMap::new(),
             client: tokio::sync::Mutex::new(None),
+            following: AtomicBool::new(false),
         });
         let n = dir.reload_all().await?;
         info!(tenants = n, "catalog loaded");
         tokio::spawn(follow(Arc::downgrade(&dir)));
         Ok(dir)
+    }
+
+    /// Whether catalog changes reach this instance now (false while the control database is unreachable).
+    pub fn following(&self) -> bool {
+        self.following.load(Ordering::Relaxed)
     }
 
     /// Reloads every tenant; returns how many are routable.
@@ -301,8 +310,9 @@ async fn follow(dir: std::sync::Weak<CatalogDirectory>) {
         backoff = Duration::from_millis(100);
         // Changes made while nobody listened are picked up now.
         if let Some(d) = dir.upgrade() {
-            if let Err(e) = d.reload_all().await {
-                warn!(error = %e, "catalog reload failed");
+            match d.reload_all().await {
+                Ok(_) => d.following.store(true, Ordering::Relaxed),
+                Err(e) => warn!(error = %e, "catalog reload failed"),
             }
         }
         let mut resync = tokio::time::interval(RESYNC_EVERY);
@@ -325,6 +335,9 @@ async fn follow(dir: std::sync::Weak<CatalogDirectory>) {
             }
         }
         pump.abort();
+        if let Some(d) = dir.upgrade() {
+            d.following.store(false, Ordering::Relaxed);
+        }
         warn!("lost the control database connection that follows catalog changes; reconnecting");
     }
 }

@@ -19,7 +19,10 @@ pub mod store;
 pub mod tenants;
 
 /// Migrations in order: (version, SQL). A released migration is never edited; a change is a new one.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("migrations/0001_catalog.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("migrations/0001_catalog.sql")),
+    (2, include_str!("migrations/0002_usage_flushes.sql")),
+];
 
 /// The catalog version this binary reads and writes.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;

@@ -455,17 +455,35 @@ impl Catalog {
         .await
     }
 
-    /// Adds usage counters of `instance` to the current minute of each tenant.
+    /// Adds usage counters of `instance` to the current minute of each tenant, as the instance's flush number
+    /// `seq`: a flush already recorded under that number (a retry after a lost commit answer) adds nothing.
     pub async fn add_usage(
         &self,
         instance: &str,
+        seq: u64,
         rows: &[(String, UsageDelta)],
     ) -> Result<(), tokio_postgres::Error> {
         let instance = instance.to_owned();
         let rows = rows.to_vec();
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
         self.with(move |c| {
             Box::pin(async move {
                 let tx = c.transaction().await?;
+                let fresh = tx
+                    .execute(
+                        "INSERT INTO pgweir.usage_flushes (instance, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                        &[&instance, &seq],
+                    )
+                    .await?;
+                if fresh == 0 {
+                    return tx.commit().await;
+                }
+                // Only the latest number of an instance matters (flushes of one instance run one at a time).
+                tx.execute(
+                    "DELETE FROM pgweir.usage_flushes WHERE instance = $1 AND seq < $2",
+                    &[&instance, &seq],
+                )
+                .await?;
                 let stmt = tx
                     .prepare(
                         "INSERT INTO pgweir.usage AS u (tenant, instance, period, connections, queries, transactions,
@@ -610,21 +628,24 @@ impl Catalog {
         .await
     }
 
-    /// Stores a token (by hash) under `name`, replacing an earlier one of that name.
+    /// Stores a token (by hash) under `name`, replacing an earlier one of that name — but with `revive` false, a
+    /// revoked token of that name and value stays revoked.
     pub async fn put_token(
         &self,
         name: &str,
         token: &str,
         scope: &str,
+        revive: bool,
     ) -> Result<(), tokio_postgres::Error> {
         let hash = token_hash(token).to_vec();
         let (name, scope) = (name.to_owned(), scope.to_owned());
         self.with(move |c| {
             Box::pin(async move {
                 c.execute(
-                    "INSERT INTO pgweir.api_tokens (name, hash, scope) VALUES ($1, $2, $3)
-                     ON CONFLICT (name) DO UPDATE SET hash = $2, scope = $3, revoked_at = NULL",
-                    &[&name, &hash, &scope],
+                    "INSERT INTO pgweir.api_tokens AS t (name, hash, scope) VALUES ($1, $2, $3)
+                     ON CONFLICT (name) DO UPDATE SET hash = $2, scope = $3, revoked_at = NULL
+                     WHERE $4 OR t.revoked_at IS NULL OR t.hash <> $2",
+                    &[&name, &hash, &scope, &revive],
                 )
                 .await
                 .map(|_| ())

@@ -56,6 +56,8 @@ pub struct PoolStats {
     pub server_total: usize,
     pub server_idle: usize,
     pub server_active: usize,
+    /// Client sessions of the pool that are not waiting for a server connection (PgBouncer's `cl_active`).
+    pub clients_active: usize,
     pub clients_waiting: usize,
     pub max_wait_us: u64,
     /// Transaction mode: server connections held by a client for the rest of its session, because of session
@@ -81,6 +83,8 @@ pub struct Pool {
     waiting: AtomicUsize,
     max_wait_us: AtomicU64,
     pinned: AtomicUsize,
+    /// Client sessions using the pool (each holds a [`PoolClient`]).
+    clients: AtomicUsize,
     /// Transaction mode: the ParameterStatus values a server reports once a client's startup settings are applied,
     /// by those settings — so a login needs no server connection when another client logged in alike recently.
     /// Keyed by a hash of the settings; the settings are kept to tell collisions apart. The value is the encoded
@@ -121,12 +125,6 @@ impl Usage {
         let delta = now.minus(&flushed);
         *flushed = now;
         delta
-    }
-
-    /// Puts back a taken `delta` that could not be written.
-    pub fn untake(&self, delta: &UsageDelta) {
-        let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
-        *flushed = flushed.minus(delta);
     }
 
     /// What was counted and not taken yet.
@@ -220,6 +218,7 @@ impl Pool {
             waiting: AtomicUsize::new(0),
             max_wait_us: AtomicU64::new(0),
             pinned: AtomicUsize::new(0),
+            clients: AtomicUsize::new(0),
             login_params: Mutex::new(HashMap::new()),
             statements: Arc::default(),
             no_params: Arc::from(Vec::new()),
@@ -436,13 +435,16 @@ impl Pool {
     pub fn stats(&self) -> PoolStats {
         let idle = self.idle().len();
         let total = self.total.load(Ordering::Relaxed);
+        let waiting = self.waiting.load(Ordering::Relaxed);
+        let clients = self.clients.load(Ordering::Relaxed);
         PoolStats {
             key: self.key.to_string(),
             tenant: self.tenant.clone(),
             server_total: total,
             server_idle: idle,
             server_active: total.saturating_sub(idle),
-            clients_waiting: self.waiting.load(Ordering::Relaxed),
+            clients_active: clients.saturating_sub(waiting),
+            clients_waiting: waiting,
             max_wait_us: self.max_wait_us.load(Ordering::Relaxed),
             server_pinned: self.pinned.load(Ordering::Relaxed),
         }
@@ -456,6 +458,12 @@ impl Pool {
     /// The role its server connections log in as.
     pub fn backend_user(&self) -> &str {
         &self.target.user
+    }
+
+    /// The pool as used by one client session: the client is counted in the pool's stats while it lives.
+    pub fn attach(self: &Arc<Self>) -> PoolClient {
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        PoolClient(self.clone())
     }
 
     /// Counts a pinned server connection while the returned guard lives.
@@ -550,6 +558,22 @@ impl<'a> Counted<'a> {
 impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client session's handle on its pool (see [`Pool::attach`]).
+pub struct PoolClient(Arc<Pool>);
+
+impl std::ops::Deref for PoolClient {
+    type Target = Arc<Pool>;
+    fn deref(&self) -> &Arc<Pool> {
+        &self.0
+    }
+}
+
+impl Drop for PoolClient {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -758,6 +782,16 @@ impl Pools {
                 Ok(pool)
             }
         }
+    }
+
+    /// Forgets the pools of tenants that no longer exist (`known` says which do) once no client uses them (their
+    /// idle connections close), and the usage counters of such tenants once everything counted was taken.
+    pub fn retain_tenants(&self, known: impl Fn(&str) -> bool) {
+        self.map
+            .retain(|_, p| known(&p.tenant) || p.clients.load(Ordering::Relaxed) > 0);
+        self.usage.retain(|tenant, u| {
+            known(tenant) || !u.peek().is_zero() || self.map.iter().any(|p| p.tenant == *tenant)
+        });
     }
 
     fn new_pool(

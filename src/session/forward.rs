@@ -87,7 +87,7 @@ pub struct End {
 }
 
 /// Bounds of a forwarding run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Limits {
     pub max_message: usize,
     /// Disconnect a client idle inside a transaction this long.
@@ -99,10 +99,16 @@ pub struct Limits {
     pub query_timeout: Option<Duration>,
     /// Transaction mode (not pinned): statements that would pin fail with 0A000 instead.
     pub refuse_unmovable: bool,
+    /// Where each request's latency is recorded (from reaching the server, or from the answer before it in a
+    /// pipeline, to its ReadyForQuery).
+    pub query_seconds: Option<metrics::Histogram>,
 }
 
 impl Limits {
-    pub fn from_config(cfg: &crate::config::ProxyConfig) -> Limits {
+    pub fn from_config(
+        cfg: &crate::config::ProxyConfig,
+        query_seconds: Option<metrics::Histogram>,
+    ) -> Limits {
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Limits {
             max_message: cfg.max_message_bytes,
@@ -110,6 +116,7 @@ impl Limits {
             client_idle: nonzero(cfg.client_idle_timeout),
             query_timeout: nonzero(cfg.query_timeout),
             refuse_unmovable: cfg.unmovable_session_state == crate::config::UnmovableState::Refuse,
+            query_seconds,
         }
     }
 }
@@ -154,8 +161,8 @@ struct Shared<'a> {
     /// Signalled after each ReadyForQuery while rewriting: a message waiting for an earlier batch to settle
     /// (`Rewriter::must_wait`) looks again.
     settled: tokio::sync::Notify,
-    /// Milliseconds after `started` (+1) since when a request has been waiting for its answer; 0 when none.
-    busy_since_ms: AtomicU64,
+    /// Microseconds after `started` (+1) since when a request has been waiting for its answer; 0 when none.
+    busy_since_us: AtomicU64,
     /// The query timeout cancelled the current request: its 57014 is reworded for the client.
     timed_out: AtomicBool,
     /// A cancel was sent to the server during the run.
@@ -167,6 +174,11 @@ struct Shared<'a> {
 }
 
 impl<'r> Shared<'r> {
+    /// Microseconds since `started`, plus 1 (so that 0 can mean "not set").
+    fn now_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64 + 1
+    }
+
     /// Records the session-state effects of `sql`. With `refuse_unmovable`, a statement that would pin is not
     /// recorded but returned: the caller replaces it with one that fails.
     fn record_effects(&self, sql: &[u8]) -> Option<sqlscan::PinReason> {
@@ -257,7 +269,7 @@ pub async fn run(
         may_unpin: AtomicBool::new(false),
         rewriter,
         settled: tokio::sync::Notify::new(),
-        busy_since_ms: AtomicU64::new(0),
+        busy_since_us: AtomicU64::new(0),
         timed_out: AtomicBool::new(false),
         cancel_sent: AtomicBool::new(false),
         cancel,
@@ -532,12 +544,12 @@ where
             out.clear();
             shared.writing.store(false, Ordering::Relaxed);
             buf.advance(scan.forward);
-            if shared.limits.query_timeout.is_some()
-                && shared.requests.load(Ordering::Relaxed) > shared.ready.load(Ordering::Relaxed)
-                && shared.busy_since_ms.load(Ordering::Relaxed) == 0
+            if shared.requests.load(Ordering::Relaxed) > shared.ready.load(Ordering::Relaxed)
+                && shared.busy_since_us.load(Ordering::Relaxed) == 0
             {
-                let now = shared.started.elapsed().as_millis() as u64 + 1;
-                shared.busy_since_ms.store(now, Ordering::Relaxed);
+                shared
+                    .busy_since_us
+                    .store(shared.now_us(), Ordering::Relaxed);
             }
         }
         if wait {
@@ -594,14 +606,14 @@ fn check_query_timeout(shared: &Shared<'_>) {
     let Some(limit) = shared.limits.query_timeout else {
         return;
     };
-    let since = shared.busy_since_ms.load(Ordering::Relaxed);
+    let since = shared.busy_since_us.load(Ordering::Relaxed);
     if since == 0 || shared.timed_out.load(Ordering::Relaxed) {
         return;
     }
     let busy = shared
         .started
         .elapsed()
-        .saturating_sub(Duration::from_millis(since - 1));
+        .saturating_sub(Duration::from_micros(since - 1));
     if busy < limit {
         return;
     }
@@ -624,7 +636,7 @@ async fn read_client<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     shared: &Shared<'_>,
 ) -> Result<(), EndReason> {
-    let limits = shared.limits;
+    let limits = &shared.limits;
     let client_idle = limits
         .client_idle
         .filter(|_| shared.mode != Mode::Transaction);
@@ -735,14 +747,19 @@ where
                         }
                         let status = f.get(5).copied().unwrap_or(b'I');
                         shared.tx_status.store(status, Ordering::Relaxed);
+                        let now_us = shared.now_us();
+                        let since = shared.busy_since_us.load(Ordering::Relaxed);
+                        if let (Some(h), true) = (&shared.limits.query_seconds, since != 0) {
+                            h.record(now_us.saturating_sub(since) as f64 / 1e6);
+                        }
                         if ready == shared.requests.load(Ordering::Relaxed) {
-                            let now = shared.started.elapsed().as_millis() as u64 + 1;
-                            shared.idle_since_ms.store(now, Ordering::Relaxed);
-                            shared.busy_since_ms.store(0, Ordering::Relaxed);
-                        } else if shared.limits.query_timeout.is_some() {
+                            shared
+                                .idle_since_ms
+                                .store(now_us / 1000 + 1, Ordering::Relaxed);
+                            shared.busy_since_us.store(0, Ordering::Relaxed);
+                        } else {
                             // The next request's time starts now.
-                            let now = shared.started.elapsed().as_millis() as u64 + 1;
-                            shared.busy_since_ms.store(now, Ordering::Relaxed);
+                            shared.busy_since_us.store(now_us, Ordering::Relaxed);
                         }
                         shared.timed_out.store(false, Ordering::Relaxed);
                         if status == b'I' && transaction_finished(shared, ready) {

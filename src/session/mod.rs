@@ -500,7 +500,7 @@ async fn session_mode(
     }
     let mut out = BytesMut::with_capacity(512);
     let pool = match proxy.pools.get(&s.tenant, &s.target, s.pool_cfg) {
-        Ok(p) => p,
+        Ok(p) => p.attach(),
         Err(e) => {
             warn!(tenant = %s.tenant, error = %e, "could not set up the pool");
             send_error(
@@ -542,7 +542,10 @@ async fn session_mode(
         stream,
         &mut client_buf,
         checkout.conn(),
-        forward::Limits::from_config(&proxy.cfg.proxy),
+        forward::Limits::from_config(
+            &proxy.cfg.proxy,
+            Some(proxy.telemetry.query_seconds.clone()),
+        ),
         forward::Mode::Session,
         None,
     ))

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use crate::backend::{ServerConn, StartupParams};
 use crate::cancel::{CancelKey, SlotState};
 use crate::net::{read_frame, ClientStream};
-use crate::pool::{Checkout, Pool};
+use crate::pool::{Checkout, Pool, PoolClient};
 use crate::prepared::ClientStatements;
 use crate::routing;
 use crate::server::Proxy;
@@ -88,7 +88,7 @@ fn startup_settings(startup: &StartupParams) -> Result<Settings, PgError> {
 /// idle clients are most clients).
 struct Client {
     tenant: String,
-    pool: Arc<Pool>,
+    pool: PoolClient,
     key: CancelKey,
     /// The client's startup settings (what `RESET` returns to).
     startup: Settings,
@@ -170,7 +170,7 @@ async fn attach(
         }
     };
     let pool = match proxy.pools.get(&s.tenant, &s.target, s.pool_cfg) {
-        Ok(p) => p,
+        Ok(p) => p.attach(),
         Err(e) => {
             warn!(tenant = %s.tenant, error = %e, "could not set up the pool");
             let e = PgError::fatal(
@@ -294,7 +294,10 @@ impl Client {
             .transactions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
-        let limits = forward::Limits::from_config(&proxy.cfg.proxy);
+        let limits = forward::Limits::from_config(
+            &proxy.cfg.proxy,
+            Some(proxy.telemetry.query_seconds.clone()),
+        );
         let mut mode = Mode::Transaction;
         let mut pins = Pins::default();
         let mut counted_pin = None;
@@ -304,7 +307,7 @@ impl Client {
                 stream,
                 buf,
                 checkout.conn(),
-                limits,
+                limits.clone(),
                 mode,
                 statements_for(&mut c.statements, per_server),
             ))

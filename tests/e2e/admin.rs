@@ -5,28 +5,11 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use crate::harness::*;
 
 /// A plain HTTP/1.1 GET: (status, body).
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
-        .await
-        .expect("the admin listener answers")
-        .unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    (status, body.to_owned())
+    http(addr, "GET", path, None, None).await
 }
 
 /// Parses Prometheus text exposition: `name{labels}` → value. Every line must be a comment or a sample.
@@ -126,6 +109,10 @@ fn metrics_follow_what_clients_do() {
         assert!(grew("pgweir_client_bytes_received_total") >= 200.0);
         assert!(grew("pgweir_client_bytes_sent_total") > 0.0);
         assert!(grew("pgweir_transaction_seconds_count") >= 10.0);
+        assert!(grew("pgweir_query_seconds_count") >= 10.0, "{after:?}");
+        assert!(grew("pgweir_query_seconds_sum") > 0.0);
+        let active = "pgweir_pool_client_connections{tenant=\"tx\",pool=\"main/acme_main@acme_owner\",state=\"active\"}";
+        assert_eq!(value(&after, active), 1.0, "the one open session: {after:?}");
         // Per tenant (few tenants here, so the series are on).
         assert!(grew("pgweir_tenant_transactions_total{tenant=\"tx\"}") >= 10.0, "{after:?}");
         assert!(grew("pgweir_tenant_requests_total{tenant=\"tx\"}") >= 10.0);

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
 
@@ -20,25 +19,8 @@ async fn call(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut raw))
-        .await
-        .expect("the admin API answers")
-        .unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    let (status, body) = http(addr, method, path, token, body).await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 fn control_env() -> Env {
@@ -52,12 +34,12 @@ async fn add_tokens(env: &Env) {
     let control = env.proxy.control.as_ref().expect("a control plane");
     control
         .catalog
-        .put_token("ops", ADMIN, "admin")
+        .put_token("ops", ADMIN, "admin", true)
         .await
         .unwrap();
     control
         .catalog
-        .put_token("viewer", READER, "read")
+        .put_token("viewer", READER, "read", true)
         .await
         .unwrap();
 }
@@ -272,6 +254,8 @@ fn tenants_are_provisioned_used_and_deleted() {
         let pool = &pools["pools"][0];
         assert_eq!(pool["pool"], "local/tenant_shop_main@tenant_shop_owner", "{pools}");
         assert!(pool["sv_total"].as_u64().unwrap() >= 1, "{pools}");
+        assert!(pool["cl_active"].as_u64().unwrap() >= 1, "the open session counts: {pools}");
+        assert_eq!(pool["cl_waiting"], 0, "{pools}");
 
         let (s, one) = call(env.admin, "GET", "/v1/tenants/shop", Some(READER), None).await;
         assert_eq!((s, one["state"].as_str()), (200, Some("ready")));
@@ -363,6 +347,17 @@ fn tenants_are_provisioned_used_and_deleted() {
             .unwrap()
             .get(0);
         assert_eq!(audited, 2, "create and delete of the tenant");
+        // Its pools leave this instance, and their series leave /metrics.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (s, metrics) = http(env.admin, "GET", "/metrics", None, None).await;
+            assert_eq!(s, 200);
+            if !metrics.contains("tenant_shop_main") && env.proxy.pools.stats().iter().all(|p| p.tenant != "shop") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "pools of a deleted tenant are dropped:\n{metrics}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let user_changes: i64 = control
             .query_one(
                 "select count(*) from pgweir.audit_log where target like 'shop/%' and result = 'ok'",
@@ -406,20 +401,14 @@ fn a_failed_provisioning_is_completed_by_a_retry_and_seen_by_other_instances() {
             "{failed}"
         );
 
-        // Another instance's view of the catalog.
-        let cfg = env.proxy.cfg.catalog.clone().unwrap();
-        let other = pgweir::catalog::control::Control::start(
-            &cfg,
-            env.proxy.cfg.pool,
-            ("127.0.0.1".into(), 1),
-        )
-        .await
-        .unwrap();
-        use pgweir::tenant::TenantDirectory;
-        assert!(
-            other.directory.get("later").is_none(),
-            "failed tenants are not routed"
-        );
+        // A second pgweir instance sharing the control database.
+        let other = env.another_instance();
+        let via_other = |url: &str| {
+            url.replace(
+                &format!(":{}/", env.addr.port()),
+                &format!(":{}/", other.addr.port()),
+            )
+        };
 
         // The cluster comes back (here: its registration is fixed); the same request completes the tenant.
         let (s, _) = register_cluster(&env, "flaky", env.cluster.port()).await;
@@ -434,7 +423,7 @@ fn a_failed_provisioning_is_completed_by_a_retry_and_seen_by_other_instances() {
         .await;
         assert_eq!(s, 200, "{done}");
         assert_eq!(done["state"], "ready");
-        let url = done["connection_string"].as_str().unwrap();
+        let url = done["connection_string"].as_str().unwrap().to_owned();
         let userinfo = url
             .strip_prefix("postgres://")
             .unwrap()
@@ -445,20 +434,95 @@ fn a_failed_provisioning_is_completed_by_a_retry_and_seen_by_other_instances() {
             userinfo.starts_with("owner.later:") && userinfo.len() > 20,
             "the password, once: {url}"
         );
-        let client = connect_url(url)
+        let client = connect_url(&url)
             .await
             .expect("the completed tenant accepts its owner");
         client.simple_query("select 1").await.unwrap();
 
-        // The other instance routes it within a second (notification), without a restart.
+        // The other instance routes it too, and follows changes made through the first one within a second.
+        let other_url = via_other(&url);
+        assert_ne!(other_url, url);
+        let on_other = connect_url(&other_url)
+            .await
+            .expect("the other instance routes the new tenant");
+        on_other.simple_query("select 1").await.unwrap();
+        let (s, _) = call(
+            env.admin,
+            "PUT",
+            "/v1/tenants/later/users/owner",
+            Some(ADMIN),
+            Some(r#"{"password": "rotated-password-77"}"#),
+        )
+        .await;
+        assert_eq!(s, 200);
+        let rotated = other_url.replace(userinfo, "owner.later:rotated-password-77");
         let deadline = Instant::now() + Duration::from_secs(1);
-        while other.directory.get("later").is_none() {
+        loop {
+            match connect_url(&rotated).await {
+                Ok(_) => break,
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "the other instance takes the rotated password within 1 s: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            connect_url(&other_url).await.is_err(),
+            "the old password is refused by the other instance"
+        );
+
+        // Both instances keep serving the tenants they know while the control database is unreachable.
+        let su = env.cluster.connect("postgres").await.unwrap();
+        su.batch_execute(
+            "ALTER DATABASE control ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'control'",
+        )
+        .await
+        .unwrap();
+        for (name, u) in [
+            (
+                "first",
+                rotated.replace(
+                    &format!(":{}/", other.addr.port()),
+                    &format!(":{}/", env.addr.port()),
+                ),
+            ),
+            ("other", rotated.clone()),
+        ] {
+            let c = connect_url(&u).await.unwrap_or_else(|e| {
+                panic!("{name} instance serves a known tenant without its catalog: {e}")
+            });
+            let one: i32 = c.query_one("select 1", &[]).await.unwrap().get(0);
+            assert_eq!(one, 1);
+        }
+        su.batch_execute("ALTER DATABASE control ALLOW_CONNECTIONS true")
+            .await
+            .unwrap();
+        // Both follow the catalog again once it is back (readiness says so).
+        for admin in [env.admin, other.admin] {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while call(admin, "GET", "/readyz", None, None).await.0 != 200 {
+                assert!(
+                    Instant::now() < deadline,
+                    "ready again once the control database is back"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
+        // Deleted through the first instance: the other one stops routing it within a second.
+        let (s, _) = call(env.admin, "DELETE", "/v1/tenants/later", Some(ADMIN), None).await;
+        assert_eq!(s, 204);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while connect_url(&rotated).await.is_ok() {
             assert!(
                 Instant::now() < deadline,
-                "the other instance sees the tenant within 1 s"
+                "the other instance stops routing a deleted tenant within 1 s"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        drop(other);
     });
 }
 

@@ -25,15 +25,80 @@ pub const BOB_PASSWORD: &str = "bob-secret";
 /// - tenant `beta` (database `app`): user `alice` with `BOB_PASSWORD`, backend database `beta_main`, require_tls;
 /// - tenant `legacy` (passthrough): user `app_user` → same-named role and database `app_user`... see `setup_sql`.
 pub struct Env {
+    /// First, so that pgweir stops before the cluster does.
+    _instance: Instance,
     pub cluster: LocalCluster,
     pub addr: SocketAddr,
     /// The admin HTTP listener.
     pub admin: SocketAddr,
     pub proxy: Arc<Proxy>,
     pub dir: tempfile::TempDir,
+    /// The config text pgweir runs with (another instance can start from it).
+    config: String,
+    _backend_tls_dir: tempfile::TempDir,
+}
+
+/// One pgweir process (in-process: its own runtime thread), stopped when dropped.
+pub struct Instance {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub proxy: Arc<Proxy>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    _backend_tls_dir: tempfile::TempDir,
+}
+
+impl Instance {
+    pub fn start(text: &str) -> Instance {
+        let cfg =
+            Config::parse(text).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (directory, control) = pgweir::catalog::control::directory_for(&cfg)
+                    .await
+                    .expect("the tenant directory");
+                let server = Server::bind_with_control(cfg, directory, control)
+                    .await
+                    .expect("bind pgweir");
+                ready_tx
+                    .send((server.local_addr(), server.admin_addr(), server.proxy()))
+                    .unwrap();
+                server
+                    .run(async {
+                        let _ = rx.await;
+                    })
+                    .await;
+            });
+            rt.shutdown_timeout(Duration::from_secs(2));
+        });
+        let (addr, admin, proxy) = ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("pgweir started");
+        Instance {
+            addr,
+            admin: admin.expect("the admin listener"),
+            proxy,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 pub struct Setup {
@@ -239,47 +304,22 @@ backend_password = "app-user-secret"
                 .extra_config
                 .replace("$PORT", &cluster.port().to_string()),
         );
-        let cfg =
-            Config::parse(&text).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let (directory, control) = pgweir::catalog::control::directory_for(&cfg)
-                    .await
-                    .expect("the tenant directory");
-                let server = Server::bind_with_control(cfg, directory, control)
-                    .await
-                    .expect("bind pgweir");
-                ready_tx
-                    .send((server.local_addr(), server.admin_addr(), server.proxy()))
-                    .unwrap();
-                server
-                    .run(async {
-                        let _ = rx.await;
-                    })
-                    .await;
-            });
-            rt.shutdown_timeout(Duration::from_secs(2));
-        });
-        let (addr, admin, proxy) = ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("pgweir started");
+        let instance = Instance::start(&text);
         Env {
             cluster,
-            addr,
-            admin: admin.expect("the admin listener"),
-            proxy,
+            addr: instance.addr,
+            admin: instance.admin,
+            proxy: instance.proxy.clone(),
             dir,
-            shutdown: Some(tx),
-            thread: Some(thread),
+            config: text,
+            _instance: instance,
             _backend_tls_dir: backend_tls_dir,
         }
+    }
+
+    /// Another pgweir instance with the same config (same clusters, same catalog), on ports of its own.
+    pub fn another_instance(&self) -> Instance {
+        Instance::start(&self.config)
     }
 
     /// A libpq connection string to pgweir.
@@ -319,17 +359,6 @@ backend_password = "app-user-secret"
             let _ = conn.await;
         });
         Ok(client)
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -454,4 +483,38 @@ pub fn user_toml(name: &str, password: &str, md5: bool) -> String {
         "[[tenants.users]]\nname = \"{name}\"\npassword = \"{}\"\n{md5}",
         scram(password)
     )
+}
+
+/// One HTTP/1.1 request to the admin listener: (status, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut raw))
+        .await
+        .expect("the admin listener answers")
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, body.to_owned())
 }
