@@ -33,6 +33,8 @@ pub struct Telemetry {
     /// Transaction-mode transactions, from the checkout to the ReadyForQuery that ends them.
     pub transaction_seconds: Histogram,
     pub query_seconds: Histogram,
+    /// How long databases stayed paused (pause/resume and branch operations).
+    pub pause_seconds: Histogram,
     /// Checkouts that had to wait for a server connection (a free idle connection is taken at once and not
     /// recorded), from the request to the connection.
     pub checkout_wait_seconds: Histogram,
@@ -84,6 +86,12 @@ fn describe() {
         Unit::Seconds,
         "Request latency: from a Query, Sync or FunctionCall reaching the server (or the previous answer of a pipeline) to its ReadyForQuery."
     );
+    describe_histogram!(
+        "pgweir_pause_seconds",
+        Unit::Seconds,
+        "How long a database stayed paused (pause/resume, branch operations)."
+    );
+    describe_gauge!("pgweir_paused_databases", "Databases paused now.");
     describe_histogram!(
         "pgweir_checkout_wait_seconds",
         Unit::Seconds,
@@ -182,6 +190,7 @@ impl Telemetry {
             ),
             transaction_seconds: h("pgweir_transaction_seconds"),
             query_seconds: h("pgweir_query_seconds"),
+            pause_seconds: h("pgweir_pause_seconds"),
             checkout_wait_seconds: h("pgweir_checkout_wait_seconds"),
             backend_connect_seconds: h("pgweir_backend_connect_seconds"),
             handle,
@@ -204,6 +213,7 @@ impl Telemetry {
         pools: &[PoolStats],
         tenants: &[(String, UsageDelta)],
         clients: usize,
+        paused: usize,
         max_series: usize,
     ) -> String {
         metrics::with_local_recorder(&self.recorder, || {
@@ -263,6 +273,7 @@ impl Telemetry {
             }
             gauge!("pgweir_clients_waiting").set(totals[3] as f64);
             gauge!("pgweir_pools").set(pools.len() as f64);
+            gauge!("pgweir_paused_databases").set(paused as f64);
         });
         self.handle.run_upkeep();
         self.handle.render()

@@ -104,6 +104,7 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
         &proxy.pools.stats(),
         &tenants,
         proxy.clients_connected(),
+        proxy.pools.paused(),
         max_series,
     );
     (

@@ -5,6 +5,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -46,6 +47,11 @@ pub fn routes() -> Router<Arc<Proxy>> {
             "/v1/tenants/{id}/users/{name}",
             put(put_user).delete(delete_user),
         )
+        .route("/v1/tenants/{id}/pause", axum::routing::post(pause_tenant))
+        .route(
+            "/v1/tenants/{id}/resume",
+            axum::routing::post(resume_tenant),
+        )
         .route("/v1/tenants/{id}/pools", get(tenant_pools))
         .route("/v1/tenants/{id}/usage", get(tenant_usage))
 }
@@ -67,6 +73,8 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("get", "/v1/tenants/{id}/users", "The tenant's users (read)."),
     ("put", "/v1/tenants/{id}/users/{name}", "Add a user or rotate its password: {\"password\"?} (generated and shown once when absent); open sessions keep working (admin)."),
     ("delete", "/v1/tenants/{id}/users/{name}", "Remove a user; its open sessions keep working until they end (admin)."),
+    ("post", "/v1/tenants/{id}/pause", "Pause a tenant's main database or a branch: {\"branch\"?, \"timeout_ms\"?}; waits for transactions in flight (at most timeout_ms, default 30000), holds new ones and closes idle server connections; this instance (admin)."),
+    ("post", "/v1/tenants/{id}/resume", "Resume a paused database: {\"branch\"?}; held transactions go on in the order they came (admin)."),
     ("get", "/v1/tenants/{id}/pools", "This instance's pools of the tenant, in the terms of PgBouncer's SHOW POOLS (read)."),
     ("get", "/v1/tenants/{id}/usage", "Usage for billing since ?since=<RFC 3339> (default: all): connections, queries, transactions, bytes, storage (read)."),
 ];
@@ -1003,5 +1011,131 @@ async fn delete_token(
             format!("no token \"{name}\""),
         ),
         Err(e) => internal(e),
+    }
+}
+
+async fn pause_tenant(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    traffic(proxy, id, headers, body, true).await
+}
+
+async fn resume_tenant(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    traffic(proxy, id, headers, body, false).await
+}
+
+/// Longest wait a pause may ask for.
+const MAX_PAUSE_WAIT_MS: u64 = 600_000;
+
+/// Pause (`pause`) or resume a tenant's main database or one of its branches in this instance.
+async fn traffic(
+    proxy: Arc<Proxy>,
+    id: String,
+    headers: HeaderMap,
+    body: Bytes,
+    pause: bool,
+) -> Response {
+    let (control, token, mut body) = match admin_request(&proxy, &headers, &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mut problems = Vec::new();
+    let branch = match body.remove("branch") {
+        None => None,
+        Some(Value::String(b)) => Some(b),
+        Some(_) => {
+            problems.push(("branch".into(), "must be a branch name".into()));
+            None
+        }
+    };
+    let mut wait = Duration::from_secs(30);
+    match body.remove("timeout_ms") {
+        None => {}
+        Some(v) if pause => match v.as_u64() {
+            Some(ms) if (1..=MAX_PAUSE_WAIT_MS).contains(&ms) => wait = Duration::from_millis(ms),
+            _ => problems.push((
+                "timeout_ms".into(),
+                format!("must be an integer from 1 to {MAX_PAUSE_WAIT_MS}"),
+            )),
+        },
+        Some(_) => problems.push(("timeout_ms".into(), "only for a pause".into())),
+    }
+    for k in body.keys() {
+        problems.push((k.clone(), "unknown field".into()));
+    }
+    if !problems.is_empty() {
+        return invalid(problems);
+    }
+    let Some(tenant) = proxy.directory.get(&id) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no tenant \"{id}\""),
+        );
+    };
+    let database = match branch.as_deref() {
+        None | Some("main") => tenant.backend_database.clone(),
+        Some(b) => tenant.branches.get(b).cloned(),
+    };
+    let Some(database) = database.filter(|_| !tenant.passthrough) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no branch \"{}\" of \"{id}\"",
+                branch.as_deref().unwrap_or("main")
+            ),
+        );
+    };
+    let cluster = &tenant.cluster.name;
+    let branch_name = branch.unwrap_or_else(|| "main".into());
+    let target = format!("{id}/{branch_name}");
+    let (result, action) = if pause {
+        let r = match proxy.pools.pause(cluster, &database, wait).await {
+            Ok(waited) => Ok(json!({"tenant": id, "branch": branch_name, "paused": true,
+                "waited_ms": waited.as_millis() as u64})),
+            Err(crate::pool::gate::PauseError::AlreadyPaused) => Err(error(
+                StatusCode::CONFLICT,
+                "already_paused",
+                format!("{target} is already paused"),
+            )),
+            Err(e @ crate::pool::gate::PauseError::Timeout(_)) => Err(error(
+                StatusCode::CONFLICT,
+                "pause_timeout",
+                format!("{target} was not paused: {e}; traffic goes on"),
+            )),
+        };
+        (r, "tenant.pause")
+    } else {
+        let r = match proxy.pools.resume(cluster, &database) {
+            Some(paused) => {
+                proxy.telemetry.pause_seconds.record(paused.as_secs_f64());
+                Ok(json!({"tenant": id, "branch": branch_name, "paused": false,
+                    "paused_ms": paused.as_millis() as u64}))
+            }
+            None => Err(error(
+                StatusCode::CONFLICT,
+                "not_paused",
+                format!("{target} is not paused"),
+            )),
+        };
+        (r, "tenant.resume")
+    };
+    let outcome = if result.is_ok() { "ok" } else { "refused" };
+    control
+        .catalog
+        .audit(&token.name, action, &target, outcome, json!({}))
+        .await;
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(r) => r,
     }
 }

@@ -177,6 +177,9 @@ pub struct PoolConfig {
     /// A client waits at most this long for a server connection; then it gets 53300.
     #[serde(with = "humantime_serde")]
     pub checkout_timeout: Duration,
+    /// While a tenant (or branch) is paused, a client waits at most this long for it to resume; then it gets 57P03.
+    #[serde(with = "humantime_serde")]
+    pub pause_wait_timeout: Duration,
     /// Transaction mode: named prepared statements kept per server connection (least recently used are closed).
     /// 0 turns the support off: a client that prepares a named statement is pinned to its server connection.
     pub max_prepared_statements: usize,
@@ -191,6 +194,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
             checkout_timeout: Duration::from_secs(10),
+            pause_wait_timeout: Duration::from_secs(60),
             max_prepared_statements: 200,
         }
     }
@@ -210,6 +214,8 @@ pub struct PoolOverride {
     pub max_lifetime: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub checkout_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub pause_wait_timeout: Option<Duration>,
     pub max_prepared_statements: Option<usize>,
 }
 
@@ -222,6 +228,7 @@ impl PoolOverride {
             idle_timeout: self.idle_timeout.unwrap_or(base.idle_timeout),
             max_lifetime: self.max_lifetime.unwrap_or(base.max_lifetime),
             checkout_timeout: self.checkout_timeout.unwrap_or(base.checkout_timeout),
+            pause_wait_timeout: self.pause_wait_timeout.unwrap_or(base.pause_wait_timeout),
             max_prepared_statements: self
                 .max_prepared_statements
                 .unwrap_or(base.max_prepared_statements),
@@ -557,6 +564,7 @@ fn pool_problems(at: &str, pool: &PoolConfig, p: &mut Vec<String>) {
     for (name, d) in [
         ("connect_timeout", pool.connect_timeout),
         ("checkout_timeout", pool.checkout_timeout),
+        ("pause_wait_timeout", pool.pause_wait_timeout),
         ("idle_timeout", pool.idle_timeout),
         ("max_lifetime", pool.max_lifetime),
     ] {

@@ -9,6 +9,9 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+
+pub mod gate;
+use gate::{Gate, GatePass};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -43,6 +46,8 @@ impl std::fmt::Display for PoolKey {
 pub enum CheckoutError {
     #[error("no server connection available within {0:?}")]
     Timeout(Duration),
+    #[error("the database is paused, and was not resumed within {0:?}")]
+    Paused(Duration),
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -85,6 +90,8 @@ pub struct Pool {
     pinned: AtomicUsize,
     /// Client sessions using the pool (each holds a [`PoolClient`]).
     clients: AtomicUsize,
+    /// The traffic gate of the pool's database (shared by every pool of that database).
+    gate: Arc<Gate>,
     /// Transaction mode: the ParameterStatus values a server reports once a client's startup settings are applied,
     /// by those settings — so a login needs no server connection when another client logged in alike recently.
     /// Keyed by a hash of the settings; the settings are kept to tell collisions apart. The value is the encoded
@@ -202,6 +209,7 @@ impl Pool {
         cfg: PoolConfig,
         metrics: PoolMetrics,
         usage: Arc<Usage>,
+        gate: Arc<Gate>,
     ) -> anyhow::Result<Arc<Pool>> {
         let tls = backend_client_config(target.cluster.tls, target.cluster.ca_file.as_deref())?;
         let pool = Arc::new(Pool {
@@ -219,6 +227,7 @@ impl Pool {
             max_wait_us: AtomicU64::new(0),
             pinned: AtomicUsize::new(0),
             clients: AtomicUsize::new(0),
+            gate,
             login_params: Mutex::new(HashMap::new()),
             statements: Arc::default(),
             no_params: Arc::from(Vec::new()),
@@ -302,14 +311,42 @@ impl Pool {
         startup: &'a StartupParams,
         shared: bool,
     ) -> CheckoutFuture<'a> {
+        let Some(pass) = self.gate.try_pass() else {
+            return CheckoutFuture::Wait(Box::pin(self.checkout_paused(startup, shared)));
+        };
         // Free permits exist only while nobody waits (released permits go to waiters first): FIFO holds.
         match self.slots.clone().try_acquire_owned() {
-            Ok(permit) => match self.take_quiet(startup, shared) {
-                Some(conn) => CheckoutFuture::Ready(Some(self.guard(conn, permit))),
-                None => CheckoutFuture::Wait(Box::pin(self.open(permit, startup, shared))),
-            },
-            Err(_) => CheckoutFuture::Wait(Box::pin(self.checkout_inner(startup, shared))),
+            Ok(permit) => {
+                let slot = Slot {
+                    _permit: permit,
+                    _pass: pass,
+                };
+                match self.take_quiet(startup, shared) {
+                    Some(conn) => CheckoutFuture::Ready(Some(self.guard(conn, slot))),
+                    None => CheckoutFuture::Wait(Box::pin(self.open(slot, startup, shared))),
+                }
+            }
+            Err(_) => CheckoutFuture::Wait(Box::pin(self.checkout_inner(startup, shared, pass))),
         }
+    }
+
+    /// A checkout while the database is paused: waits (counted as waiting) for the pause to end, at most
+    /// `pause_wait_timeout`.
+    async fn checkout_paused(
+        self: &Arc<Self>,
+        startup: &StartupParams,
+        shared: bool,
+    ) -> Result<Checkout, CheckoutError> {
+        let waiting = Counted::new(&self.waiting);
+        let pass = self.gate.pass(self.cfg.pause_wait_timeout).await;
+        drop(waiting);
+        let pass = pass.ok_or(CheckoutError::Paused(self.cfg.pause_wait_timeout))?;
+        self.checkout_inner(startup, shared, pass).await
+    }
+
+    /// The gate of the pool's database.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
     }
 
     /// The most recently used idle connection that matches and has nothing to read (others are closed).
@@ -328,6 +365,7 @@ impl Pool {
         self: &Arc<Self>,
         startup: &StartupParams,
         shared: bool,
+        pass: GatePass,
     ) -> Result<Checkout, CheckoutError> {
         let started = Instant::now();
         let waiting = Counted::new(&self.waiting);
@@ -345,16 +383,20 @@ impl Pool {
         };
         self.max_wait_us
             .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+        let slot = Slot {
+            _permit: permit,
+            _pass: pass,
+        };
         if let Some(conn) = self.take_quiet(startup, shared) {
-            return Ok(self.guard(conn, permit));
+            return Ok(self.guard(conn, slot));
         }
-        self.open(permit, startup, shared).await
+        self.open(slot, startup, shared).await
     }
 
     /// Opens a server connection for a checkout that holds its slot.
     async fn open(
         self: &Arc<Self>,
-        permit: OwnedSemaphorePermit,
+        permit: Slot,
         startup: &StartupParams,
         shared: bool,
     ) -> Result<Checkout, CheckoutError> {
@@ -404,7 +446,7 @@ impl Pool {
         idle.remove(i)
     }
 
-    fn guard(self: &Arc<Self>, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) -> Checkout {
+    fn guard(self: &Arc<Self>, conn: Box<ServerConn>, permit: Slot) -> Checkout {
         Checkout {
             conn: Some(conn),
             pool: self.clone(),
@@ -500,6 +542,10 @@ impl Pool {
         }
         let empty: StartupParams = Arc::from(Vec::new());
         while self.total.load(Ordering::Relaxed) < self.cfg.min_size {
+            // Nothing is opened while the database is paused.
+            let Some(_pass) = self.gate.try_pass() else {
+                break;
+            };
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 break;
             };
@@ -622,7 +668,14 @@ pub struct Checkout {
     /// Boxed: a checkout and an idle connection move by pointer.
     conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Slot>,
+}
+
+/// What a checkout holds besides its connection: its place in the pool's size limit and its pass through the
+/// database's gate (both given back when the connection is).
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _pass: GatePass,
 }
 
 impl Checkout {
@@ -728,6 +781,8 @@ pub struct Pools {
     metrics: PoolMetrics,
     /// Usage counters by tenant.
     usage: DashMap<String, Arc<Usage>>,
+    /// Traffic gates by (cluster, database).
+    gates: DashMap<(String, String), Arc<Gate>>,
 }
 
 /// Histograms every pool records into.
@@ -743,6 +798,7 @@ impl Pools {
         Pools {
             map: DashMap::new(),
             usage: DashMap::new(),
+            gates: DashMap::new(),
             metrics: PoolMetrics {
                 checkout_wait,
                 connect,
@@ -809,7 +865,51 @@ impl Pools {
             cfg,
             self.metrics.clone(),
             usage,
+            self.gate(&key.cluster, &key.database),
         )
+    }
+
+    /// The traffic gate of a backend database.
+    pub fn gate(&self, cluster: &str, database: &str) -> Arc<Gate> {
+        self.gates
+            .entry((cluster.to_owned(), database.to_owned()))
+            .or_default()
+            .clone()
+    }
+
+    /// Pauses a backend database: waits (at most `wait`) for the transactions in flight, holds new ones, then
+    /// closes the idle server connections to it. Returns how long the wait took.
+    pub async fn pause(
+        &self,
+        cluster: &str,
+        database: &str,
+        wait: Duration,
+    ) -> Result<Duration, gate::PauseError> {
+        let waited = self.gate(cluster, database).pause(wait).await?;
+        self.close_idle(cluster, database);
+        Ok(waited)
+    }
+
+    /// Resumes a paused database; how long it was paused (None if it was not).
+    pub fn resume(&self, cluster: &str, database: &str) -> Option<Duration> {
+        self.gate(cluster, database).resume()
+    }
+
+    /// Closes the idle server connections of every pool of a database.
+    pub fn close_idle(&self, cluster: &str, database: &str) {
+        for p in self.map.iter() {
+            if p.key.cluster == cluster && p.key.database == database {
+                let idle: Vec<_> = p.idle().drain(..).collect();
+                for c in idle {
+                    p.close(c);
+                }
+            }
+        }
+    }
+
+    /// Databases paused now.
+    pub fn paused(&self) -> usize {
+        self.gates.iter().filter(|g| g.is_paused()).count()
     }
 
     /// The usage counters of every tenant that has had a pool.

@@ -471,6 +471,17 @@ async fn report_checkout_error(
             );
             send_error(stream, &e).await;
         }
+        CheckoutError::Paused(d) => {
+            warn!(%tenant, pool = %pool.key(), "paused database not resumed in time");
+            let e = PgError::fatal(
+                sqlstate::CANNOT_CONNECT_NOW,
+                format!(
+                    "the database is paused and was not resumed within {}s; try again",
+                    d.as_secs_f32()
+                ),
+            );
+            send_error(stream, &e).await;
+        }
         CheckoutError::Backend(e) => {
             warn!(%tenant, pool = %pool.key(), error = %e, "backend connection failed");
             send_visible(stream, &e.client_error()).await;

@@ -8,11 +8,11 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-const ADMIN: &str = "admin-token-for-tests";
-const READER: &str = "read-token-for-tests";
+pub const ADMIN: &str = "admin-token-for-tests";
+pub const READER: &str = "read-token-for-tests";
 
 /// One HTTP/1.1 request: (status, JSON body or Null).
-async fn call(
+pub async fn call(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -23,14 +23,14 @@ async fn call(
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
-fn control_env() -> Env {
+pub fn control_env() -> Env {
     Env::with(Setup {
         catalog: true,
         ..Setup::default()
     })
 }
 
-async fn add_tokens(env: &Env) {
+pub async fn add_tokens(env: &Env) {
     let control = env.proxy.control.as_ref().expect("a control plane");
     control
         .catalog
@@ -44,7 +44,7 @@ async fn add_tokens(env: &Env) {
         .unwrap();
 }
 
-async fn register_cluster(env: &Env, name: &str, port: u16) -> (u16, Value) {
+pub async fn register_cluster(env: &Env, name: &str, port: u16) -> (u16, Value) {
     let body = json!({
         "host": "127.0.0.1",
         "port": port,
@@ -63,7 +63,7 @@ async fn register_cluster(env: &Env, name: &str, port: u16) -> (u16, Value) {
 }
 
 /// Connects with a `postgres://` string the API returned (no TLS: the test's pgweir has it, the URL does not ask).
-async fn connect_url(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+pub async fn connect_url(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) =
         tokio_postgres::connect(&format!("{url}?sslmode=disable"), tokio_postgres::NoTls).await?;
     tokio::spawn(async move {

@@ -11,4 +11,5 @@ mod control;
 mod data;
 mod robustness;
 mod stress;
+mod traffic;
 mod txn;

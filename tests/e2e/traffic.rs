@@ -1,0 +1,226 @@
+//! Traffic control: pausing a tenant holds its transactions without failing them, and resuming lets them go on.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::control::{add_tokens, call, connect_url, register_cluster, ADMIN, READER};
+use crate::harness::*;
+
+/// A catalog environment whose held clients give up after 2 s.
+fn traffic_env() -> Env {
+    Env::with(Setup {
+        catalog: true,
+        pool: "max_size = 5\ncheckout_timeout = \"3s\"\nconnect_timeout = \"3s\"\npause_wait_timeout = \"2s\"".into(),
+        ..Setup::default()
+    })
+}
+
+/// A tenant created through the API; its connection string.
+pub async fn new_tenant(env: &Env, id: &str) -> String {
+    add_tokens(env).await;
+    register_cluster(env, "local", env.cluster.port()).await;
+    let (s, created) = call(
+        env.admin,
+        "PUT",
+        &format!("/v1/tenants/{id}"),
+        Some(ADMIN),
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    created["connection_string"].as_str().unwrap().to_owned()
+}
+
+/// pgbench (TPC-B-like, 8 clients) runs while its tenant is paused and resumed again and again: no transaction
+/// fails, and the pauses really hold traffic (clients wait while paused). A client held past the pause wait
+/// timeout gets 57P03; wrong requests are refused with the error shape.
+#[test]
+fn pause_and_resume_fail_no_transaction() {
+    let env = traffic_env();
+    let rt = runtime();
+    let url = rt.block_on(new_tenant(&env, "steady"));
+    let libpq = format!("{url}?sslmode=disable");
+    let pgbench = pgweir::pgcluster::PgBin::locate().unwrap().tool("pgbench");
+    let init = Command::new(&pgbench)
+        .args(["-i", "-s", "1", "-q", &libpq])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let run = Command::new(&pgbench)
+        .args(["-n", "-c", "8", "-j", "2", "-T", "8", &libpq])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let mut held_seen = false;
+        let mut pauses = 0;
+        let deadline = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < deadline {
+            let (s, body) = call(
+                env.admin,
+                "POST",
+                "/v1/tenants/steady/pause",
+                Some(ADMIN),
+                Some(r#"{"timeout_ms": 5000}"#),
+            )
+            .await;
+            assert_eq!(s, 200, "{body}");
+            assert_eq!(body["paused"], true);
+            pauses += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (_, pools) = call(
+                env.admin,
+                "GET",
+                "/v1/tenants/steady/pools",
+                Some(READER),
+                None,
+            )
+            .await;
+            let waiting: u64 = pools["pools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["cl_waiting"].as_u64().unwrap())
+                .sum();
+            let busy: u64 = pools["pools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["sv_active"].as_u64().unwrap())
+                .sum();
+            held_seen |= waiting > 0;
+            assert_eq!(busy, 0, "no server connection works while paused: {pools}");
+            let (s, body) = call(
+                env.admin,
+                "POST",
+                "/v1/tenants/steady/resume",
+                Some(ADMIN),
+                Some("{}"),
+            )
+            .await;
+            assert_eq!(s, 200, "{body}");
+            assert!(body["paused_ms"].as_u64().unwrap() >= 300, "{body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(pauses >= 5);
+        assert!(held_seen, "clients were held while paused");
+    });
+    let out = run.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+    let processed: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a transaction count");
+    assert!(processed > 100, "{stdout}");
+
+    rt.block_on(async {
+        // Refused requests, with every problem listed.
+        let (s, body) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/steady/pause",
+            Some(ADMIN),
+            Some(r#"{"timeout_ms": 0, "x": 1}"#),
+        )
+        .await;
+        assert_eq!(s, 400, "{body}");
+        assert_eq!(body["details"].as_array().unwrap().len(), 2, "{body}");
+        let (s, _) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/steady/pause",
+            Some(READER),
+            Some("{}"),
+        )
+        .await;
+        assert_eq!(s, 403);
+        let (s, body) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/steady/resume",
+            Some(ADMIN),
+            Some("{}"),
+        )
+        .await;
+        assert_eq!(
+            (s, body["code"].as_str()),
+            (409, Some("not_paused")),
+            "{body}"
+        );
+        let (s, _) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/steady/pause",
+            Some(ADMIN),
+            Some(r#"{"branch": "nope"}"#),
+        )
+        .await;
+        assert_eq!(s, 404);
+
+        // A transaction in flight longer than the pause may wait: the pause fails, traffic goes on.
+        let long = connect_url(&url).await.unwrap();
+        long.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        let (s, body) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/steady/pause",
+            Some(ADMIN),
+            Some(r#"{"timeout_ms": 200}"#),
+        )
+        .await;
+        assert_eq!(
+            (s, body["code"].as_str()),
+            (409, Some("pause_timeout")),
+            "{body}"
+        );
+        long.batch_execute("COMMIT").await.unwrap();
+
+        // Held past pause_wait_timeout: a clear error, not a hang.
+        let (s, _) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/steady/pause",
+            Some(ADMIN),
+            Some("{}"),
+        )
+        .await;
+        assert_eq!(s, 200);
+        let started = Instant::now();
+        let err = long
+            .simple_query("select 1")
+            .await
+            .expect_err("held past the wait timeout");
+        assert_eq!(sqlstate(&err).as_deref(), Some("57P03"), "{err}");
+        assert!(started.elapsed() >= Duration::from_secs(2));
+        let (s, _) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/steady/resume",
+            Some(ADMIN),
+            Some("{}"),
+        )
+        .await;
+        assert_eq!(s, 200);
+        let fresh = connect_url(&url).await.unwrap();
+        fresh
+            .simple_query("select 1")
+            .await
+            .expect("traffic goes on after resume");
+    });
+}
