@@ -39,6 +39,72 @@ pub struct Proxy {
     pub ready: AtomicBool,
     /// The control plane (`[catalog]`), if this instance has one.
     pub control: Option<Arc<crate::catalog::control::Control>>,
+    /// Shutdown phases the sessions follow.
+    pub lifecycle: Lifecycle,
+}
+
+/// How pgweir stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM: stop accepting, tell idle clients 57P01, let transactions finish (`proxy.shutdown_timeout`), then
+    /// tell the rest 57P01.
+    Graceful,
+    /// SIGINT (and a unit shutdown future): every client is told 57P01 at once.
+    Fast,
+}
+
+impl From<()> for Stop {
+    fn from(_: ()) -> Stop {
+        Stop::Fast
+    }
+}
+
+/// The shutdown phases: *draining* (idle transaction-mode clients leave; others at the end of their transaction)
+/// and *terminating* (everyone leaves now). Sessions wait on these without a task or allocation of their own.
+#[derive(Default)]
+pub struct Lifecycle {
+    draining: AtomicBool,
+    drain: tokio::sync::Notify,
+    terminating: AtomicBool,
+    terminate: tokio::sync::Notify,
+}
+
+impl Lifecycle {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once draining has begun.
+    pub async fn drained(&self) {
+        wait_flag(&self.draining, &self.drain).await
+    }
+
+    /// Resolves once terminating has begun.
+    pub async fn terminated(&self) {
+        wait_flag(&self.terminating, &self.terminate).await
+    }
+
+    fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.drain.notify_waiters();
+    }
+
+    fn start_terminating(&self) {
+        self.start_draining();
+        self.terminating.store(true, Ordering::SeqCst);
+        self.terminate.notify_waiters();
+    }
+}
+
+async fn wait_flag(flag: &AtomicBool, notify: &tokio::sync::Notify) {
+    let notified = notify.notified();
+    tokio::pin!(notified);
+    // Registered before the flag is read: a notification between the two is not lost.
+    notified.as_mut().enable();
+    if flag.load(Ordering::SeqCst) {
+        return;
+    }
+    notified.await
 }
 
 impl Proxy {
@@ -111,6 +177,7 @@ impl Server {
             secret: rand::random(),
             telemetry,
             ready: AtomicBool::new(false),
+            lifecycle: Lifecycle::default(),
             control,
         });
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -138,7 +205,8 @@ impl Server {
     }
 
     /// Accepts clients until `shutdown` completes.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    /// Serves until `shutdown` resolves (to a [`Stop`], or `()` for a fast stop), then stops as it says.
+    pub async fn run<O: Into<Stop>>(self, shutdown: impl Future<Output = O>) {
         let Server {
             proxy,
             listener,
@@ -174,9 +242,9 @@ impl Server {
         info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgweir is accepting connections");
         let reload = tokio::spawn(reload_on_sighup(proxy.clone(), hangup));
         tokio::pin!(shutdown);
-        loop {
+        let stop = loop {
             let accepted = tokio::select! {
-                _ = &mut shutdown => break,
+                how = &mut shutdown => break how.into(),
                 a = listener.accept() => a,
             };
             let (tcp, peer) = match accepted {
@@ -216,8 +284,10 @@ impl Server {
                     });
                 }
             }
-        }
+        };
         proxy.ready.store(false, Ordering::Relaxed);
+        drop(listener);
+        stop_sessions(&proxy, stop).await;
         reload.abort();
         if let Some(a) = admin {
             a.abort();
@@ -248,8 +318,33 @@ async fn reload_on_sighup(proxy: Arc<Proxy>, hangup: Option<tokio::signal::unix:
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// Ends the sessions as `stop` says: graceful draining (bounded by `proxy.shutdown_timeout`), then 57P01 for the
+/// rest, who get a moment to be told.
+async fn stop_sessions(proxy: &Proxy, stop: Stop) {
+    let started = std::time::Instant::now();
+    let clients = proxy.clients_connected();
+    if stop == Stop::Graceful {
+        info!(clients, timeout = ?proxy.cfg.proxy.shutdown_timeout, "shutting down: draining clients");
+        proxy.lifecycle.start_draining();
+        let deadline = tokio::time::Instant::now() + proxy.cfg.proxy.shutdown_timeout;
+        while proxy.clients_connected() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let left = proxy.clients_connected();
+    if left > 0 {
+        info!(clients = left, "terminating the remaining clients");
+    }
+    proxy.lifecycle.start_terminating();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while proxy.clients_connected() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    info!(clients, elapsed = ?started.elapsed(), "clients stopped");
+}
+
+/// Resolves on SIGINT (fast stop) or SIGTERM (graceful stop).
+pub async fn shutdown_signal() -> Stop {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -259,7 +354,7 @@ pub async fn shutdown_signal() {
         }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
+        _ = tokio::signal::ctrl_c() => Stop::Fast,
+        _ = term => Stop::Graceful,
     }
 }

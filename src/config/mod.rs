@@ -120,6 +120,10 @@ pub struct ProxyConfig {
     /// locks, temp tables, WITH HOLD cursors, SQL PREPARE, SET ROLE, LOAD) does: "pin" (default) keeps the client
     /// on its server connection for the rest of its session; "refuse" fails the statement with 0A000.
     pub unmovable_session_state: UnmovableState,
+    /// On SIGTERM: how long transactions in flight (and session-mode sessions) may go on after pgweir stops
+    /// accepting; idle clients are told 57P01 at once, the rest when their transaction ends or this runs out.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 /// See [`ProxyConfig::unmovable_session_state`].
@@ -145,6 +149,7 @@ impl Default for ProxyConfig {
             client_idle_timeout: Duration::ZERO,
             query_timeout: Duration::ZERO,
             unmovable_session_state: UnmovableState::Pin,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }

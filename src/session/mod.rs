@@ -438,6 +438,14 @@ fn count_run(pool: &Pool, end: &forward::End) {
     u.bytes_out.fetch_add(end.bytes_out, Ordering::Relaxed);
 }
 
+/// The FATAL a client gets when pgweir shuts down (Postgres's words for a server shutdown).
+pub(super) fn shutdown_error() -> PgError {
+    PgError::fatal(
+        sqlstate::ADMIN_SHUTDOWN,
+        "terminating connection due to administrator command",
+    )
+}
+
 /// The FATAL for a client disconnected for idling (as Postgres words its own idle timeouts).
 fn idle_timeout_error(reason: &forward::EndReason) -> PgError {
     match reason {
@@ -549,7 +557,7 @@ async fn session_mode(
     info!(%peer, tenant = %s.tenant, user = %s.user, server_pid = conn.pid, "client attached");
 
     let mut client_buf = BytesMut::with_capacity(forward::CHUNK);
-    let end = Box::pin(forward::run(
+    let run = Box::pin(forward::run(
         stream,
         &mut client_buf,
         checkout.conn(),
@@ -559,8 +567,19 @@ async fn session_mode(
         ),
         forward::Mode::Session,
         None,
-    ))
-    .await;
+    ));
+    let end = tokio::select! {
+        biased;
+        end = run => Some(end),
+        _ = proxy.lifecycle.terminated() => None,
+    };
+    let Some(end) = end else {
+        // Shutdown: the server connection is closed (the backend rolls back what is open), the client told.
+        key.slot.set(SlotState::Idle).await;
+        drop(checkout);
+        send_error(stream, &shutdown_error()).await;
+        return false;
+    };
     count_run(&pool, &end);
     // Unlink before the server can go to another client: waits for a cancel that is being delivered.
     key.slot.set(SlotState::Idle).await;

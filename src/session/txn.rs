@@ -124,12 +124,16 @@ pub(super) async fn run(
         if buf.is_empty() {
             let read = match proxy.cfg.proxy.client_idle_timeout {
                 // Small enough to live in this future: no allocation per idle wait.
-                t if t.is_zero() => read_idle(stream, &mut buf).await,
-                t => Box::pin(read_idle_within(stream, &mut buf, t)).await,
+                t if t.is_zero() => read_idle(stream, &mut buf, &proxy.lifecycle).await,
+                t => Box::pin(read_idle_within(stream, &mut buf, t, &proxy.lifecycle)).await,
             };
             match read {
                 IdleRead::Data => {}
                 IdleRead::Closed => return true,
+                IdleRead::Stopping => {
+                    Box::pin(send_error(stream, &super::shutdown_error())).await;
+                    return false;
+                }
                 IdleRead::TimedOut => {
                     Box::pin(send_error(
                         stream,
@@ -146,6 +150,11 @@ pub(super) async fn run(
         match Box::pin(c.transaction(proxy, stream, &mut buf)).await {
             Next::Idle => {}
             Next::Stop => return false,
+        }
+        if buf.is_empty() && proxy.lifecycle.is_draining() {
+            // Shutting down: the transaction is over, the session ends.
+            Box::pin(send_error(stream, &super::shutdown_error())).await;
+            return false;
         }
         if buf.is_empty() {
             buf = BytesMut::new();
@@ -303,15 +312,27 @@ impl Client {
         let mut counted_pin = None;
         let mut cancel_forwarded = false;
         loop {
-            let end = Box::pin(forward::run(
+            let run = Box::pin(forward::run(
                 stream,
                 buf,
                 checkout.conn(),
                 limits.clone(),
                 mode,
                 statements_for(&mut c.statements, per_server),
-            ))
-            .await;
+            ));
+            let end = tokio::select! {
+                biased;
+                end = run => Some(end),
+                _ = proxy.lifecycle.terminated() => None,
+            };
+            let Some(end) = end else {
+                // Shutdown ran out of time: the server connection is closed (the backend rolls the transaction
+                // back) and the client is told.
+                c.key.slot.set(SlotState::Idle).await;
+                drop(checkout);
+                send_error(stream, &super::shutdown_error()).await;
+                return Next::Stop;
+            };
             count_run(&c.pool, &end);
             // Unlinked while pgweir runs its own queries on the connection.
             c.key.slot.set(SlotState::Idle).await;
@@ -498,11 +519,21 @@ enum IdleRead {
     Data,
     Closed,
     TimedOut,
+    Stopping,
 }
 
 /// Waits for an idle client's next bytes (no buffer is held while nothing arrives on a plain connection).
-async fn read_idle(stream: &mut ClientStream, buf: &mut BytesMut) -> IdleRead {
-    stream.readable().await;
+async fn read_idle(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+    lifecycle: &crate::server::Lifecycle,
+) -> IdleRead {
+    // A shutdown ends an idle session (the client is told 57P01).
+    tokio::select! {
+        biased;
+        _ = stream.readable() => {}
+        _ = lifecycle.drained() => return IdleRead::Stopping,
+    }
     buf.reserve(512);
     match stream.read_buf(buf).await {
         Ok(0) | Err(_) => IdleRead::Closed,
@@ -515,8 +546,9 @@ async fn read_idle_within(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
     timeout: std::time::Duration,
+    lifecycle: &crate::server::Lifecycle,
 ) -> IdleRead {
-    tokio::time::timeout(timeout, read_idle(stream, buf))
+    tokio::time::timeout(timeout, read_idle(stream, buf, lifecycle))
         .await
         .unwrap_or(IdleRead::TimedOut)
 }

@@ -13,6 +13,7 @@ use pgweir::auth::md5::md5_verifier;
 use pgweir::auth::scram::ScramVerifier;
 use pgweir::config::Config;
 use pgweir::pgcluster::LocalCluster;
+pub use pgweir::server::Stop;
 use pgweir::server::{Proxy, Server};
 
 pub const OWNER_PASSWORD: &str = "owner-secret";
@@ -26,7 +27,7 @@ pub const BOB_PASSWORD: &str = "bob-secret";
 /// - tenant `legacy` (passthrough): user `app_user` → same-named role and database `app_user`... see `setup_sql`.
 pub struct Env {
     /// First, so that pgweir stops before the cluster does.
-    _instance: Instance,
+    pub instance: Instance,
     pub cluster: LocalCluster,
     pub addr: SocketAddr,
     /// The admin HTTP listener.
@@ -43,7 +44,7 @@ pub struct Instance {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub proxy: Arc<Proxy>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<Stop>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -51,7 +52,7 @@ impl Instance {
     pub fn start(text: &str) -> Instance {
         let cfg =
             Config::parse(text).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = tokio::sync::oneshot::channel::<Stop>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -69,11 +70,7 @@ impl Instance {
                 ready_tx
                     .send((server.local_addr(), server.admin_addr(), server.proxy()))
                     .unwrap();
-                server
-                    .run(async {
-                        let _ = rx.await;
-                    })
-                    .await;
+                server.run(async { rx.await.unwrap_or(Stop::Fast) }).await;
             });
             rt.shutdown_timeout(Duration::from_secs(2));
         });
@@ -90,10 +87,31 @@ impl Instance {
     }
 }
 
+impl Instance {
+    /// Tells pgweir to stop (as SIGTERM or SIGINT would), without waiting for it.
+    pub fn begin_stop(&mut self, how: Stop) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(how);
+        }
+    }
+
+    /// Waits until pgweir has stopped; false if it has not within `timeout`.
+    pub fn wait_stopped(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+}
+
 impl Drop for Instance {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(Stop::Fast);
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -312,7 +330,7 @@ backend_password = "app-user-secret"
             proxy: instance.proxy.clone(),
             dir,
             config: text,
-            _instance: instance,
+            instance,
             _backend_tls_dir: backend_tls_dir,
         }
     }

@@ -224,3 +224,89 @@ fn pause_and_resume_fail_no_transaction() {
             .expect("traffic goes on after resume");
     });
 }
+
+/// SIGTERM: new connections are refused, an idle client is told 57P01 at once, a transaction in flight finishes
+/// (its client is told 57P01 right after), and one still open when `shutdown_timeout` runs out is rolled back and
+/// its client told 57P01. Then pgweir stops.
+#[test]
+fn graceful_shutdown_lets_transactions_finish() {
+    use crate::raw::{error_fields, within, Raw};
+    let mut env = Env::with(Setup {
+        proxy: "shutdown_timeout = \"3s\"".into(),
+        extra_config: acme_tenant(
+            "tx",
+            "pool_mode = \"transaction\"",
+            &[user_toml("alice", ALICE_PASSWORD, false)],
+        ),
+        ..Setup::default()
+    });
+    let rt = runtime();
+    let (mut idle, mut busy, mut stuck) = rt.block_on(async {
+        let mut idle = Raw::connect_to(&env, "tx").await;
+        let mut busy = Raw::connect_to(&env, "tx").await;
+        let mut stuck = Raw::connect_to(&env, "tx").await;
+        assert!(idle
+            .query("CREATE TABLE drain_t (v int)")
+            .await
+            .error
+            .is_none());
+        for (c, v) in [(&mut busy, 1), (&mut stuck, 2)] {
+            let r = c
+                .query(&format!("BEGIN; INSERT INTO drain_t VALUES ({v})"))
+                .await;
+            assert!(r.error.is_none(), "{:?}", r.error);
+            assert_eq!(r.status, b'T');
+        }
+        (idle, busy, stuck)
+    });
+    let started = Instant::now();
+    env.instance.begin_stop(Stop::Graceful);
+    rt.block_on(async {
+        let (tag, body) = within(2, "the idle client is told", idle.frame())
+            .await
+            .expect("a FATAL");
+        assert_eq!((tag, error_fields(&body).code.as_str()), (b'E', "57P01"));
+        assert!(idle.frame().await.is_none(), "then the connection closes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            tokio::net::TcpStream::connect(env.addr).await.is_err(),
+            "no new connections while shutting down"
+        );
+        // The transaction in flight goes on and commits; then its client is told.
+        let r = busy.query("INSERT INTO drain_t VALUES (3); COMMIT").await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        let (tag, body) = within(2, "told after its transaction", busy.frame())
+            .await
+            .expect("a FATAL");
+        assert_eq!((tag, error_fields(&body).code.as_str()), (b'E', "57P01"));
+        // The one that never finishes is ended when the shutdown timeout runs out.
+        let (tag, body) = within(10, "the open transaction is ended", stuck.frame())
+            .await
+            .expect("a FATAL");
+        assert_eq!((tag, error_fields(&body).code.as_str()), (b'E', "57P01"));
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    });
+    assert!(
+        env.instance.wait_stopped(Duration::from_secs(10)),
+        "pgweir stopped"
+    );
+    rt.block_on(async {
+        let direct = env.cluster.connect("acme_main").await.unwrap();
+        let rows: Vec<i32> = direct
+            .query("select v from drain_t order by v", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            rows,
+            [1, 3],
+            "the finished transaction committed, the cut one rolled back"
+        );
+    });
+}
