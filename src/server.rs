@@ -239,6 +239,22 @@ impl Server {
                 }
             })
         });
+        // Branch operations: interrupted ones finished, expired branches deleted.
+        let housekeeping = proxy.control.clone().map(|control| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    crate::catalog::branches::housekeeping(
+                        &control,
+                        &proxy.pools,
+                        &proxy.telemetry.pause_seconds,
+                    )
+                    .await;
+                }
+            })
+        });
         info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgweir is accepting connections");
         let reload = tokio::spawn(reload_on_sighup(proxy.clone(), hangup));
         tokio::pin!(shutdown);
@@ -294,6 +310,9 @@ impl Server {
         }
         if let Some(u) = usage {
             u.abort();
+        }
+        if let Some(h) = housekeeping {
+            h.abort();
         }
         if let Some(control) = &proxy.control {
             // What was counted since the last flush.

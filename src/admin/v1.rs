@@ -4,6 +4,7 @@
 // Handlers return early with a finished `Response` as the error value; it is big, and that is fine off the data path.
 #![allow(clippy::result_large_err)]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::ApiError;
+use crate::catalog::branches;
 use crate::catalog::control::Control;
 use crate::catalog::provision::ClusterAdmin;
 use crate::catalog::store::{TenantRow, TokenInfo};
@@ -52,6 +54,19 @@ pub fn routes() -> Router<Arc<Proxy>> {
             "/v1/tenants/{id}/resume",
             axum::routing::post(resume_tenant),
         )
+        .route(
+            "/v1/tenants/{id}/branches",
+            get(list_branches).post(create_branch),
+        )
+        .route(
+            "/v1/tenants/{id}/branches/{name}",
+            get(get_branch).delete(delete_branch),
+        )
+        .route(
+            "/v1/tenants/{id}/branches/{name}/reset",
+            axum::routing::post(reset_branch),
+        )
+        .route("/v1/operations/{op}", get(get_operation))
         .route("/v1/tenants/{id}/pools", get(tenant_pools))
         .route("/v1/tenants/{id}/usage", get(tenant_usage))
 }
@@ -75,6 +90,12 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("delete", "/v1/tenants/{id}/users/{name}", "Remove a user; its open sessions keep working until they end (admin)."),
     ("post", "/v1/tenants/{id}/pause", "Pause a tenant's main database or a branch: {\"branch\"?, \"timeout_ms\"?}; waits for transactions in flight (at most timeout_ms, default 30000), holds new ones and closes idle server connections; this instance (admin)."),
     ("post", "/v1/tenants/{id}/resume", "Resume a paused database: {\"branch\"?}; held transactions go on in the order they came (admin)."),
+    ("post", "/v1/tenants/{id}/branches", "Create a branch: {\"name\", \"parent\"? (default main), \"expires_at\"? (RFC 3339), \"pause_timeout_ms\"?, \"terminate_other_sessions\"?}; answers 202 with an operation to poll (admin)."),
+    ("get", "/v1/tenants/{id}/branches", "The tenant's branches: name, parent, state, created_at, expires_at, size_bytes, endpoint, connection_string (read)."),
+    ("get", "/v1/tenants/{id}/branches/{name}", "One branch (read)."),
+    ("delete", "/v1/tenants/{id}/branches/{name}", "Delete a branch (not main, not one with branches of its own); answers 202 with an operation (admin)."),
+    ("post", "/v1/tenants/{id}/branches/{name}/reset", "Copy the branch again from its parent (same pause rules as create); answers 202 with an operation (admin)."),
+    ("get", "/v1/operations/{op}", "A long operation: status running|succeeded|failed, error, result (pause_ms, copy_ms, strategy, …) (read)."),
     ("get", "/v1/tenants/{id}/pools", "This instance's pools of the tenant, in the terms of PgBouncer's SHOW POOLS (read)."),
     ("get", "/v1/tenants/{id}/usage", "Usage for billing since ?since=<RFC 3339> (default: all): connections, queries, transactions, bytes, storage (read)."),
 ];
@@ -1137,5 +1158,387 @@ async fn traffic(
     match result {
         Ok(v) => Json(v).into_response(),
         Err(r) => r,
+    }
+}
+
+fn public_address(control: &Control) -> String {
+    let host = match control.public_host.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{}]", control.public_host),
+        Err(_) => control.public_host.clone(),
+    };
+    let port = control
+        .public_port
+        .load(std::sync::atomic::Ordering::Relaxed);
+    format!("{host}:{port}")
+}
+
+/// A branch's JSON (its size when known).
+fn branch_json(
+    control: &Control,
+    t: &TenantRow,
+    b: &branches::BranchRow,
+    size: Option<i64>,
+) -> Value {
+    let mut v = serde_json::to_value(b).expect("a branch serializes");
+    let o = v.as_object_mut().expect("an object");
+    let endpoint = format!("{}--{}", t.id, b.name);
+    o.insert(
+        "connection_string".into(),
+        json!(format!(
+            "postgres://owner.{endpoint}@{}/{}",
+            public_address(control),
+            t.database
+        )),
+    );
+    o.insert("endpoint".into(), json!(endpoint));
+    o.insert("size_bytes".into(), json!(size));
+    v
+}
+
+fn operation_json(op: &branches::Operation) -> Value {
+    let mut v = serde_json::to_value(op).expect("an operation serializes");
+    v["href"] = json!(format!("/v1/operations/{}", op.id));
+    v
+}
+
+/// Sizes of databases on a tenant's cluster (empty when it does not answer).
+async fn database_sizes(
+    control: &Control,
+    cluster: &str,
+    dbs: Vec<String>,
+) -> HashMap<String, i64> {
+    let Ok(client) = tenants::cluster_client(control, cluster).await else {
+        return HashMap::new();
+    };
+    client
+        .query(
+            "SELECT datname::text, pg_database_size(oid) FROM pg_database WHERE datname = ANY($1)",
+            &[&dbs],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        .unwrap_or_default()
+}
+
+async fn list_branches(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (control, _) = match authorize(&proxy, &headers, Scope::Read).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let t = match existing_tenant(&control, &id).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let list = match branches::list(&control, &id).await {
+        Ok(l) => l,
+        Err(e) => return internal(e),
+    };
+    let sizes = database_sizes(
+        &control,
+        &t.cluster,
+        list.iter().map(|b| b.backend_database.clone()).collect(),
+    )
+    .await;
+    let items: Vec<Value> = list
+        .iter()
+        .map(|b| branch_json(&control, &t, b, sizes.get(&b.backend_database).copied()))
+        .collect();
+    Json(json!({"tenant": id, "branches": items})).into_response()
+}
+
+async fn get_branch(
+    State(proxy): State<Arc<Proxy>>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let (control, _) = match authorize(&proxy, &headers, Scope::Read).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let t = match existing_tenant(&control, &id).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match branches::get(&control, &id, &name).await {
+        Ok(Some(b)) => {
+            let sizes =
+                database_sizes(&control, &t.cluster, vec![b.backend_database.clone()]).await;
+            Json(branch_json(
+                &control,
+                &t,
+                &b,
+                sizes.get(&b.backend_database).copied(),
+            ))
+            .into_response()
+        }
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no branch \"{name}\" of \"{id}\""),
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+async fn get_operation(
+    State(proxy): State<Arc<Proxy>>,
+    Path(op): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (control, _) = match authorize(&proxy, &headers, Scope::Read).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    match branches::operation(&control, &op).await {
+        Ok(Some(o)) => Json(operation_json(&o)).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no operation \"{op}\""),
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+/// The pause rules of a branch operation's body: `pause_timeout_ms`, `terminate_other_sessions`.
+fn pause_rules(
+    body: &mut Map<String, Value>,
+    problems: &mut Vec<(String, String)>,
+) -> (Duration, bool) {
+    let mut wait = Duration::from_secs(30);
+    match body.remove("pause_timeout_ms") {
+        None => {}
+        Some(v) => match v.as_u64() {
+            Some(ms) if (1..=MAX_PAUSE_WAIT_MS).contains(&ms) => wait = Duration::from_millis(ms),
+            _ => problems.push((
+                "pause_timeout_ms".into(),
+                format!("must be an integer from 1 to {MAX_PAUSE_WAIT_MS}"),
+            )),
+        },
+    }
+    let terminate = match body.remove("terminate_other_sessions") {
+        None => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => {
+            problems.push((
+                "terminate_other_sessions".into(),
+                "must be true or false".into(),
+            ));
+            false
+        }
+    };
+    (wait, terminate)
+}
+
+/// Runs a recorded operation in a task of its own (a caller hanging up does not stop it).
+fn spawn_operation(proxy: &Arc<Proxy>, control: Arc<Control>, op: branches::Operation) {
+    let proxy = proxy.clone();
+    tokio::spawn(async move {
+        branches::run(control, &proxy.pools, &proxy.telemetry.pause_seconds, op).await;
+    });
+}
+
+fn start_error(e: branches::StartError) -> Response {
+    match e {
+        branches::StartError::Busy(what) => error(
+            StatusCode::CONFLICT,
+            "operation_running",
+            format!("another operation runs for this tenant ({what}); retry when it has ended"),
+        ),
+        branches::StartError::Conflict(m) => error(StatusCode::CONFLICT, "conflict", m),
+        branches::StartError::NotFound(m) => error(StatusCode::NOT_FOUND, "not_found", m),
+        branches::StartError::Catalog(e) => internal(e),
+    }
+}
+
+async fn create_branch(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (control, token, mut body) = match admin_request(&proxy, &headers, &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mut problems = Vec::new();
+    let name = match body.remove("name") {
+        Some(Value::String(n)) if branches::valid_branch_name(&n) && n != "main" => n,
+        Some(Value::String(n)) if n == "main" => {
+            problems.push((
+                "name".into(),
+                "\"main\" is the tenant's own database".into(),
+            ));
+            String::new()
+        }
+        None => {
+            problems.push(("name".into(), "required".into()));
+            String::new()
+        }
+        Some(_) => {
+            problems.push((
+                "name".into(),
+                "1 to 40 lowercase letters, digits and single dashes, not at either end".into(),
+            ));
+            String::new()
+        }
+    };
+    let parent = match body.remove("parent") {
+        None => "main".to_owned(),
+        Some(Value::String(p)) if p == "main" || branches::valid_branch_name(&p) => p,
+        Some(_) => {
+            problems.push(("parent".into(), "must be \"main\" or a branch name".into()));
+            String::new()
+        }
+    };
+    let expires_at = match body.remove("expires_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) if humantime::parse_rfc3339_weak(&t).is_ok() => Some(t),
+        Some(_) => {
+            problems.push(("expires_at".into(), "must be an RFC 3339 time".into()));
+            None
+        }
+    };
+    let (pause_timeout, terminate_other_sessions) = pause_rules(&mut body, &mut problems);
+    for k in body.keys() {
+        problems.push((k.clone(), "unknown field".into()));
+    }
+    if !problems.is_empty() {
+        return invalid(problems);
+    }
+    let t = match existing_tenant(&control, &id).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let req = branches::NewBranch {
+        name: name.clone(),
+        parent,
+        expires_at,
+        pause_timeout,
+        terminate_other_sessions,
+    };
+    let started = branches::start_create(&control, &id, &req).await;
+    let outcome = if started.is_ok() {
+        "accepted"
+    } else {
+        "refused"
+    };
+    control
+        .catalog
+        .audit(
+            &token.name,
+            "branch.create",
+            &format!("{id}/{name}"),
+            outcome,
+            json!({}),
+        )
+        .await;
+    match started {
+        Ok(Some((op, new))) => {
+            if new {
+                spawn_operation(&proxy, control.clone(), op.clone());
+            }
+            let b = branches::get(&control, &id, &name).await.ok().flatten();
+            let branch = b.map(|b| branch_json(&control, &t, &b, None));
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({"operation": operation_json(&op), "branch": branch})),
+            )
+                .into_response()
+        }
+        Ok(None) => match branches::get(&control, &id, &name).await {
+            Ok(Some(b)) => {
+                Json(json!({"branch": branch_json(&control, &t, &b, None)})).into_response()
+            }
+            Ok(None) => internal("the branch vanished"),
+            Err(e) => internal(e),
+        },
+        Err(e) => start_error(e),
+    }
+}
+
+async fn delete_branch(
+    State(proxy): State<Arc<Proxy>>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    branch_change(proxy, id, name, headers, Bytes::new(), "branch.delete").await
+}
+
+async fn reset_branch(
+    State(proxy): State<Arc<Proxy>>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    branch_change(proxy, id, name, headers, body, "branch.reset").await
+}
+
+async fn branch_change(
+    proxy: Arc<Proxy>,
+    id: String,
+    name: String,
+    headers: HeaderMap,
+    body: Bytes,
+    kind: &'static str,
+) -> Response {
+    let (control, token, mut body) = match admin_request(&proxy, &headers, &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mut problems = Vec::new();
+    let (pause_timeout, terminate) = pause_rules(&mut body, &mut problems);
+    for k in body.keys() {
+        problems.push((k.clone(), "unknown field".into()));
+    }
+    if !problems.is_empty() {
+        return invalid(problems);
+    }
+    if name == "main" {
+        return error(
+            StatusCode::CONFLICT,
+            "conflict",
+            "main is the tenant's own database: delete the tenant instead",
+        );
+    }
+    if let Err(r) = existing_tenant(&control, &id).await {
+        return r;
+    }
+    let request = json!({
+        "pause_timeout_ms": pause_timeout.as_millis() as u64,
+        "terminate_other_sessions": terminate,
+    });
+    let started = branches::start_change(&control, &id, &name, kind, request).await;
+    let outcome = if started.is_ok() {
+        "accepted"
+    } else {
+        "refused"
+    };
+    control
+        .catalog
+        .audit(
+            &token.name,
+            kind,
+            &format!("{id}/{name}"),
+            outcome,
+            json!({}),
+        )
+        .await;
+    match started {
+        Ok((op, new)) => {
+            if new {
+                spawn_operation(&proxy, control.clone(), op.clone());
+            }
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({"operation": operation_json(&op)})),
+            )
+                .into_response()
+        }
+        Err(e) => start_error(e),
     }
 }

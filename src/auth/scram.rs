@@ -627,7 +627,7 @@ fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; KEY_LEN] {
 }
 
 /// SHA-256 of `data`.
-fn sha256(data: &[u8]) -> [u8; KEY_LEN] {
+pub fn sha256(data: &[u8]) -> [u8; KEY_LEN] {
     Sha256::digest(data).into()
 }
 

@@ -65,8 +65,8 @@ SELECT t.id, t.database, t.backend_database, t.backend_role, t.backend_password_
  WHERE t.state IN ('ready', 'paused') AND ($1::text IS NULL OR t.id = $1)";
 const USERS_SQL: &str =
     "SELECT tenant, name, scram FROM pgweir.tenant_users WHERE $1::text IS NULL OR tenant = $1";
-const BRANCHES_SQL: &str =
-    "SELECT tenant, name, backend_database FROM pgweir.branches WHERE $1::text IS NULL OR tenant = $1";
+const BRANCHES_SQL: &str = "SELECT tenant, name, backend_database FROM pgweir.branches
+      WHERE state IN ('ready', 'resetting') AND ($1::text IS NULL OR tenant = $1)";
 
 impl CatalogDirectory {
     /// Connects, loads every tenant and starts following changes. Fails when the control database cannot be read

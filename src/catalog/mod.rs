@@ -11,6 +11,7 @@
 
 use tokio_postgres::Client;
 
+pub mod branches;
 pub mod control;
 pub mod directory;
 pub mod provision;
@@ -22,6 +23,7 @@ pub mod tenants;
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_catalog.sql")),
     (2, include_str!("migrations/0002_usage_flushes.sql")),
+    (3, include_str!("migrations/0003_branches.sql")),
 ];
 
 /// The catalog version this binary reads and writes.

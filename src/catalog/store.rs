@@ -45,6 +45,7 @@ pub struct TenantRow {
 pub struct Plan {
     pub name: String,
     pub max_connections: i32,
+    pub max_branches: i32,
 }
 
 /// An API token's identity.
@@ -88,7 +89,7 @@ impl Catalog {
     }
 
     /// Runs `f` with the catalog connection (opened if needed; dropped when a statement fails on a closed one).
-    async fn with<T>(
+    pub(crate) async fn with<T>(
         &self,
         f: impl for<'c> FnOnce(
             &'c mut Client,
@@ -265,13 +266,14 @@ impl Catalog {
             Box::pin(async move {
                 let row = c
                     .query_opt(
-                        "SELECT name, max_connections FROM pgweir.plans WHERE name = $1",
+                        "SELECT name, max_connections, max_branches FROM pgweir.plans WHERE name = $1",
                         &[&name],
                     )
                     .await?;
                 Ok(row.map(|r| Plan {
                     name: r.get(0),
                     max_connections: r.get(1),
+                    max_branches: r.get(2),
                 }))
             })
         })

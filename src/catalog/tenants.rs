@@ -212,7 +212,7 @@ async fn audit_outcome<T>(
 }
 
 /// A provisioning connection to `cluster`.
-async fn cluster_client(
+pub(crate) async fn cluster_client(
     control: &Control,
     cluster: &str,
 ) -> Result<tokio_postgres::Client, String> {

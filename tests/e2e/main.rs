@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 mod backend;
 mod basics;
+mod branches;
 mod control;
 mod data;
 mod robustness;
