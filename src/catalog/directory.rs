@@ -307,14 +307,18 @@ async fn follow(dir: std::sync::Weak<CatalogDirectory>) {
             tokio::time::sleep(backoff).await;
             continue;
         }
-        backoff = Duration::from_millis(100);
-        // Changes made while nobody listened are picked up now.
+        // Changes made while nobody listened are picked up now; until that worked, changes are not followed.
         if let Some(d) = dir.upgrade() {
-            match d.reload_all().await {
-                Ok(_) => d.following.store(true, Ordering::Relaxed),
-                Err(e) => warn!(error = %e, "catalog reload failed"),
+            if let Err(e) = d.reload_all().await {
+                warn!(error = %e, "catalog reload failed; retrying");
+                pump.abort();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
             }
+            d.following.store(true, Ordering::Relaxed);
         }
+        backoff = Duration::from_millis(100);
         let mut resync = tokio::time::interval(RESYNC_EVERY);
         resync.tick().await;
         loop {
