@@ -25,6 +25,7 @@ pub mod cancel;
 pub mod catalog;
 pub mod config;
 pub mod dev;
+pub mod handover;
 pub mod net;
 pub mod pgcluster;
 pub mod pool;

@@ -142,16 +142,40 @@ impl Server {
             Some(t) => Some(TlsServer::load(t)?),
             None => None,
         };
-        let listener = TcpListener::bind(cfg.proxy.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.proxy.listen))?;
-        let admin = match &cfg.admin {
-            Some(a) => Some(
+        // A running pgweir hands over its listening sockets (zero-downtime restart); otherwise they are bound here.
+        let inherited = match cfg.proxy.handover_socket.clone() {
+            Some(path) => tokio::task::spawn_blocking(move || crate::handover::take_over(&path))
+                .await?
+                .map_err(|e| anyhow::anyhow!("taking over from the running pgweir: {e}"))?,
+            None => None,
+        };
+        let (inherited_client, inherited_admin) = match inherited {
+            Some(i) => {
+                info!("took over the listening sockets of the running pgweir");
+                (Some(i.client), i.admin)
+            }
+            None => (None, None),
+        };
+        let listener = match inherited_client {
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)?
+            }
+            None => TcpListener::bind(cfg.proxy.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.proxy.listen))?,
+        };
+        let admin = match (&cfg.admin, inherited_admin) {
+            (Some(_), Some(l)) => {
+                l.set_nonblocking(true)?;
+                Some(TcpListener::from_std(l)?)
+            }
+            (Some(a), None) => Some(
                 TcpListener::bind(a.listen)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", a.listen))?,
             ),
-            None => None,
+            (None, _) => None,
         };
         if let (Some(c), Ok(addr)) = (&control, listener.local_addr()) {
             // Connection strings name the port actually bound (the config may say 0).
@@ -214,6 +238,20 @@ impl Server {
             hangup,
         } = self;
         let slots = proxy.client_slots.clone();
+        // Takeover requests of a newer process: answered with these sockets, then this one drains.
+        let handed_over = Arc::new(tokio::sync::Notify::new());
+        let sockets: Vec<std::os::fd::RawFd> = {
+            use std::os::fd::AsRawFd;
+            std::iter::once(listener.as_raw_fd())
+                .chain(admin.as_ref().map(|a| a.as_raw_fd()))
+                .collect()
+        };
+        let handover = proxy
+            .cfg
+            .proxy
+            .handover_socket
+            .clone()
+            .map(|path| tokio::spawn(serve_handover(path, sockets, handed_over.clone())));
         // The client listener is bound (connections queue in its backlog) and accepted from just below.
         proxy.ready.store(true, Ordering::Relaxed);
         let admin = admin.map(|l| {
@@ -261,6 +299,10 @@ impl Server {
         let stop = loop {
             let accepted = tokio::select! {
                 how = &mut shutdown => break how.into(),
+                _ = handed_over.notified() => {
+                    info!("a new pgweir took over the listening sockets; draining");
+                    break Stop::Graceful;
+                }
                 a = listener.accept() => a,
             };
             let (tcp, peer) = match accepted {
@@ -314,6 +356,9 @@ impl Server {
         if let Some(h) = housekeeping {
             h.abort();
         }
+        if let Some(h) = handover {
+            h.abort();
+        }
         if let Some(control) = &proxy.control {
             // What was counted since the last flush.
             let _ = tokio::time::timeout(Duration::from_secs(2), control.flush_usage(&proxy.pools))
@@ -333,6 +378,49 @@ async fn reload_on_sighup(proxy: Arc<Proxy>, hangup: Option<tokio::signal::unix:
                 Ok(()) => info!("TLS certificate reloaded"),
                 Err(e) => error!(error = %e, "TLS certificate reload failed; keeping the old one"),
             }
+        }
+    }
+}
+
+/// Answers takeover requests on the Unix socket `path` with `sockets` (see [`crate::handover`]); after the first
+/// answered one, `handed_over` is notified.
+async fn serve_handover(
+    path: std::path::PathBuf,
+    sockets: Vec<std::os::fd::RawFd>,
+    handed_over: Arc<tokio::sync::Notify>,
+) {
+    // A file left by an earlier process (or the socket of the process just taken over) is replaced.
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(path = %path.display(), error = %e, "cannot listen for takeovers");
+            return;
+        }
+    };
+    info!(path = %path.display(), "handover socket ready");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        let sockets = sockets.clone();
+        let answered = tokio::task::spawn_blocking(move || {
+            stream.set_nonblocking(false)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            crate::handover::answer(&stream, &sockets)
+        })
+        .await;
+        match answered {
+            Ok(Ok(true)) => {
+                handed_over.notify_one();
+                return;
+            }
+            Ok(Ok(false)) => warn!("a handover request that was not one; ignored"),
+            Ok(Err(e)) => warn!(error = %e, "handover failed; still serving"),
+            Err(_) => {}
         }
     }
 }

@@ -124,6 +124,9 @@ pub struct ProxyConfig {
     /// accepting; idle clients are told 57P01 at once, the rest when their transaction ends or this runs out.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Zero-downtime restart: a running pgweir answers on this Unix socket with its listening sockets; a new one
+    /// started with the same config takes them over, and the old one drains (see `docs/OPERATIONS.md`).
+    pub handover_socket: Option<PathBuf>,
 }
 
 /// See [`ProxyConfig::unmovable_session_state`].
@@ -150,6 +153,7 @@ impl Default for ProxyConfig {
             query_timeout: Duration::ZERO,
             unmovable_session_state: UnmovableState::Pin,
             shutdown_timeout: Duration::from_secs(30),
+            handover_socket: None,
         }
     }
 }

@@ -515,6 +515,9 @@ fn statements_for(statements: &mut ClientStatements, per_server: usize) -> Optio
 }
 
 /// What the wait of an idle client ended with.
+/// How long an idle client may still send a request once a shutdown has begun.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 enum IdleRead {
     Data,
     Closed,
@@ -528,11 +531,16 @@ async fn read_idle(
     buf: &mut BytesMut,
     lifecycle: &crate::server::Lifecycle,
 ) -> IdleRead {
-    // A shutdown ends an idle session (the client is told 57P01).
+    // A shutdown ends an idle session (the client is told 57P01) — after a moment in which a request already on
+    // its way (a client that has just logged in, or was about to send) is still served.
     tokio::select! {
         biased;
         _ = stream.readable() => {}
-        _ = lifecycle.drained() => return IdleRead::Stopping,
+        _ = lifecycle.drained() => {
+            if Box::pin(tokio::time::timeout(DRAIN_GRACE, stream.readable())).await.is_err() {
+                return IdleRead::Stopping;
+            }
+        }
     }
     buf.reserve(512);
     match stream.read_buf(buf).await {

@@ -310,3 +310,83 @@ fn graceful_shutdown_lets_transactions_finish() {
         );
     });
 }
+
+/// A rolling restart: a new instance takes over the listening socket of the running one (`handover_socket`), the
+/// old one drains. `pgbench -C` (a new connection per transaction) runs across it: no connection attempt and no
+/// transaction fails, and afterwards the new instance serves alone.
+#[test]
+fn rolling_restart_refuses_no_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("handover.sock");
+    let mut env = Env::with(Setup {
+        proxy: format!("shutdown_timeout = \"5s\"\nhandover_socket = {sock:?}"),
+        extra_config: acme_tenant(
+            "tx",
+            "pool_mode = \"transaction\"",
+            &[user_toml("alice", ALICE_PASSWORD, false)],
+        ),
+        ..Setup::default()
+    });
+    let url = env.url(
+        "alice",
+        ALICE_PASSWORD,
+        "app",
+        "options=endpoint=tx sslmode=disable",
+    );
+    let pgbench = pgweir::pgcluster::PgBin::locate().unwrap().tool("pgbench");
+    let init = Command::new(&pgbench)
+        .args(["-i", "-s", "1", "-q", &url])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let run = Command::new(&pgbench)
+        .args(["-n", "-S", "-C", "-c", "4", "-j", "2", "-T", "6", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let new = env.another_instance();
+    assert_eq!(new.addr, env.addr, "the same listening socket");
+    assert!(
+        env.instance.wait_stopped(Duration::from_secs(15)),
+        "the old instance drains and stops"
+    );
+    let out = run.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+    let processed: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a transaction count");
+    assert!(processed > 100, "{stdout}");
+    // The new instance served part of it, and serves now.
+    let served = new
+        .proxy
+        .pools
+        .usage()
+        .iter()
+        .map(|(_, u)| u.totals().connections)
+        .sum::<u64>();
+    assert!(served > 0, "the new instance took connections");
+    let out = psql(&url, "select 1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(new);
+}
