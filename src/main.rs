@@ -133,6 +133,7 @@ fn main() -> ExitCode {
                         pgweir::catalog::control::directory_for(&cfg).await?;
                     let server =
                         pgweir::server::Server::bind_with_control(cfg, directory, control).await?;
+                    server.proxy().set_config_path(config.clone());
                     server.run(pgweir::server::shutdown_signal()).await;
                     anyhow::Ok(())
                 })

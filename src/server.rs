@@ -41,6 +41,8 @@ pub struct Proxy {
     pub control: Option<Arc<crate::catalog::control::Control>>,
     /// Shutdown phases the sessions follow.
     pub lifecycle: Lifecycle,
+    /// The config file a reload reads.
+    config_path: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 /// How pgweir stops.
@@ -202,6 +204,7 @@ impl Server {
             telemetry,
             ready: AtomicBool::new(false),
             lifecycle: Lifecycle::default(),
+            config_path: std::sync::OnceLock::new(),
             control,
         });
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -373,12 +376,80 @@ async fn reload_on_sighup(proxy: Arc<Proxy>, hangup: Option<tokio::signal::unix:
         return;
     };
     while hup.recv().await.is_some() {
-        if let Some(tls) = &proxy.tls {
+        let _ = proxy.reload();
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Reloaded {
+    /// The TLS certificate and key were read again.
+    pub tls: bool,
+    /// Tenants now served from the config file (None: no config file to read).
+    pub config_tenants: Option<usize>,
+    /// Config sections that changed in the file but take effect only after a restart.
+    pub needs_restart: Vec<String>,
+}
+
+impl Proxy {
+    /// Sets the config file a reload reads (once).
+    pub fn set_config_path(&self, path: std::path::PathBuf) {
+        let _ = self.config_path.set(path);
+    }
+
+    /// Reloads without dropping a connection (SIGHUP, `POST /v1/reload`): the TLS certificate, and the config
+    /// file's tenants and clusters; changes of other sections are named in the log as needing a restart. A file
+    /// that does not validate changes nothing.
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        let mut done = Reloaded::default();
+        if let Some(path) = self.config_path.get() {
+            let new = Config::load(path).map_err(|e| {
+                let msg = format!("{}: invalid config, nothing reloaded:\n{e}", path.display());
+                error!("{msg}");
+                msg
+            })?;
+            let old = &self.cfg;
+            let sections: [(&str, String, String); 5] = [
+                (
+                    "proxy",
+                    format!("{:?}", old.proxy),
+                    format!("{:?}", new.proxy),
+                ),
+                ("pool", format!("{:?}", old.pool), format!("{:?}", new.pool)),
+                ("tls", format!("{:?}", old.tls), format!("{:?}", new.tls)),
+                (
+                    "admin",
+                    format!("{:?}", old.admin),
+                    format!("{:?}", new.admin),
+                ),
+                (
+                    "catalog",
+                    format!("{:?}", old.catalog),
+                    format!("{:?}", new.catalog),
+                ),
+            ];
+            for (name, a, b) in sections {
+                if a != b {
+                    warn!(
+                        section = name,
+                        "[{name}] changed in the config file; it takes effect after a restart"
+                    );
+                    done.needs_restart.push(name.to_owned());
+                }
+            }
+            done.config_tenants = self.directory.reload_from(&new);
+            info!(tenants = ?done.config_tenants, "config file tenants and clusters reloaded");
+        }
+        if let Some(tls) = &self.tls {
             match tls.reload() {
-                Ok(()) => info!("TLS certificate reloaded"),
+                Ok(()) => {
+                    info!("TLS certificate reloaded");
+                    done.tls = true;
+                }
                 Err(e) => error!(error = %e, "TLS certificate reload failed; keeping the old one"),
             }
         }
+        Ok(done)
     }
 }
 

@@ -67,6 +67,7 @@ pub fn routes() -> Router<Arc<Proxy>> {
             axum::routing::post(reset_branch),
         )
         .route("/v1/operations/{op}", get(get_operation))
+        .route("/v1/reload", axum::routing::post(reload))
         .route("/v1/tenants/{id}/pools", get(tenant_pools))
         .route("/v1/tenants/{id}/usage", get(tenant_usage))
 }
@@ -95,6 +96,7 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("get", "/v1/tenants/{id}/branches/{name}", "One branch (read)."),
     ("delete", "/v1/tenants/{id}/branches/{name}", "Delete a branch (not main, not one with branches of its own); answers 202 with an operation (admin)."),
     ("post", "/v1/tenants/{id}/branches/{name}/reset", "Copy the branch again from its parent (same pause rules as create); answers 202 with an operation (admin)."),
+    ("post", "/v1/reload", "Reload this instance as SIGHUP does: the TLS certificate and the config file's tenants and clusters; answers which changed sections need a restart (admin)."),
     ("get", "/v1/operations/{op}", "A long operation: status running|succeeded|failed, error, result (pause_ms, copy_ms, strategy, …) (read)."),
     ("get", "/v1/tenants/{id}/pools", "This instance's pools of the tenant, in the terms of PgBouncer's SHOW POOLS (read)."),
     ("get", "/v1/tenants/{id}/usage", "Usage for billing since ?since=<RFC 3339> (default: all): connections, queries, transactions, bytes, storage (read)."),
@@ -1540,5 +1542,35 @@ async fn branch_change(
                 .into_response()
         }
         Err(e) => start_error(e),
+    }
+}
+
+async fn reload(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> Response {
+    let (control, token, body) = match admin_request(&proxy, &headers, &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if let Some(k) = body.keys().next() {
+        return invalid(vec![(k.clone(), "unknown field".into())]);
+    }
+    let result = proxy.reload();
+    let outcome = if result.is_ok() {
+        "ok"
+    } else {
+        "invalid_config"
+    };
+    control
+        .catalog
+        .audit(
+            &token.name,
+            "instance.reload",
+            &control.instance,
+            outcome,
+            json!({}),
+        )
+        .await;
+    match result {
+        Ok(r) => Json(serde_json::to_value(r).expect("serializes")).into_response(),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", e),
     }
 }

@@ -131,6 +131,12 @@ pub trait TenantDirectory: Send + Sync + 'static {
         let t = self.get(id);
         Box::pin(async move { t })
     }
+
+    /// Takes the tenants of a reloaded config file; the number it now serves (None: not a config-file
+    /// directory).
+    fn reload_from(&self, _cfg: &Config) -> Option<usize> {
+        None
+    }
 }
 
 /// Directories asked in order (e.g. the config file's tenants, then the catalog's).
@@ -139,6 +145,13 @@ pub struct Layered(pub Vec<Arc<dyn TenantDirectory>>);
 impl TenantDirectory for Layered {
     fn get(&self, id: &str) -> Option<Arc<Tenant>> {
         self.0.iter().find_map(|d| d.get(id))
+    }
+
+    fn reload_from(&self, cfg: &Config) -> Option<usize> {
+        self.0
+            .iter()
+            .filter_map(|d| d.reload_from(cfg))
+            .reduce(|a, b| a + b)
     }
 
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
@@ -159,13 +172,20 @@ impl TenantDirectory for Layered {
 /// Tenants from the config file.
 #[derive(Debug, Default)]
 pub struct StaticDirectory {
-    tenants: HashMap<String, Arc<Tenant>>,
+    /// Replaced as a whole on a reload (SIGHUP or the admin API).
+    tenants: std::sync::RwLock<Arc<HashMap<String, Arc<Tenant>>>>,
 }
 
 impl StaticDirectory {
     /// Builds the directory from a validated config (invalid entries were already refused by validation and are
     /// skipped here).
     pub fn from_config(cfg: &Config) -> Self {
+        StaticDirectory {
+            tenants: std::sync::RwLock::new(Arc::new(Self::tenants_of(cfg))),
+        }
+    }
+
+    fn tenants_of(cfg: &Config) -> HashMap<String, Arc<Tenant>> {
         let clusters: HashMap<&str, Arc<Cluster>> = cfg
             .clusters
             .iter()
@@ -225,12 +245,23 @@ impl StaticDirectory {
             };
             tenants.insert(t.id.clone(), Arc::new(tenant));
         }
-        StaticDirectory { tenants }
+        tenants
     }
 }
 
 impl TenantDirectory for StaticDirectory {
     fn get(&self, id: &str) -> Option<Arc<Tenant>> {
-        self.tenants.get(id).cloned()
+        self.tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn reload_from(&self, cfg: &Config) -> Option<usize> {
+        let new = Arc::new(Self::tenants_of(cfg));
+        let n = new.len();
+        *self.tenants.write().unwrap_or_else(|p| p.into_inner()) = new;
+        Some(n)
     }
 }

@@ -335,6 +335,11 @@ backend_password = "app-user-secret"
         }
     }
 
+    /// The config text pgweir runs with.
+    pub fn config_text(&self) -> &str {
+        &self.config
+    }
+
     /// Another pgweir instance with the same config (same clusters, same catalog), on ports of its own.
     pub fn another_instance(&self) -> Instance {
         Instance::start(&self.config)

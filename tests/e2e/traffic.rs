@@ -390,3 +390,60 @@ fn rolling_restart_refuses_no_connection() {
     );
     drop(new);
 }
+
+/// A reload (`POST /v1/reload`, what SIGHUP does) takes new config-file tenants without dropping a connection,
+/// names the sections that need a restart, and leaves everything as it was when the file is invalid.
+#[test]
+fn reload_takes_new_tenants_without_dropping_connections() {
+    let env = Env::with(Setup {
+        catalog: true,
+        ..Setup::default()
+    });
+    let path = env.dir.path().join("pgweir.toml");
+    std::fs::write(&path, env.config_text()).unwrap();
+    env.proxy.set_config_path(path.clone());
+    let rt = runtime();
+    rt.block_on(async {
+        crate::control::add_tokens(&env).await;
+        let open = env.connect(&env.alice()).await.unwrap();
+        let fresh_url = env.url(
+            "alice",
+            ALICE_PASSWORD,
+            "app",
+            "options=endpoint=fresh sslmode=disable",
+        );
+        assert!(env.connect(&fresh_url).await.is_err(), "not a tenant yet");
+
+        let text = env
+            .config_text()
+            .replace("login_timeout = \"5s\"", "login_timeout = \"6s\"")
+            + &acme_tenant("fresh", "", &[user_toml("alice", ALICE_PASSWORD, false)]);
+        std::fs::write(&path, text).unwrap();
+        let (s, v) = call(env.admin, "POST", "/v1/reload", Some(ADMIN), Some("{}")).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["config_tenants"], 4, "{v}");
+        assert_eq!(v["needs_restart"], serde_json::json!(["proxy"]), "{v}");
+        let fresh = env
+            .connect(&fresh_url)
+            .await
+            .expect("the new tenant is routed");
+        fresh.simple_query("select 1").await.unwrap();
+        open.simple_query("select 1")
+            .await
+            .expect("the open session goes on");
+
+        std::fs::write(&path, "[proxy]\nnot_a_key = 1\n").unwrap();
+        let (s, v) = call(env.admin, "POST", "/v1/reload", Some(ADMIN), Some("{}")).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (422, Some("invalid_config")),
+            "{v}"
+        );
+        assert!(v["message"].as_str().unwrap().contains("not_a_key"), "{v}");
+        env.connect(&fresh_url)
+            .await
+            .expect("an invalid file changes nothing");
+        let (s, _) = call(env.admin, "POST", "/v1/reload", Some(READER), Some("{}")).await;
+        assert_eq!(s, 403);
+    });
+}
