@@ -1406,6 +1406,18 @@ async fn create_branch(
         }
     };
     let (pause_timeout, terminate_other_sessions) = pause_rules(&mut body, &mut problems);
+    let strategy = match body.remove("strategy") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(x)) if x.eq_ignore_ascii_case("wal_log") => Some("WAL_LOG"),
+        Some(Value::String(x)) if x.eq_ignore_ascii_case("file_copy") => Some("FILE_COPY"),
+        Some(_) => {
+            problems.push((
+                "strategy".into(),
+                "must be \"wal_log\" or \"file_copy\"".into(),
+            ));
+            None
+        }
+    };
     for k in body.keys() {
         problems.push((k.clone(), "unknown field".into()));
     }
@@ -1422,6 +1434,7 @@ async fn create_branch(
         expires_at,
         pause_timeout,
         terminate_other_sessions,
+        strategy,
     };
     let started = branches::start_create(&control, &id, &req).await;
     let outcome = if started.is_ok() {

@@ -220,6 +220,8 @@ pub struct NewBranch {
     pub expires_at: Option<String>,
     pub pause_timeout: Duration,
     pub terminate_other_sessions: bool,
+    /// `WAL_LOG` or `FILE_COPY` instead of the choice by size.
+    pub strategy: Option<&'static str>,
 }
 
 /// Records a branch-create operation (and the branch as `creating`); the caller runs it with [`run`] when it is
@@ -278,6 +280,7 @@ pub async fn start_create(
         "name": req.name, "parent": req.parent, "expires_at": req.expires_at,
         "pause_timeout_ms": req.pause_timeout.as_millis() as u64,
         "terminate_other_sessions": req.terminate_other_sessions,
+        "strategy": req.strategy,
     });
     let db = branch_database(tenant, &req.name);
     let parent = (req.parent != "main").then(|| req.parent.clone());
@@ -648,11 +651,13 @@ async fn copy_database(
     target: &str,
     role: &str,
     size: i64,
+    asked: Option<&str>,
 ) -> Result<&'static str, String> {
-    let strategy = if size >= FILE_COPY_FROM_BYTES {
-        "FILE_COPY"
-    } else {
-        "WAL_LOG"
+    let strategy = match asked {
+        Some("FILE_COPY") => "FILE_COPY",
+        Some("WAL_LOG") => "WAL_LOG",
+        _ if size >= FILE_COPY_FROM_BYTES => "FILE_COPY",
+        _ => "WAL_LOG",
     };
     let (t, r) = (quote_ident(target), quote_ident(role));
     admin
@@ -710,7 +715,15 @@ async fn create(
     let started = Instant::now();
     let paused = pause_quiet(pools, hist, &admin, &cluster, &source, wait, terminate).await?;
     let copy_started = Instant::now();
-    let copied = copy_database(&admin, &source, &target, &role, size).await;
+    let copied = copy_database(
+        &admin,
+        &source,
+        &target,
+        &role,
+        size,
+        op.request["strategy"].as_str(),
+    )
+    .await;
     let copy_ms = copy_started.elapsed().as_millis() as u64;
     let pause = paused.resume();
     let strategy = copied?;
@@ -747,7 +760,7 @@ async fn reset(
     let started = Instant::now();
     // The copy, while the parent is paused.
     let paused = pause_quiet(pools, hist, &admin, &cluster, &source, wait, terminate).await?;
-    let copied = copy_database(&admin, &source, &fresh, &role, size).await;
+    let copied = copy_database(&admin, &source, &fresh, &role, size, None).await;
     let parent_pause = paused.resume();
     let strategy = copied?;
     // The swap, while the branch's own clients are paused (they go on with the fresh copy).
