@@ -243,18 +243,28 @@ impl Server {
         let slots = proxy.client_slots.clone();
         // Takeover requests of a newer process: answered with these sockets, then this one drains.
         let handed_over = Arc::new(tokio::sync::Notify::new());
-        let sockets: Vec<std::os::fd::RawFd> = {
-            use std::os::fd::AsRawFd;
-            std::iter::once(listener.as_raw_fd())
-                .chain(admin.as_ref().map(|a| a.as_raw_fd()))
-                .collect()
+        // Duplicates owned by the handover task: valid however the listeners here are closed meanwhile.
+        let handover = match proxy.cfg.proxy.handover_socket.clone() {
+            Some(path) => {
+                use std::os::fd::AsFd;
+                let dups: std::io::Result<Vec<std::os::fd::OwnedFd>> =
+                    std::iter::once(listener.as_fd().try_clone_to_owned())
+                        .chain(admin.as_ref().map(|a| a.as_fd().try_clone_to_owned()))
+                        .collect();
+                match dups {
+                    Ok(sockets) => Some(tokio::spawn(serve_handover(
+                        path,
+                        sockets,
+                        handed_over.clone(),
+                    ))),
+                    Err(e) => {
+                        error!(error = %e, "cannot offer the listening sockets for a takeover");
+                        None
+                    }
+                }
+            }
+            None => None,
         };
-        let handover = proxy
-            .cfg
-            .proxy
-            .handover_socket
-            .clone()
-            .map(|path| tokio::spawn(serve_handover(path, sockets, handed_over.clone())));
         // The client listener is bound (connections queue in its backlog) and accepted from just below.
         proxy.ready.store(true, Ordering::Relaxed);
         let admin = admin.map(|l| {
@@ -304,6 +314,10 @@ impl Server {
                 how = &mut shutdown => break how.into(),
                 _ = handed_over.notified() => {
                     info!("a new pgweir took over the listening sockets; draining");
+                    // The new process answers on the shared admin socket from now on.
+                    if let Some(a) = &admin {
+                        a.abort();
+                    }
                     break Stop::Graceful;
                 }
                 a = listener.accept() => a,
@@ -347,6 +361,10 @@ impl Server {
             }
         };
         proxy.ready.store(false, Ordering::Relaxed);
+        // No takeover of sockets this process no longer serves.
+        if let Some(h) = &handover {
+            h.abort();
+        }
         drop(listener);
         stop_sessions(&proxy, stop).await;
         reload.abort();
@@ -357,9 +375,6 @@ impl Server {
             u.abort();
         }
         if let Some(h) = housekeeping {
-            h.abort();
-        }
-        if let Some(h) = handover {
             h.abort();
         }
         if let Some(control) = &proxy.control {
@@ -457,9 +472,11 @@ impl Proxy {
 /// answered one, `handed_over` is notified.
 async fn serve_handover(
     path: std::path::PathBuf,
-    sockets: Vec<std::os::fd::RawFd>,
+    sockets: Vec<std::os::fd::OwnedFd>,
     handed_over: Arc<tokio::sync::Notify>,
 ) {
+    use std::os::fd::AsRawFd;
+    let sockets: Arc<Vec<std::os::fd::OwnedFd>> = Arc::new(sockets);
     // A file left by an earlier process (or the socket of the process just taken over) is replaced.
     let _ = std::fs::remove_file(&path);
     let listener = match tokio::net::UnixListener::bind(&path) {
@@ -469,11 +486,28 @@ async fn serve_handover(
             return;
         }
     };
+    // Only this user (the owner of the socket) may take the sockets over.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+            error!(path = %path.display(), error = %e, "cannot restrict the handover socket; not offering takeovers");
+            return;
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
     info!(path = %path.display(), "handover socket ready");
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        match stream.peer_cred() {
+            Ok(c) if c.uid() == me => {}
+            other => {
+                warn!(peer = ?other.map(|c| c.uid()), "takeover request from another user; refused");
+                continue;
+            }
+        }
         let Ok(stream) = stream.into_std() else {
             continue;
         };
@@ -481,7 +515,8 @@ async fn serve_handover(
         let answered = tokio::task::spawn_blocking(move || {
             stream.set_nonblocking(false)?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            crate::handover::answer(&stream, &sockets)
+            let raw: Vec<std::os::fd::RawFd> = sockets.iter().map(|f| f.as_raw_fd()).collect();
+            crate::handover::answer(&stream, &raw)
         })
         .await;
         match answered {

@@ -31,11 +31,13 @@ const STALE_AFTER_SECS: f64 = 15.0;
 /// large databases); smaller ones with `WAL_LOG` (block by block through the WAL, no checkpoint).
 pub const FILE_COPY_FROM_BYTES: i64 = 64 << 20;
 
-/// The physical database of branch `branch` of `tenant`: `tenant_<id>_b_<branch>` (`-` → `_`), or, when that would
-/// pass PostgreSQL's 63-byte limit, a shortened name with a hash of the full one.
+/// The physical database of branch `branch` of `tenant`: `tenant_<id>__<branch>` (`-` → `_`), or, when that would
+/// pass PostgreSQL's 63-byte limit, a shortened name with a hash of the full one. Ids and branch names contain no
+/// `--` and do not end or start with `-`, so `__` appears exactly once and splits the name unambiguously; and
+/// tenants' own databases (`tenant_<id>_main`) never contain `__`.
 pub fn branch_database(tenant: &str, branch: &str) -> String {
     let full = format!(
-        "tenant_{}_b_{}",
+        "tenant_{}__{}",
         tenant.replace('-', "_"),
         branch.replace('-', "_")
     );
@@ -709,7 +711,12 @@ async fn create(
     let target = branch_database(&op.tenant, &op.branch);
     let admin = cluster_client(control, &cluster).await?;
     let size = database_size(&admin, &source).await?;
-    // A leftover of an interrupted attempt.
+    // A leftover of an interrupted attempt — never a database the catalog knows as someone else's.
+    if claimed_elsewhere(control, &target, &op.tenant, &op.branch).await? {
+        return Err(format!(
+            "database \"{target}\" belongs to another tenant or branch; refusing to touch it"
+        ));
+    }
     drop_database(&admin, &target).await?;
     let (wait, terminate) = request_wait(op);
     let started = Instant::now();
@@ -835,11 +842,41 @@ async fn drop_database(admin: &Client, db: &str) -> Result<(), String> {
         .map_err(|e| format!("dropping \"{db}\": {}", db_error(&e)))
 }
 
+/// Does a tenant or another branch than (`tenant`, `branch`) record `db` as its database?
+async fn claimed_elsewhere(
+    control: &Control,
+    db: &str,
+    tenant: &str,
+    branch: &str,
+) -> Result<bool, String> {
+    let (db, tenant, branch) = (db.to_owned(), tenant.to_owned(), branch.to_owned());
+    control
+        .catalog
+        .with(move |c| {
+            Box::pin(async move {
+                let r = c
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pgweir.tenants WHERE backend_database = $1)
+                             OR EXISTS (SELECT 1 FROM pgweir.branches WHERE backend_database = $1
+                                         AND NOT (tenant = $2 AND name = $3))",
+                        &[&db, &tenant, &branch],
+                    )
+                    .await?;
+                Ok(r.get(0))
+            })
+        })
+        .await
+        .map_err(|e| format!("catalog: {e}"))
+}
+
 /// Removes what a failed or interrupted create made: its database and its branch row.
 async fn undo_create(control: &Control, op: &Operation) -> Result<(), String> {
     let (cluster, _, _) = placement(control, &op.tenant).await?;
     let admin = cluster_client(control, &cluster).await?;
-    drop_database(&admin, &branch_database(&op.tenant, &op.branch)).await?;
+    let db = branch_database(&op.tenant, &op.branch);
+    if !claimed_elsewhere(control, &db, &op.tenant, &op.branch).await? {
+        drop_database(&admin, &db).await?;
+    }
     delete_branch_row(control, &op.tenant, &op.branch)
         .await
         .map_err(|e| format!("catalog: {e}"))
@@ -882,9 +919,15 @@ pub async fn housekeeping(control: &Arc<Control>, pools: &Pools, hist: &metrics:
         tracing::warn!(op = %op.id, tenant = %op.tenant, kind = %op.kind, "finishing an interrupted operation");
         let _serialized = control.lock_tenant(&op.tenant).await;
         let outcome: Result<Option<Value>, String> = match op.kind.as_str() {
-            "branch.create" => undo_create(control, &op).await.and(Err(
-                "interrupted (its pgweir instance stopped); nothing was left behind".into(),
-            )),
+            // A create that got as far as a ready branch succeeded (only recording its end failed).
+            "branch.create" => match get(control, &op.tenant, &op.branch).await {
+                Ok(Some(b)) if b.state == "ready" => {
+                    Ok(Some(json!({"recovered": "the branch was ready"})))
+                }
+                _ => undo_create(control, &op).await.and(Err(
+                    "interrupted (its pgweir instance stopped); nothing was left behind".into(),
+                )),
+            },
             "branch.delete" => delete(control, pools, &op).await.map(Some),
             "branch.reset" => recover_reset(control, &op).await,
             _ => Err("unknown operation".into()),
@@ -976,8 +1019,14 @@ mod tests {
 
     #[test]
     fn branch_databases_are_distinct_and_fit() {
-        assert_eq!(branch_database("shop", "dev"), "tenant_shop_b_dev");
-        assert_eq!(branch_database("my-shop", "pr-1"), "tenant_my_shop_b_pr_1");
+        assert_eq!(branch_database("shop", "dev"), "tenant_shop__dev");
+        assert_eq!(branch_database("my-shop", "pr-1"), "tenant_my_shop__pr_1");
+        // Dashes cannot make two pairs collide, nor a branch take a tenant's own database name.
+        assert_ne!(branch_database("x", "b-y"), branch_database("x-b", "y"));
+        assert_ne!(
+            branch_database("a", "c-main"),
+            crate::catalog::provision::backend_names("a-b-c").0
+        );
         let long = branch_database(&"a".repeat(40), &"b".repeat(40));
         assert!(long.len() <= 63, "{long}");
         assert_ne!(

@@ -140,9 +140,14 @@ impl Control {
             return;
         }
         let seq = self.usage_seq.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.catalog.add_usage(&self.instance, seq, &rows).await {
-            tracing::warn!(error = %e, "could not record usage; keeping it for the next flush");
-            *pending = Some((seq, rows));
+        // Pending until written: a flush cancelled midway (shutdown) keeps what it took.
+        let (seq, rows) = pending.insert((seq, rows));
+        let written = self.catalog.add_usage(&self.instance, *seq, rows).await;
+        match written {
+            Ok(()) => *pending = None,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record usage; keeping it for the next flush")
+            }
         }
     }
 

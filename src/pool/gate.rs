@@ -54,17 +54,23 @@ impl Gate {
         if self.pausing.swap(true, Ordering::AcqRel) {
             return Err(PauseError::AlreadyPaused);
         }
+        // Cancel-safe: a pause dropped while it waits (its caller went away) leaves the gate open again.
+        struct Unpause<'a>(&'a AtomicBool);
+        impl Drop for Unpause<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let unpause = Unpause(&self.pausing);
         let started = Instant::now();
         match tokio::time::timeout(wait, self.lock.clone().write_owned()).await {
             Ok(guard) => {
                 *self.held.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((guard, Instant::now()));
+                std::mem::forget(unpause);
                 Ok(started.elapsed())
             }
-            Err(_) => {
-                self.pausing.store(false, Ordering::Release);
-                Err(PauseError::Timeout(wait))
-            }
+            Err(_) => Err(PauseError::Timeout(wait)),
         }
     }
 
@@ -129,6 +135,24 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4]);
         assert!(gate.resume().is_none());
         assert!(gate.try_pass().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_pause_dropped_while_waiting_leaves_the_gate_open() {
+        let gate = Arc::new(Gate::default());
+        let busy = gate.try_pass().unwrap();
+        let g = gate.clone();
+        let pausing = tokio::spawn(async move { g.pause(Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        pausing.abort();
+        let _ = pausing.await;
+        drop(busy);
+        assert!(!gate.is_paused());
+        assert!(gate.try_pass().is_some());
+        assert!(
+            gate.pause(Duration::from_secs(1)).await.is_ok(),
+            "a later pause works"
+        );
     }
 
     #[tokio::test]

@@ -532,16 +532,23 @@ async fn read_idle(
     lifecycle: &crate::server::Lifecycle,
 ) -> IdleRead {
     // A shutdown ends an idle session (the client is told 57P01) — after a moment in which a request already on
-    // its way (a client that has just logged in, or was about to send) is still served.
+    // its way (a client that has just logged in, or was about to send) is still served. Reads are cancel-safe
+    // (plain and TLS), so a read cut short by the shutdown loses nothing.
     tokio::select! {
         biased;
-        _ = stream.readable() => {}
+        r = read_some(stream, buf) => r,
         _ = lifecycle.drained() => {
-            if Box::pin(tokio::time::timeout(DRAIN_GRACE, stream.readable())).await.is_err() {
-                return IdleRead::Stopping;
+            match Box::pin(tokio::time::timeout(DRAIN_GRACE, read_some(stream, buf))).await {
+                Ok(r) => r,
+                Err(_) => IdleRead::Stopping,
             }
         }
     }
+}
+
+/// The next bytes of a client (a plain connection holds no buffer until it is readable).
+async fn read_some(stream: &mut ClientStream, buf: &mut BytesMut) -> IdleRead {
+    stream.readable().await;
     buf.reserve(512);
     match stream.read_buf(buf).await {
         Ok(0) | Err(_) => IdleRead::Closed,

@@ -276,11 +276,11 @@ fn branches_are_cut_reset_and_deleted_under_load_without_failures() {
 
         // An operation whose instance died (its heartbeat stopped) is finished by housekeeping: nothing is left.
         let su = env.cluster.connect("postgres").await.unwrap();
-        su.batch_execute("CREATE DATABASE tenant_shop_b_ghost").await.unwrap();
+        su.batch_execute("CREATE DATABASE tenant_shop__ghost").await.unwrap();
         let control = env.cluster.connect("control").await.unwrap();
         control
             .batch_execute(
-                "INSERT INTO pgweir.branches (tenant, name, backend_database, state) VALUES ('shop', 'ghost', 'tenant_shop_b_ghost', 'creating');
+                "INSERT INTO pgweir.branches (tenant, name, backend_database, state) VALUES ('shop', 'ghost', 'tenant_shop__ghost', 'creating');
                  INSERT INTO pgweir.operations (id, tenant, kind, branch, request, status, instance, heartbeat_at)
                  VALUES ('op_ghost', 'shop', 'branch.create', 'ghost', '{\"name\": \"ghost\", \"parent\": \"main\"}', 'running', 'gone', now() - interval '1 minute')",
             )
@@ -290,7 +290,7 @@ fn branches_are_cut_reset_and_deleted_under_load_without_failures() {
         assert_eq!(done["status"], "failed", "{done}");
         assert!(done["error"].as_str().unwrap().contains("interrupted"), "{done}");
         let left: i64 = su
-            .query_one("select count(*) from pg_database where datname = 'tenant_shop_b_ghost'", &[])
+            .query_one("select count(*) from pg_database where datname = 'tenant_shop__ghost'", &[])
             .await
             .unwrap()
             .get(0);
