@@ -1137,6 +1137,19 @@ async fn traffic(
             )),
         };
         (r, "tenant.pause")
+    } else if let Ok(Some(op)) = branches::running(&control, &id).await {
+        // A branch operation may be copying within this pause: resuming now could let writes into the copy.
+        (
+            Err(error(
+                StatusCode::CONFLICT,
+                "operation_running",
+                format!(
+                    "operation {} runs for \"{id}\"; resume when it has ended",
+                    op.id
+                ),
+            )),
+            "tenant.resume",
+        )
     } else {
         let r = match proxy.pools.resume(cluster, &database) {
             Some(paused) => {

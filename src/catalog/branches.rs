@@ -571,15 +571,25 @@ struct Paused<'a> {
     cluster: String,
     database: String,
     hist: &'a metrics::Histogram,
+    /// False when an operator had paused the database already: the operation works within that pause and leaves
+    /// it to the operator to resume.
+    owned: bool,
+    since: Instant,
 }
 
 impl Paused<'_> {
+    /// Resumes (if this pause is the operation's own); how long the operation worked paused.
     fn resume(self) -> Duration {
-        let d = self
-            .pools
-            .resume(&self.cluster, &self.database)
-            .unwrap_or_default();
-        self.hist.record(d.as_secs_f64());
+        let d = if self.owned {
+            self.pools
+                .resume(&self.cluster, &self.database)
+                .unwrap_or_default()
+        } else {
+            self.since.elapsed()
+        };
+        if self.owned {
+            self.hist.record(d.as_secs_f64());
+        }
         std::mem::forget(self);
         d
     }
@@ -587,6 +597,9 @@ impl Paused<'_> {
 
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         if let Some(d) = self.pools.resume(&self.cluster, &self.database) {
             self.hist.record(d.as_secs_f64());
         }
@@ -605,15 +618,24 @@ async fn pause_quiet<'a>(
     terminate: bool,
 ) -> Result<Paused<'a>, String> {
     let deadline = Instant::now() + timeout;
-    pools
-        .pause(cluster, database, timeout)
-        .await
-        .map_err(|e| format!("could not pause \"{database}\": {e}"))?;
+    let since = Instant::now();
+    let owned = match pools.pause(cluster, database, timeout).await {
+        Ok(_) => true,
+        // Paused by an operator (POST …/pause): the copy happens within that pause (the sessions check below
+        // still waits for anything in flight), and resuming stays the operator's call.
+        Err(crate::pool::gate::PauseError::AlreadyPaused) => {
+            tracing::info!(%database, "already paused by an operator; working within that pause");
+            false
+        }
+        Err(e) => return Err(format!("could not pause \"{database}\": {e}")),
+    };
     let paused = Paused {
         pools,
         cluster: cluster.to_owned(),
         database: database.to_owned(),
         hist,
+        owned,
+        since,
     };
     loop {
         let others: i64 = admin

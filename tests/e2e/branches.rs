@@ -49,6 +49,23 @@ async fn tpcb_consistent(url: &str) -> (i64, i64) {
     (n, h)
 }
 
+/// Row counts, sums and a hash of the whole history: equal only for identical pgbench data.
+async fn fingerprint(c: &tokio_postgres::Client) -> (i64, i64, i64, String) {
+    let r = c
+        .query_one(
+            "select (select count(*) from pgbench_history),
+                    (select coalesce(sum(delta), 0) from pgbench_history)::bigint,
+                    (select sum(abalance) from pgbench_accounts)::bigint,
+                    (select coalesce(md5(string_agg(concat_ws(':', tid, bid, aid, delta, mtime), ','
+                                         order by mtime, tid, aid, delta)), '')
+                       from pgbench_history)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
 fn with_endpoint(url: &str, endpoint: &str) -> String {
     // postgres://owner.shop:pw@host:port/db → postgres://owner.<endpoint>:pw@host:port/db
     let (scheme, after) = url.split_once("://").unwrap();
@@ -215,6 +232,87 @@ fn branches_are_cut_reset_and_deleted_under_load_without_failures() {
             "the reset copy is newer: {again:?} vs {cuts:?}"
         );
 
+        // A cut inside an operator's pause: the branch is exactly the parent as it was then (checked on the
+        // parent directly while nothing can write to it).
+        let (s, v) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/shop/pause",
+            Some(ADMIN),
+            Some("{}"),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        let at_cut = {
+            let direct = env.cluster.connect("tenant_shop_main").await.unwrap();
+            fingerprint(&direct).await
+        };
+        let (s, v) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/shop/branches",
+            Some(ADMIN),
+            Some(r#"{"name": "exact"}"#),
+        )
+        .await;
+        assert_eq!(s, 409, "the free plan allows 3 branches: {v}");
+        assert!(v["message"].as_str().unwrap().contains("allows 3"), "{v}");
+        let (s, v) = call(
+            env.admin,
+            "PATCH",
+            "/v1/tenants/shop",
+            Some(ADMIN),
+            Some(r#"{"plan": "pro"}"#),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        let (s, v) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/shop/branches",
+            Some(ADMIN),
+            Some(r#"{"name": "exact"}"#),
+        )
+        .await;
+        assert_eq!(s, 202, "{v}");
+        let (s, early) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/shop/resume",
+            Some(ADMIN),
+            Some("{}"),
+        )
+        .await;
+        let resumed_early = s == 200;
+        if !resumed_early {
+            assert_eq!(
+                (s, early["code"].as_str()),
+                (409, Some("operation_running")),
+                "{early}"
+            );
+        }
+        let done = wait_op(&env, &v["operation"]).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        if !resumed_early {
+            let (s, v) = call(
+                env.admin,
+                "POST",
+                "/v1/tenants/shop/resume",
+                Some(ADMIN),
+                Some("{}"),
+            )
+            .await;
+            assert_eq!(s, 200, "the operator resumes: {v}");
+            let copy = connect_url(&with_endpoint(&url, "shop--exact"))
+                .await
+                .unwrap();
+            assert_eq!(
+                fingerprint(&copy).await,
+                at_cut,
+                "the branch is the parent at the cut"
+            );
+        }
+
         // The list: names, parents, sizes.
         let (s, list) = call(
             env.admin,
@@ -227,7 +325,7 @@ fn branches_are_cut_reset_and_deleted_under_load_without_failures() {
         assert_eq!(s, 200);
         let items = list["branches"].as_array().unwrap();
         let names: Vec<&str> = items.iter().map(|b| b["name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["b0", "b1", "b1-child"], "{list}");
+        assert_eq!(names, ["b0", "b1", "b1-child", "exact"], "{list}");
         assert_eq!(items[2]["parent"], "b1");
         assert!(
             items
