@@ -312,8 +312,8 @@ fn graceful_shutdown_lets_transactions_finish() {
 }
 
 /// A rolling restart: a new instance takes over the listening socket of the running one (`handover_socket`), the
-/// old one drains. `pgbench -C` (a new connection per transaction) runs across it: no connection attempt and no
-/// transaction fails, and afterwards the new instance serves alone.
+/// old one drains. `pgbench` TPC-B with 8 clients and `-C` (a new connection per transaction) runs across it: no
+/// connection attempt and no transaction fails, and afterwards the new instance serves alone.
 #[test]
 fn rolling_restart_refuses_no_connection() {
     let dir = tempfile::tempdir().unwrap();
@@ -344,7 +344,7 @@ fn rolling_restart_refuses_no_connection() {
         String::from_utf8_lossy(&init.stderr)
     );
     let run = Command::new(&pgbench)
-        .args(["-n", "-S", "-C", "-c", "4", "-j", "2", "-T", "6", &url])
+        .args(["-n", "-C", "-c", "8", "-j", "2", "-T", "6", &url])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -372,7 +372,7 @@ fn rolling_restart_refuses_no_connection() {
         .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
         .and_then(|n| n.trim().parse().ok())
         .expect("a transaction count");
-    assert!(processed > 100, "{stdout}");
+    assert!(processed > 50, "{stdout}");
     // The new instance served part of it, and serves now.
     let served = new
         .proxy
