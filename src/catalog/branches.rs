@@ -450,6 +450,10 @@ pub async fn run(
                 return;
             }
         } else if op.kind == "branch.reset" {
+            if e.starts_with(SWAP_PENDING) {
+                tracing::warn!(op = %op.id, "reset swap incomplete; housekeeping finishes it");
+                return;
+            }
             let _ = set_branch_state(&control, &op.tenant, &op.branch, "ready").await;
         }
     }
@@ -800,10 +804,21 @@ async fn reset(
             return Err(e);
         }
     };
-    let swapped = swap_in(&admin, &fresh, &target).await;
+    // The swap is retried a few times: between its drop and its rename the branch has no database.
+    let mut swapped = swap_in(&admin, &fresh, &target).await;
+    for _ in 0..3 {
+        if swapped.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        swapped = swap_in(&admin, &fresh, &target).await;
+    }
     pools.close_idle(&cluster, &target);
     let branch_pause = paused.resume();
-    swapped?;
+    if let Err(e) = swapped {
+        // Left running: its heartbeat stops, and housekeeping completes the swap (`recover_reset`).
+        return Err(format!("{SWAP_PENDING}{e}"));
+    }
     set_branch_state(control, &op.tenant, &op.branch, "ready")
         .await
         .map_err(|e| format!("catalog: {e}"))?;
@@ -815,6 +830,9 @@ async fn reset(
         "source_bytes": size,
     }))
 }
+
+/// The error of a reset whose copy is made but not swapped in yet (left to `recover_reset`).
+const SWAP_PENDING: &str = "swap incomplete: ";
 
 /// Replaces `target` by `fresh` (dropped and renamed; sessions on `target` are ended).
 async fn swap_in(admin: &Client, fresh: &str, target: &str) -> Result<(), String> {

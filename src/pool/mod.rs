@@ -783,6 +783,9 @@ pub struct Pools {
     usage: DashMap<String, Arc<Usage>>,
     /// Traffic gates by (cluster, database).
     gates: DashMap<(String, String), Arc<Gate>>,
+    /// Pools replaced by newer ones (a password or plan change) while clients still used them: a pause must
+    /// close their idle connections too.
+    retired: Mutex<Vec<Weak<Pool>>>,
 }
 
 /// Histograms every pool records into.
@@ -799,6 +802,7 @@ impl Pools {
             map: DashMap::new(),
             usage: DashMap::new(),
             gates: DashMap::new(),
+            retired: Mutex::new(Vec::new()),
             metrics: PoolMetrics {
                 checkout_wait,
                 connect,
@@ -829,7 +833,10 @@ impl Pools {
             // last of them does.
             Entry::Occupied(mut e) => {
                 let pool = self.new_pool(e.key(), tenant, target, cfg, usage)?;
-                e.insert(pool.clone());
+                let old = e.insert(pool.clone());
+                let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+                retired.retain(|w| w.strong_count() > 0);
+                retired.push(Arc::downgrade(&old));
                 Ok(pool)
             }
             Entry::Vacant(e) => {
@@ -895,9 +902,17 @@ impl Pools {
         self.gate(cluster, database).resume()
     }
 
-    /// Closes the idle server connections of every pool of a database.
+    /// Closes the idle server connections of every pool of a database (also of replaced pools still in use).
     pub fn close_idle(&self, cluster: &str, database: &str) {
-        for p in self.map.iter() {
+        let retired: Vec<Arc<Pool>> = self
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let live: Vec<Arc<Pool>> = self.map.iter().map(|p| p.value().clone()).collect();
+        for p in live.iter().chain(&retired) {
             if p.key.cluster == cluster && p.key.database == database {
                 let idle: Vec<_> = p.idle().drain(..).collect();
                 for c in idle {
