@@ -86,6 +86,15 @@ impl Lifecycle {
         wait_flag(&self.terminating, &self.terminate).await
     }
 
+    /// Runs `work` to its end, unless terminating begins first (None: `work` was dropped).
+    pub async fn unless_terminated<F: Future>(&self, work: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            out = work => Some(out),
+            _ = self.terminated() => None,
+        }
+    }
+
     fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.drain.notify_waiters();

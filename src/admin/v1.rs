@@ -189,6 +189,11 @@ async fn admin_request(
     Ok((control, token, json_object(body)?))
 }
 
+/// 404 with the error shape.
+fn not_found(message: impl Into<String>) -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", message)
+}
+
 fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
     ApiError::response(status, code, message)
 }
@@ -371,14 +376,6 @@ fn tenant_json(
     user: Option<&str>,
     password: Option<&str>,
 ) -> Value {
-    // An IPv6 address goes in brackets in a URI.
-    let host = match control.public_host.parse::<std::net::Ipv6Addr>() {
-        Ok(_) => format!("[{}]", control.public_host),
-        Err(_) => control.public_host.clone(),
-    };
-    let port = control
-        .public_port
-        .load(std::sync::atomic::Ordering::Relaxed);
     let user = user.unwrap_or("owner");
     let auth = match password {
         Some(p) => format!("{user}.{}:{p}", t.id),
@@ -389,7 +386,11 @@ fn tenant_json(
     o.insert("endpoint".into(), json!(t.id));
     o.insert(
         "connection_string".into(),
-        json!(format!("postgres://{auth}@{host}:{port}/{}", t.database)),
+        json!(format!(
+            "postgres://{auth}@{}/{}",
+            public_address(control),
+            t.database
+        )),
     );
     v
 }
@@ -405,11 +406,7 @@ async fn get_tenant(
     };
     match control.catalog.tenant(&id).await {
         Ok(Some(t)) => Json(tenant_json(&control, &t, None, None)).into_response(),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no tenant \"{id}\""),
-        ),
+        Ok(None) => not_found(format!("no tenant \"{id}\"")),
         Err(e) => internal(e),
     }
 }
@@ -559,11 +556,7 @@ async fn delete_tenant(
     };
     match result {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no tenant \"{id}\""),
-        ),
+        Ok(false) => not_found(format!("no tenant \"{id}\"")),
         Err(e) => error(
             StatusCode::BAD_GATEWAY,
             "deprovisioning_failed",
@@ -576,11 +569,7 @@ async fn delete_tenant(
 async fn existing_tenant(control: &Control, id: &str) -> Result<TenantRow, Response> {
     match control.catalog.tenant(id).await {
         Ok(Some(t)) if t.state != "deleting" => Ok(t),
-        Ok(_) => Err(error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no tenant \"{id}\""),
-        )),
+        Ok(_) => Err(not_found(format!("no tenant \"{id}\""))),
         Err(e) => Err(internal(e)),
     }
 }
@@ -710,11 +699,7 @@ async fn delete_user(
             }
             StatusCode::NO_CONTENT.into_response()
         }
-        Ok(false) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no user \"{name}\" in \"{id}\""),
-        ),
+        Ok(false) => not_found(format!("no user \"{name}\" in \"{id}\"")),
         Err(e) => internal(e),
     }
 }
@@ -893,11 +878,7 @@ async fn drain_cluster(
         .await;
     match result {
         Ok(true) => Json(json!({"name": name, "draining": draining})).into_response(),
-        Ok(false) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no cluster \"{name}\""),
-        ),
+        Ok(false) => not_found(format!("no cluster \"{name}\"")),
         Err(e) => internal(e),
     }
 }
@@ -934,9 +915,7 @@ async fn patch_tenant(
     };
     match result {
         Ok(t) => Json(tenant_json(&control, &t, None, None)).into_response(),
-        Err(e @ tenants::ChangeError::NoTenant(_)) => {
-            error(StatusCode::NOT_FOUND, "not_found", e.to_string())
-        }
+        Err(e @ tenants::ChangeError::NoTenant(_)) => not_found(e.to_string()),
         Err(e @ tenants::ChangeError::NoPlan(_)) => invalid(vec![("plan".into(), e.to_string())]),
         Err(e @ tenants::ChangeError::Failed(_)) => {
             error(StatusCode::BAD_GATEWAY, "change_failed", e.to_string())
@@ -1028,11 +1007,7 @@ async fn delete_token(
             control.forget_tokens().await;
             StatusCode::NO_CONTENT.into_response()
         }
-        Ok(false) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no token \"{name}\""),
-        ),
+        Ok(false) => not_found(format!("no token \"{name}\"")),
         Err(e) => internal(e),
     }
 }
@@ -1098,25 +1073,11 @@ async fn traffic(
         return invalid(problems);
     }
     let Some(tenant) = proxy.directory.get(&id) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no tenant \"{id}\""),
-        );
+        return not_found(format!("no tenant \"{id}\""));
     };
-    let database = match branch.as_deref() {
-        None | Some("main") => tenant.backend_database.clone(),
-        Some(b) => tenant.branches.get(b).cloned(),
-    };
-    let Some(database) = database.filter(|_| !tenant.passthrough) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!(
-                "no branch \"{}\" of \"{id}\"",
-                branch.as_deref().unwrap_or("main")
-            ),
-        );
+    let database = match tenant.physical_database(branch.as_deref()) {
+        Ok(d) => d,
+        Err(e) => return not_found(e.to_string()),
     };
     let cluster = &tenant.cluster.name;
     let branch_name = branch.unwrap_or_else(|| "main".into());
@@ -1176,6 +1137,7 @@ async fn traffic(
     }
 }
 
+/// Where clients reach this instance, as `host:port` for a URI (an IPv6 address in brackets).
 fn public_address(control: &Control) -> String {
     let host = match control.public_host.parse::<std::net::Ipv6Addr>() {
         Ok(_) => format!("[{}]", control.public_host),
@@ -1290,11 +1252,7 @@ async fn get_branch(
             ))
             .into_response()
         }
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no branch \"{name}\" of \"{id}\""),
-        ),
+        Ok(None) => not_found(format!("no branch \"{name}\" of \"{id}\"")),
         Err(e) => internal(e),
     }
 }
@@ -1310,11 +1268,7 @@ async fn get_operation(
     };
     match branches::operation(&control, &op).await {
         Ok(Some(o)) => Json(operation_json(&o)).into_response(),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no operation \"{op}\""),
-        ),
+        Ok(None) => not_found(format!("no operation \"{op}\"")),
         Err(e) => internal(e),
     }
 }
@@ -1365,7 +1319,7 @@ fn start_error(e: branches::StartError) -> Response {
             format!("another operation runs for this tenant ({what}); retry when it has ended"),
         ),
         branches::StartError::Conflict(m) => error(StatusCode::CONFLICT, "conflict", m),
-        branches::StartError::NotFound(m) => error(StatusCode::NOT_FOUND, "not_found", m),
+        branches::StartError::NotFound(m) => not_found(m),
         branches::StartError::Catalog(e) => internal(e),
     }
 }

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 
 use super::control::Control;
+use super::store::param;
 use super::tenants::cluster_client;
 use crate::pool::Pools;
 use crate::sqlscan::quote_ident;
@@ -144,60 +145,42 @@ type DbResult<T> = Result<T, tokio_postgres::Error>;
 
 /// The branches of a tenant (every state).
 pub async fn list(control: &Control, tenant: &str) -> DbResult<Vec<BranchRow>> {
-    let tenant = tenant.to_owned();
-    control
+    let rows = control
         .catalog
-        .with(move |c| {
-            Box::pin(async move {
-                let rows = c.query(&branch_sql("tenant = $1"), &[&tenant]).await?;
-                Ok(rows.iter().map(branch_row).collect())
-            })
-        })
-        .await
+        .rows(branch_sql("tenant = $1"), vec![param(tenant.to_owned())])
+        .await?;
+    Ok(rows.iter().map(branch_row).collect())
 }
 
 pub async fn get(control: &Control, tenant: &str, name: &str) -> DbResult<Option<BranchRow>> {
-    let (tenant, name) = (tenant.to_owned(), name.to_owned());
-    control
+    let rows = control
         .catalog
-        .with(move |c| {
-            Box::pin(async move {
-                let rows = c
-                    .query(&branch_sql("tenant = $1 AND name = $2"), &[&tenant, &name])
-                    .await?;
-                Ok(rows.first().map(branch_row))
-            })
-        })
-        .await
+        .rows(
+            branch_sql("tenant = $1 AND name = $2"),
+            vec![param(tenant.to_owned()), param(name.to_owned())],
+        )
+        .await?;
+    Ok(rows.first().map(branch_row))
 }
 
 pub async fn operation(control: &Control, id: &str) -> DbResult<Option<Operation>> {
-    let id = id.to_owned();
-    control
+    let rows = control
         .catalog
-        .with(move |c| {
-            Box::pin(async move {
-                let rows = c.query(&op_sql("id = $1"), &[&id]).await?;
-                Ok(rows.first().map(op_row))
-            })
-        })
-        .await
+        .rows(op_sql("id = $1"), vec![param(id.to_owned())])
+        .await?;
+    Ok(rows.first().map(op_row))
 }
 
 /// The operation running for a tenant, if any.
 pub async fn running(control: &Control, tenant: &str) -> DbResult<Option<Operation>> {
-    let tenant = tenant.to_owned();
-    control
+    let rows = control
         .catalog
-        .with(move |c| {
-            Box::pin(async move {
-                let rows = c
-                    .query(&op_sql("tenant = $1 AND status = 'running'"), &[&tenant])
-                    .await?;
-                Ok(rows.first().map(op_row))
-            })
-        })
-        .await
+        .rows(
+            op_sql("tenant = $1 AND status = 'running'"),
+            vec![param(tenant.to_owned())],
+        )
+        .await?;
+    Ok(rows.first().map(op_row))
 }
 
 /// Why an operation could not be started.
@@ -417,18 +400,12 @@ pub async fn run(
             let mut tick = tokio::time::interval(HEARTBEAT);
             loop {
                 tick.tick().await;
-                let id = id.clone();
                 let _ = control
                     .catalog
-                    .with(move |c| {
-                        Box::pin(async move {
-                            c.execute(
-                                "UPDATE pgweir.operations SET heartbeat_at = now() WHERE id = $1",
-                                &[&id],
-                            )
-                            .await
-                        })
-                    })
+                    .rows(
+                        "UPDATE pgweir.operations SET heartbeat_at = now() WHERE id = $1".into(),
+                        vec![param(id.clone())],
+                    )
                     .await;
             }
         })
@@ -480,7 +457,6 @@ async fn finish(
     result: Option<Value>,
     error: Option<String>,
 ) -> DbResult<()> {
-    let id = id.to_owned();
     let status = if error.is_none() {
         "succeeded"
     } else {
@@ -488,57 +464,50 @@ async fn finish(
     };
     control
         .catalog
-        .with(move |c| {
-            Box::pin(async move {
-                c.execute(
-                    "UPDATE pgweir.operations SET status = $2, result = $3, error = $4, finished_at = now()
-                      WHERE id = $1 AND status = 'running'",
-                    &[&id, &status, &result, &error],
-                )
-                .await
-                .map(|_| ())
-            })
-        })
+        .rows(
+            "UPDATE pgweir.operations SET status = $2, result = $3, error = $4, finished_at = now()
+              WHERE id = $1 AND status = 'running'"
+                .into(),
+            vec![
+                param(id.to_owned()),
+                param(status),
+                param(result),
+                param(error),
+            ],
+        )
         .await
+        .map(drop)
 }
 
 async fn set_branch_state(
     control: &Control,
     tenant: &str,
     name: &str,
-    state: &str,
+    state: &'static str,
 ) -> DbResult<()> {
-    let (tenant, name, state) = (tenant.to_owned(), name.to_owned(), state.to_owned());
     control
         .catalog
-        .with(move |c| {
-            Box::pin(async move {
-                c.execute(
-                    "UPDATE pgweir.branches SET state = $3 WHERE tenant = $1 AND name = $2",
-                    &[&tenant, &name, &state],
-                )
-                .await
-                .map(|_| ())
-            })
-        })
+        .rows(
+            "UPDATE pgweir.branches SET state = $3 WHERE tenant = $1 AND name = $2".into(),
+            vec![
+                param(tenant.to_owned()),
+                param(name.to_owned()),
+                param(state),
+            ],
+        )
         .await
+        .map(drop)
 }
 
 async fn delete_branch_row(control: &Control, tenant: &str, name: &str) -> DbResult<()> {
-    let (tenant, name) = (tenant.to_owned(), name.to_owned());
     control
         .catalog
-        .with(move |c| {
-            Box::pin(async move {
-                c.execute(
-                    "DELETE FROM pgweir.branches WHERE tenant = $1 AND name = $2",
-                    &[&tenant, &name],
-                )
-                .await
-                .map(|_| ())
-            })
-        })
+        .rows(
+            "DELETE FROM pgweir.branches WHERE tenant = $1 AND name = $2".into(),
+            vec![param(tenant.to_owned()), param(name.to_owned())],
+        )
         .await
+        .map(drop)
 }
 
 /// Where a tenant lives: (cluster, owner role, main database).
@@ -889,24 +858,22 @@ async fn claimed_elsewhere(
     tenant: &str,
     branch: &str,
 ) -> Result<bool, String> {
-    let (db, tenant, branch) = (db.to_owned(), tenant.to_owned(), branch.to_owned());
-    control
+    let rows = control
         .catalog
-        .with(move |c| {
-            Box::pin(async move {
-                let r = c
-                    .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM pgweir.tenants WHERE backend_database = $1)
-                             OR EXISTS (SELECT 1 FROM pgweir.branches WHERE backend_database = $1
-                                         AND NOT (tenant = $2 AND name = $3))",
-                        &[&db, &tenant, &branch],
-                    )
-                    .await?;
-                Ok(r.get(0))
-            })
-        })
+        .rows(
+            "SELECT EXISTS (SELECT 1 FROM pgweir.tenants WHERE backend_database = $1)
+                 OR EXISTS (SELECT 1 FROM pgweir.branches WHERE backend_database = $1
+                             AND NOT (tenant = $2 AND name = $3))"
+                .into(),
+            vec![
+                param(db.to_owned()),
+                param(tenant.to_owned()),
+                param(branch.to_owned()),
+            ],
+        )
         .await
-        .map_err(|e| format!("catalog: {e}"))
+        .map_err(|e| format!("catalog: {e}"))?;
+    Ok(rows.first().is_some_and(|r| r.get(0)))
 }
 
 /// Removes what a failed or interrupted create made: its database and its branch row.
@@ -981,21 +948,16 @@ pub async fn housekeeping(control: &Arc<Control>, pools: &Pools, hist: &metrics:
     // Expired branches: a delete each (one operation per tenant at a time; the rest wait for the next round).
     let expired: Vec<(String, String)> = control
         .catalog
-        .with(|c| {
-            Box::pin(async move {
-                let rows = c
-                    .query(
-                        "SELECT b.tenant, b.name FROM pgweir.branches b
-                          WHERE b.state = 'ready' AND b.expires_at <= now()
-                            AND NOT EXISTS (SELECT 1 FROM pgweir.branches c
-                                             WHERE c.tenant = b.tenant AND c.parent = b.name)",
-                        &[],
-                    )
-                    .await?;
-                Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-            })
-        })
+        .rows(
+            "SELECT b.tenant, b.name FROM pgweir.branches b
+              WHERE b.state = 'ready' AND b.expires_at <= now()
+                AND NOT EXISTS (SELECT 1 FROM pgweir.branches c
+                                 WHERE c.tenant = b.tenant AND c.parent = b.name)"
+                .into(),
+            Vec::new(),
+        )
         .await
+        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
         .unwrap_or_default();
     for (tenant, name) in expired {
         match start_change(

@@ -12,6 +12,15 @@ use tokio_postgres::Client;
 use super::provision::ClusterAdmin;
 use super::secret::SecretKey;
 use crate::pool::UsageDelta;
+use tokio_postgres::types::ToSql;
+
+/// An owned statement parameter (see [`Catalog::rows`]).
+pub(crate) type Param = Box<dyn ToSql + Send + Sync>;
+
+/// `v` as a [`Param`].
+pub(crate) fn param<T: ToSql + Send + Sync + 'static>(v: T) -> Param {
+    Box::new(v)
+}
 
 /// The catalog as the admin API uses it.
 pub struct Catalog {
@@ -104,6 +113,22 @@ impl Catalog {
             *guard = None;
         }
         r
+    }
+
+    /// Runs one statement with owned parameters on the catalog connection; its rows (none for most writes).
+    pub(crate) async fn rows(
+        &self,
+        sql: String,
+        params: Vec<Param>,
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        self.with(move |c| {
+            Box::pin(async move {
+                let refs: Vec<&(dyn ToSql + Sync)> =
+                    params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+                c.query(&sql, &refs).await
+            })
+        })
+        .await
     }
 
     /// The catalog connection, opened (again) when there is none or it closed.

@@ -344,11 +344,6 @@ impl Pool {
         self.checkout_inner(startup, shared, pass).await
     }
 
-    /// The gate of the pool's database.
-    pub fn gate(&self) -> &Arc<Gate> {
-        &self.gate
-    }
-
     /// The most recently used idle connection that matches and has nothing to read (others are closed).
     fn take_quiet(&self, startup: &StartupParams, shared: bool) -> Option<Box<ServerConn>> {
         while let Some(mut conn) = self.take_idle(startup, shared) {
@@ -490,11 +485,6 @@ impl Pool {
             max_wait_us: self.max_wait_us.load(Ordering::Relaxed),
             server_pinned: self.pinned.load(Ordering::Relaxed),
         }
-    }
-
-    /// The tenant whose client created the pool.
-    pub fn tenant(&self) -> &str {
-        &self.tenant
     }
 
     /// The role its server connections log in as.
@@ -823,7 +813,8 @@ impl Pools {
             user: target.user.clone(),
         };
         use dashmap::mapref::entry::Entry;
-        let usage = self.usage.entry(tenant.to_owned()).or_default().clone();
+        // The tenant's usage counters are looked up only when a pool is made (not on every login).
+        let usage = || self.usage.entry(tenant.to_owned()).or_default().clone();
         match self.map.entry(key) {
             Entry::Occupied(e) if e.get().target == *target && e.get().cfg == cfg => {
                 Ok(e.get().clone())
@@ -832,7 +823,7 @@ impl Pools {
             // pool; clients of the old one keep it until they leave, and its idle connections are closed when the
             // last of them does.
             Entry::Occupied(mut e) => {
-                let pool = self.new_pool(e.key(), tenant, target, cfg, usage)?;
+                let pool = self.new_pool(e.key(), tenant, target, cfg, usage())?;
                 let old = e.insert(pool.clone());
                 let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
                 retired.retain(|w| w.strong_count() > 0);
@@ -840,7 +831,7 @@ impl Pools {
                 Ok(pool)
             }
             Entry::Vacant(e) => {
-                let pool = self.new_pool(e.key(), tenant, target, cfg, usage)?;
+                let pool = self.new_pool(e.key(), tenant, target, cfg, usage())?;
                 e.insert(pool.clone());
                 Ok(pool)
             }

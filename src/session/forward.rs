@@ -87,8 +87,8 @@ pub struct End {
 }
 
 /// Bounds of a forwarding run.
-#[derive(Clone)]
-pub struct Limits {
+#[derive(Clone, Copy)]
+pub struct Limits<'h> {
     pub max_message: usize,
     /// Disconnect a client idle inside a transaction this long.
     pub idle_in_transaction: Option<Duration>,
@@ -101,14 +101,14 @@ pub struct Limits {
     pub refuse_unmovable: bool,
     /// Where each request's latency is recorded (from reaching the server, or from the answer before it in a
     /// pipeline, to its ReadyForQuery).
-    pub query_seconds: Option<metrics::Histogram>,
+    pub query_seconds: Option<&'h metrics::Histogram>,
 }
 
-impl Limits {
+impl<'h> Limits<'h> {
     pub fn from_config(
         cfg: &crate::config::ProxyConfig,
-        query_seconds: Option<metrics::Histogram>,
-    ) -> Limits {
+        query_seconds: Option<&'h metrics::Histogram>,
+    ) -> Limits<'h> {
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Limits {
             max_message: cfg.max_message_bytes,
@@ -131,7 +131,7 @@ pub struct Statements<'a> {
 /// State shared by the two directions (atomics: both run in one task, but the task must be `Send`).
 struct Shared<'a> {
     mode: Mode,
-    limits: Limits,
+    limits: Limits<'a>,
     started: Instant,
     /// Milliseconds after `started` (+1) since when every request is answered and the client has sent nothing;
     /// 0 while something is outstanding.
@@ -236,7 +236,7 @@ pub async fn run(
     client: &mut ClientStream,
     client_buf: &mut BytesMut,
     conn: &mut ServerConn,
-    limits: Limits,
+    limits: Limits<'_>,
     mode: Mode,
     statements: Option<Statements<'_>>,
 ) -> End {
@@ -636,7 +636,7 @@ async fn read_client<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     shared: &Shared<'_>,
 ) -> Result<(), EndReason> {
-    let limits = &shared.limits;
+    let limits = shared.limits;
     let client_idle = limits
         .client_idle
         .filter(|_| shared.mode != Mode::Transaction);
@@ -749,7 +749,7 @@ where
                         shared.tx_status.store(status, Ordering::Relaxed);
                         let now_us = shared.now_us();
                         let since = shared.busy_since_us.load(Ordering::Relaxed);
-                        if let (Some(h), true) = (&shared.limits.query_seconds, since != 0) {
+                        if let (Some(h), true) = (shared.limits.query_seconds, since != 0) {
                             h.record(now_us.saturating_sub(since) as f64 / 1e6);
                         }
                         if ready == shared.requests.load(Ordering::Relaxed) {

@@ -561,18 +561,11 @@ async fn session_mode(
         stream,
         &mut client_buf,
         checkout.conn(),
-        forward::Limits::from_config(
-            &proxy.cfg.proxy,
-            Some(proxy.telemetry.query_seconds.clone()),
-        ),
+        forward::Limits::from_config(&proxy.cfg.proxy, Some(&proxy.telemetry.query_seconds)),
         forward::Mode::Session,
         None,
     ));
-    let end = tokio::select! {
-        biased;
-        end = run => Some(end),
-        _ = proxy.lifecycle.terminated() => None,
-    };
+    let end = proxy.lifecycle.unless_terminated(run).await;
     let Some(end) = end else {
         // Shutdown: the server connection is closed (the backend rolls back what is open), the client told.
         key.slot.set(SlotState::Idle).await;

@@ -303,10 +303,8 @@ impl Client {
             .transactions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
-        let limits = forward::Limits::from_config(
-            &proxy.cfg.proxy,
-            Some(proxy.telemetry.query_seconds.clone()),
-        );
+        let limits =
+            forward::Limits::from_config(&proxy.cfg.proxy, Some(&proxy.telemetry.query_seconds));
         let mut mode = Mode::Transaction;
         let mut pins = Pins::default();
         let mut counted_pin = None;
@@ -316,15 +314,11 @@ impl Client {
                 stream,
                 buf,
                 checkout.conn(),
-                limits.clone(),
+                limits,
                 mode,
                 statements_for(&mut c.statements, per_server),
             ));
-            let end = tokio::select! {
-                biased;
-                end = run => Some(end),
-                _ = proxy.lifecycle.terminated() => None,
-            };
+            let end = proxy.lifecycle.unless_terminated(run).await;
             let Some(end) = end else {
                 // Shutdown ran out of time: the server connection is closed (the backend rolls the transaction
                 // back) and the client is told.

@@ -96,23 +96,26 @@ impl Tenant {
         if database != self.database {
             return Err(TargetError::NoSuchDatabase(database.to_owned()));
         }
-        let physical = match branch {
-            None | Some("main") => self.backend_database.clone().unwrap_or_default(),
-            Some(b) => self
-                .branches
-                .get(b)
-                .cloned()
-                .ok_or_else(|| TargetError::NoSuchBranch {
-                    tenant: self.id.clone(),
-                    branch: b.to_owned(),
-                })?,
-        };
+        let physical = self.physical_database(branch)?;
         Ok(BackendTarget {
             cluster: self.cluster.clone(),
             database: physical,
             user: self.backend_user.clone().unwrap_or_default(),
             password: self.backend_password.clone(),
         })
+    }
+
+    /// The physical database of `branch` (None or `main`: the tenant's own) of a tenant pgweir provisions for.
+    pub fn physical_database(&self, branch: Option<&str>) -> Result<String, TargetError> {
+        let no_branch = |b: &str| TargetError::NoSuchBranch {
+            tenant: self.id.clone(),
+            branch: b.to_owned(),
+        };
+        match branch {
+            _ if self.passthrough => Err(no_branch(branch.unwrap_or("main"))),
+            None | Some("main") => Ok(self.backend_database.clone().unwrap_or_default()),
+            Some(b) => self.branches.get(b).cloned().ok_or_else(|| no_branch(b)),
+        }
     }
 }
 

@@ -2,7 +2,6 @@
 //! the parent instead of failing anything; every branch is a consistent copy; interrupted operations are finished;
 //! expired branches go.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -84,22 +83,8 @@ fn branches_are_cut_reset_and_deleted_under_load_without_failures() {
     let rt = runtime();
     let url = rt.block_on(new_tenant(&env, "shop"));
     let libpq = format!("{url}?sslmode=disable");
-    let pgbench = pgweir::pgcluster::PgBin::locate().unwrap().tool("pgbench");
-    let init = Command::new(&pgbench)
-        .args(["-i", "-s", "1", "-q", &libpq])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let run = Command::new(&pgbench)
-        .args(["-n", "-c", "8", "-j", "2", "-T", "20", &libpq])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    pgbench_init(&libpq, 1);
+    let run = pgbench_spawn(&["-n", "-c", "8", "-j", "2", "-T", "20"], &libpq);
     rt.block_on(async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         // Create two branches under load.
@@ -352,17 +337,7 @@ fn branches_are_cut_reset_and_deleted_under_load_without_failures() {
             "a deleted branch is not routed"
         );
     });
-    let out = run.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("number of failed transactions: 0"),
-        "{stdout}"
-    );
+    pgbench_no_failures(run);
 
     rt.block_on(async {
         // Bad requests: every problem listed.

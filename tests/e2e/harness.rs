@@ -541,3 +541,49 @@ pub async fn http(
         .expect("a status code");
     (status, body.to_owned())
 }
+
+/// `pgbench -i -q -s <scale>` against `conn`; panics with pgbench's output when it fails.
+pub fn pgbench_init(conn: &str, scale: u32) {
+    let pgbench = pgweir::pgcluster::PgBin::locate().unwrap().tool("pgbench");
+    let init = Command::new(pgbench)
+        .args(["-i", "-q", "-s", &scale.to_string(), conn])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
+/// A pgbench run in the background (`args` then `conn`), to be checked with [`pgbench_no_failures`].
+pub fn pgbench_spawn(args: &[&str], conn: &str) -> std::process::Child {
+    let pgbench = pgweir::pgcluster::PgBin::locate().unwrap().tool("pgbench");
+    Command::new(pgbench)
+        .args(args)
+        .arg(conn)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for a background pgbench: it succeeded with zero failed transactions. Returns how many it processed.
+pub fn pgbench_no_failures(run: std::process::Child) -> u64 {
+    let out = run.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a transaction count")
+}

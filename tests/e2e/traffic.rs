@@ -1,6 +1,5 @@
 //! Traffic control: pausing a tenant holds its transactions without failing them, and resuming lets them go on.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::control::{add_tokens, call, connect_url, register_cluster, ADMIN, READER};
@@ -40,22 +39,8 @@ fn pause_and_resume_fail_no_transaction() {
     let rt = runtime();
     let url = rt.block_on(new_tenant(&env, "steady"));
     let libpq = format!("{url}?sslmode=disable");
-    let pgbench = pgweir::pgcluster::PgBin::locate().unwrap().tool("pgbench");
-    let init = Command::new(&pgbench)
-        .args(["-i", "-s", "1", "-q", &libpq])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let run = Command::new(&pgbench)
-        .args(["-n", "-c", "8", "-j", "2", "-T", "8", &libpq])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    pgbench_init(&libpq, 1);
+    let run = pgbench_spawn(&["-n", "-c", "8", "-j", "2", "-T", "8"], &libpq);
     rt.block_on(async {
         tokio::time::sleep(Duration::from_millis(800)).await;
         let mut held_seen = false;
@@ -111,23 +96,8 @@ fn pause_and_resume_fail_no_transaction() {
         assert!(pauses >= 5);
         assert!(held_seen, "clients were held while paused");
     });
-    let out = run.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("number of failed transactions: 0"),
-        "{stdout}"
-    );
-    let processed: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("a transaction count");
-    assert!(processed > 100, "{stdout}");
+    let processed = pgbench_no_failures(run);
+    assert!(processed > 100, "processed {processed}");
 
     rt.block_on(async {
         // Refused requests, with every problem listed.
@@ -333,22 +303,8 @@ fn rolling_restart_refuses_no_connection() {
         "app",
         "options=endpoint=tx sslmode=disable",
     );
-    let pgbench = pgweir::pgcluster::PgBin::locate().unwrap().tool("pgbench");
-    let init = Command::new(&pgbench)
-        .args(["-i", "-s", "1", "-q", &url])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let run = Command::new(&pgbench)
-        .args(["-n", "-C", "-c", "8", "-j", "2", "-T", "6", &url])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    pgbench_init(&url, 1);
+    let run = pgbench_spawn(&["-n", "-C", "-c", "8", "-j", "2", "-T", "6"], &url);
     std::thread::sleep(Duration::from_secs(2));
     let new = env.another_instance();
     assert_eq!(new.addr, env.addr, "the same listening socket");
@@ -356,23 +312,8 @@ fn rolling_restart_refuses_no_connection() {
         env.instance.wait_stopped(Duration::from_secs(15)),
         "the old instance drains and stops"
     );
-    let out = run.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("number of failed transactions: 0"),
-        "{stdout}"
-    );
-    let processed: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("a transaction count");
-    assert!(processed > 50, "{stdout}");
+    let processed = pgbench_no_failures(run);
+    assert!(processed > 50, "processed {processed}");
     // The new instance served part of it, and serves now.
     let served = new
         .proxy

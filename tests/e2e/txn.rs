@@ -268,15 +268,7 @@ fn pgbench_all_protocols_with_more_clients_than_server_connections() {
     let env = tx_env(2);
     let pgbench = pgweir::pgcluster::PgBin::locate().unwrap().tool("pgbench");
     let url = tx_url(&env, "");
-    let init = std::process::Command::new(&pgbench)
-        .args(["-i", "-s", "1", "-q", &url])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_init(&url, 1);
     for mode in ["simple", "extended", "prepared"] {
         let out = std::process::Command::new(&pgbench)
             .args(["-n", "-c", "8", "-j", "2", "-t", "100", "-M", mode, &url])
