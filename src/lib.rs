@@ -28,6 +28,7 @@ pub mod dev;
 pub mod handover;
 pub mod net;
 pub mod pgcluster;
+pub mod policy;
 pub mod pool;
 pub mod prepared;
 pub mod routing;

@@ -43,6 +43,10 @@ pub struct Proxy {
     pub lifecycle: Lifecycle,
     /// The config file a reload reads.
     config_path: std::sync::OnceLock<std::path::PathBuf>,
+    /// Statement classification and its cache (shared by all tenants).
+    pub classifier: crate::policy::Classifier,
+    /// Per-tenant limits state (connections, query rate) and the plan in force.
+    pub tenant_states: crate::policy::limits::Tenants,
 }
 
 /// How pgweir stops.
@@ -202,7 +206,10 @@ impl Server {
             telemetry.checkout_wait_seconds.clone(),
             telemetry.backend_connect_seconds.clone(),
         );
+        let (hits, misses) = telemetry.classifier_counters();
         let proxy = Arc::new(Proxy {
+            classifier: crate::policy::Classifier::new(hits, misses),
+            tenant_states: Default::default(),
             client_slots: Arc::new(Semaphore::new(cfg.proxy.max_client_connections)),
             cfg,
             directory,
@@ -280,6 +287,19 @@ impl Server {
             info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin API listening");
             tokio::spawn(crate::admin::serve(l, proxy.clone()))
         });
+        // Plans changed by a reload or in the catalog reach running sessions within a second.
+        let plans = {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    proxy
+                        .tenant_states
+                        .refresh(|id| proxy.directory.get(id).map(|t| t.plan.clone()));
+                }
+            })
+        };
         let usage = proxy.control.clone().map(|control| {
             let proxy = proxy.clone();
             let every = proxy
@@ -377,6 +397,7 @@ impl Server {
         drop(listener);
         stop_sessions(&proxy, stop).await;
         reload.abort();
+        plans.abort();
         if let Some(a) = admin {
             a.abort();
         }

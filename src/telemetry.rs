@@ -55,6 +55,18 @@ fn describe() {
     );
     describe_counter!("pgweir_client_logins_total", "Client logins, by result.");
     describe_counter!(
+        "pgweir_policy_refusals_total",
+        "Statements and connections refused by a tenant's SQL policy or limits, by tenant and rule."
+    );
+    describe_counter!(
+        "pgweir_policy_unparsed_total",
+        "Statements sqlparser could not parse that were forwarded (policy \"open\"), by tenant."
+    );
+    describe_counter!(
+        "pgweir_policy_cache_total",
+        "Statement classification cache lookups, by result (hit, miss)."
+    );
+    describe_counter!(
         "pgweir_requests_total",
         "Requests answered by a server (Query, Sync, FunctionCall)."
     );
@@ -196,6 +208,33 @@ impl Telemetry {
             handle,
             recorder,
         }
+    }
+
+    /// Counts a statement refused by SQL policy or a limit.
+    pub fn policy_refused(&self, tenant: &str, rule: &'static str) {
+        let tenant = tenant.to_owned();
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!("pgweir_policy_refusals_total", "tenant" => tenant, "rule" => rule)
+                .increment(1)
+        });
+    }
+
+    /// Counts a statement forwarded although sqlparser could not parse it (policy `open`).
+    pub fn policy_unparsed(&self, tenant: &str) {
+        let tenant = tenant.to_owned();
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!("pgweir_policy_unparsed_total", "tenant" => tenant).increment(1)
+        });
+    }
+
+    /// Counters of the classification cache: hits and misses.
+    pub fn classifier_counters(&self) -> (Counter, Counter) {
+        metrics::with_local_recorder(&self.recorder, || {
+            (
+                counter!("pgweir_policy_cache_total", "result" => "hit"),
+                counter!("pgweir_policy_cache_total", "result" => "miss"),
+            )
+        })
     }
 
     /// Counts an error pgweir itself sent a client, by SQLSTATE class (the first two characters).

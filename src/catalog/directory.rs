@@ -58,7 +58,7 @@ pub struct CatalogDirectory {
 
 const TENANT_SQL: &str = "
 SELECT t.id, t.database, t.backend_database, t.backend_role, t.backend_password_enc,
-       c.name, c.host, c.port, c.tls, p.pool_size
+       c.name, c.host, c.port, c.tls, p.pool_size, t.plan
   FROM pgweir.tenants t
   JOIN pgweir.clusters c ON c.name = t.cluster
   JOIN pgweir.plans p ON p.name = t.plan
@@ -216,11 +216,34 @@ impl CatalogDirectory {
                 users: users.remove(&id).unwrap_or_default(),
                 branches: branches.remove(&id).unwrap_or_default(),
                 id: id.clone(),
+                plan: plan_for(&r.get::<_, String>(10)),
             };
             out.insert(id, Arc::new(tenant));
         }
         Ok(out)
     }
+}
+
+/// The data-plane plan of a catalog tenant: the SQL policy of the built-in plan of that name. (The catalog's own
+/// plan rows set pool size and backend connection limits; rate and connection limits of the data plane are applied
+/// to config-file tenants only for now.)
+fn plan_for(name: &str) -> Arc<crate::policy::Plan> {
+    static PLANS: std::sync::OnceLock<HashMap<String, Arc<crate::policy::Plan>>> =
+        std::sync::OnceLock::new();
+    let plans = PLANS.get_or_init(|| {
+        crate::policy::Plan::BUILTIN
+            .iter()
+            .map(|n| {
+                let policy = crate::policy::Plan::builtin(n).unwrap_or_default().policy;
+                let plan = crate::policy::Plan {
+                    policy,
+                    ..Default::default()
+                };
+                (n.to_string(), Arc::new(plan))
+            })
+            .collect()
+    });
+    plans.get(name).cloned().unwrap_or_default()
 }
 
 impl TenantDirectory for CatalogDirectory {

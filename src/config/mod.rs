@@ -36,6 +36,20 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// The control database: tenants created through the admin API live there.
     pub catalog: Option<CatalogConfig>,
+    /// Plans (limits and SQL policy) by name; they override the built-in `free`, `pro`, `team` and
+    /// `enterprise`.
+    #[serde(default)]
+    pub plans: BTreeMap<String, crate::policy::Plan>,
+}
+
+impl Config {
+    /// The plan of that name: the config file's, else the built-in one.
+    pub fn plan(&self, name: &str) -> Option<crate::policy::Plan> {
+        self.plans
+            .get(name)
+            .cloned()
+            .or_else(|| crate::policy::Plan::builtin(name))
+    }
 }
 
 /// The control database (catalog).
@@ -343,6 +357,9 @@ pub struct TenantConfig {
     /// Pool mode of the tenant's clients (a user or the client itself may override it: `options=pool_mode=session`).
     #[serde(default)]
     pub pool_mode: PoolMode,
+    /// The tenant's plan (limits and SQL policy): a key of `[plans]` or a built-in plan. Without one, the default
+    /// SQL policy applies and there are no limits.
+    pub plan: Option<String>,
     #[serde(default)]
     pub users: Vec<UserConfig>,
     #[serde(default)]
@@ -454,6 +471,18 @@ impl Config {
             }
         }
         pool_problems("pool", &self.pool, &mut p);
+        for (name, plan) in &self.plans {
+            for problem in plan.problems() {
+                p.push(format!("plans.{name}.{problem}"));
+            }
+        }
+        for t in &self.tenants {
+            if let Some(plan) = &t.plan {
+                if self.plan(plan).is_none() {
+                    p.push(format!("tenant {}: plan \"{plan}\" is not defined", t.id));
+                }
+            }
+        }
         for (name, c) in &self.clusters {
             if c.host.is_empty() {
                 p.push(format!("clusters.{name}.host is empty"));

@@ -102,6 +102,19 @@ pub struct Limits<'h> {
     /// Where each request's latency is recorded (from reaching the server, or from the answer before it in a
     /// pipeline, to its ReadyForQuery).
     pub query_seconds: Option<&'h metrics::Histogram>,
+    /// The tenant's SQL policy and query rate.
+    pub policy: Option<Policy<'h>>,
+}
+
+/// What forwarding needs of the tenant's policy.
+#[derive(Clone, Copy)]
+pub struct Policy<'h> {
+    pub state: &'h crate::policy::limits::TenantState,
+    pub classifier: &'h crate::policy::Classifier,
+    pub telemetry: &'h crate::telemetry::Telemetry,
+    pub tenant: &'h str,
+    /// The physical database the session uses.
+    pub database: &'h str,
 }
 
 impl<'h> Limits<'h> {
@@ -117,7 +130,18 @@ impl<'h> Limits<'h> {
             query_timeout: nonzero(cfg.query_timeout),
             refuse_unmovable: cfg.unmovable_session_state == crate::config::UnmovableState::Refuse,
             query_seconds,
+            policy: None,
         }
+    }
+
+    /// With the tenant's policy: its statements are checked, its query rate kept, and the plan's statement
+    /// timeout applied (the shorter of it and `proxy.query_timeout`).
+    pub fn with_policy(mut self, p: Policy<'h>) -> Limits<'h> {
+        if let Some(t) = p.state.with_plan(|plan| plan.statement_timeout) {
+            self.query_timeout = Some(self.query_timeout.map_or(t, |q| q.min(t)));
+        }
+        self.policy = Some(p);
+        self
     }
 }
 
@@ -171,6 +195,20 @@ struct Shared<'a> {
     cancel: Option<crate::cancel::CancelTarget>,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Refused statements whose stand-in has gone to the server: (number of the ReadyForQuery that ends the
+    /// request, the error the client gets instead of the stand-in's).
+    refusals: Mutex<std::collections::VecDeque<(u64, bytes::Bytes)>>,
+    refusals_pending: AtomicBool,
+}
+
+/// The text of the stand-in for a refused statement: not SQL, so the server answers it with a syntax error at
+/// once (before any statement runs, whatever the transaction state), which the server→client side recognises by
+/// this process's random marker and replaces with the refusal. The server handles the error as its own — aborted
+/// transaction, rest of the pipeline skipped until Sync — and if it is already skipping, the stand-in is skipped
+/// as the refused message would have been.
+fn refusal_marker() -> &'static str {
+    static MARKER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MARKER.get_or_init(|| format!("pgweir_refused_{:016x}", rand::random::<u64>()))
 }
 
 impl<'r> Shared<'r> {
@@ -276,6 +314,8 @@ pub async fn run(
         // Client bytes consumed: those already read count, those left over at the end do not.
         bytes_in: AtomicU64::new(client_buf.len() as u64),
         bytes_out: AtomicU64::new(0),
+        refusals: Mutex::new(Default::default()),
+        refusals_pending: AtomicBool::new(false),
     };
     let mut c_scan = Scanner::new(max_message);
     let mut s_scan = Scanner::new(max_message);
@@ -408,15 +448,21 @@ where
     let mut out = BytesMut::new();
     let mut rewritten = BytesMut::new();
     let mut refused = BytesMut::new();
+    let policy = shared.limits.policy;
+    // Query rate: a request over the rate waits here (`rate_wait`) and then goes on (`rate_granted`) or is refused.
+    let mut rate_granted = false;
+    let mut rate_refused = false;
     loop {
         let mut replaced = false;
         let mut wait = false;
+        let mut rate_wait: Option<(Duration, bool)> = None;
         let scan = scanner.scan(
             buf,
             |tag| {
                 tag == b'X'
                     || (txn && (tag == b'Q' || tag == b'P'))
                     || (rewrite && matches!(tag, b'P' | b'B' | b'D' | b'C'))
+                    || (policy.is_some() && matches!(tag, b'Q' | b'P' | b'F' | b'E'))
             },
             |tag, frame| -> Result<Verdict, FrameError> {
                 // One lock of the rewriter per statement message, held for both of its uses below.
@@ -430,6 +476,37 @@ where
                     // Before any accounting: a waiting message is scanned again later.
                     if rw.must_wait(tag, f, seq) {
                         wait = true;
+                        return Ok(Verdict::Stop);
+                    }
+                }
+                if let (Some(p), Some(f), b'Q' | b'P' | b'F' | b'E') = (policy, frame, tag) {
+                    let mut refusal = None;
+                    if tag != b'P' {
+                        if rate_refused {
+                            rate_refused = false;
+                            refusal = Some(rate_refusal(p));
+                        } else if rate_granted {
+                            rate_granted = false;
+                        } else {
+                            match p.state.rate(1, Instant::now()) {
+                                crate::policy::limits::Rate::Now => {}
+                                crate::policy::limits::Rate::After(d) => {
+                                    rate_wait = Some((d, true));
+                                    return Ok(Verdict::Stop);
+                                }
+                                crate::policy::limits::Rate::Refuse(d) => {
+                                    rate_wait = Some((d, false));
+                                    return Ok(Verdict::Stop);
+                                }
+                            }
+                        }
+                    }
+                    if refusal.is_none() {
+                        refusal = check_policy(p, tag, f);
+                    }
+                    if let Some(r) = refusal {
+                        refuse(shared, p, &r, tag, seq, &mut rewritten);
+                        replaced = true;
                         return Ok(Verdict::Stop);
                     }
                 }
@@ -552,6 +629,16 @@ where
                     .store(shared.now_us(), Ordering::Relaxed);
             }
         }
+        if let Some((d, granted)) = rate_wait {
+            // Everything before the request over the rate is with the server; it waits here.
+            tokio::time::sleep(d).await;
+            if granted {
+                rate_granted = true;
+            } else {
+                rate_refused = true;
+            }
+            continue;
+        }
         if wait {
             // Everything before the waiting message is with the server; its replies settle the earlier batch.
             shared.settled.notified().await;
@@ -564,6 +651,107 @@ where
         match read_client(r, buf, shared).await {
             Ok(()) => shared.idle_since_ms.store(0, Ordering::Relaxed),
             Err(reason) => return reason,
+        }
+    }
+}
+
+/// The policy's verdict on a Query, Parse or FunctionCall (Execute has none: its statement was checked at Parse).
+fn check_policy(p: Policy<'_>, tag: u8, f: &[u8]) -> Option<crate::policy::Refusal> {
+    let sql = match tag {
+        b'Q' => {
+            let b = body(f);
+            b.strip_suffix(&[0]).unwrap_or(b)
+        }
+        b'P' => match cstr(body(f)).and_then(|(_, rest)| cstr(rest)) {
+            Some((sql, _)) => sql,
+            None => return None,
+        },
+        b'F' => {
+            let allowed = p.state.with_plan(|plan| plan.policy.function_call);
+            return (!allowed).then(|| crate::policy::Refusal {
+                rule: "function-call",
+                code: crate::wire::error::sqlstate::INSUFFICIENT_PRIVILEGE,
+                message: "pgweir: the fast-path function call protocol is not allowed (rule \"function-call\")"
+                    .into(),
+                hint: Some("call the function in a SELECT".into()),
+            });
+        }
+        _ => return None,
+    };
+    let facts = p.classifier.facts(sql);
+    let ctx = crate::policy::Context {
+        database: p.database,
+        read_only: false,
+    };
+    let verdict = p.state.with_plan(|plan| plan.policy.check(&facts, &ctx));
+    if verdict.is_none() && facts.classes & crate::policy::class::UNPARSED != 0 {
+        p.telemetry.policy_unparsed(p.tenant);
+        tracing::debug!(
+            tenant = %p.tenant,
+            fingerprint = %sqlscan::fingerprint(&String::from_utf8_lossy(sql), 200),
+            "statement sqlparser cannot parse forwarded (policy open)"
+        );
+    }
+    if let Some(r) = &verdict {
+        tracing::info!(
+            tenant = %p.tenant,
+            rule = r.rule,
+            fingerprint = %sqlscan::fingerprint(&String::from_utf8_lossy(sql), 200),
+            "statement refused by policy"
+        );
+    }
+    verdict
+}
+
+/// The refusal of a request over the tenant's query rate.
+fn rate_refusal(p: Policy<'_>) -> crate::policy::Refusal {
+    let (qps, wait) = p
+        .state
+        .with_plan(|plan| (plan.queries_per_second.unwrap_or_default(), plan.rate_wait));
+    tracing::info!(tenant = %p.tenant, qps, "query refused: over the plan's query rate");
+    crate::policy::Refusal {
+        rule: "rate",
+        code: crate::wire::error::sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+        message: format!(
+            "pgweir: query rate limit exceeded: this database's plan allows {qps} queries per second \
+             (waited {} ms)",
+            wait.as_millis()
+        ),
+        hint: Some("retry later, or move to a plan with a higher rate".into()),
+    }
+}
+
+/// Sends the stand-in of a refused message (see [`refusal_marker`]) and queues the error its answer becomes.
+/// A Query or FunctionCall becomes a Query (one ReadyForQuery, like the original); a Parse or Execute becomes a
+/// Parse of a statement that cannot be parsed (the server skips the rest of the batch until Sync).
+fn refuse(
+    shared: &Shared<'_>,
+    p: Policy<'_>,
+    r: &crate::policy::Refusal,
+    tag: u8,
+    seq: u64,
+    out: &mut BytesMut,
+) {
+    p.telemetry.policy_refused(p.tenant, r.rule);
+    let mut err = crate::wire::PgError::error(r.code, r.message.clone());
+    if let Some(h) = &r.hint {
+        err = err.with_hint(h.clone());
+    }
+    shared
+        .refusals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push_back((seq, err.to_bytes().freeze()));
+    shared.refusals_pending.store(true, Ordering::Relaxed);
+    match tag {
+        b'Q' | b'F' => {
+            shared.requests.fetch_add(1, Ordering::Relaxed);
+            shared.syncs_since_start.store(0, Ordering::Relaxed);
+            crate::wire::msg::query(refusal_marker(), out);
+        }
+        _ => {
+            shared.batch_open.store(true, Ordering::Relaxed);
+            refused_parse(b"pgweir_refused", refusal_marker(), &[0, 0], out);
         }
     }
 }
@@ -705,6 +893,7 @@ where
     loop {
         let mut edit = None;
         let mut reword = false;
+        let mut replacement: Option<bytes::Bytes> = None;
         // Bytes may already be buffered (read while the connection was logging in or idle).
         let scan = scanner.scan(
             buf,
@@ -712,11 +901,26 @@ where
                 tag == b'Z'
                     || tag == b'S'
                     || (rewrite && matches!(tag, b'1' | b'3' | b'C'))
-                    || (timeouts && tag == b'E')
+                    || ((timeouts || shared.refusals_pending.load(Ordering::Relaxed))
+                        && tag == b'E')
             },
             |tag, frame| -> Result<Verdict, FrameError> {
                 shared.last_server_tag.store(tag, Ordering::Relaxed);
                 match (tag, frame) {
+                    (b'E', Some(f))
+                        if shared.refusals_pending.load(Ordering::Relaxed)
+                            && f.windows(refusal_marker().len())
+                                .any(|w| w == refusal_marker().as_bytes()) =>
+                    {
+                        let mut q = shared.refusals.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some((_, err)) = q.pop_front() {
+                            replacement = Some(err);
+                        }
+                        shared
+                            .refusals_pending
+                            .store(!q.is_empty(), Ordering::Relaxed);
+                        return Ok(Verdict::Stop);
+                    }
                     (b'1' | b'3', _) if rewrite => {
                         let reply = shared
                             .rewriter()
@@ -741,6 +945,16 @@ where
                     }
                     (b'Z', Some(f)) => {
                         let ready = shared.ready.fetch_add(1, Ordering::Relaxed) + 1;
+                        if shared.refusals_pending.load(Ordering::Relaxed) {
+                            // Stand-ins the server skipped (an earlier error in their batch) got no error.
+                            let mut q = shared.refusals.lock().unwrap_or_else(|e| e.into_inner());
+                            while q.front().is_some_and(|(seq, _)| *seq <= ready) {
+                                q.pop_front();
+                            }
+                            shared
+                                .refusals_pending
+                                .store(!q.is_empty(), Ordering::Relaxed);
+                        }
                         if let Some(mut rw) = shared.rewriter() {
                             rw.server_ready(ready);
                             shared.settled.notify_one();
@@ -788,6 +1002,16 @@ where
             Ok(s) => s,
             Err(e) => return EndReason::ServerProtocol(e),
         };
+        if let Some(err) = replacement {
+            // A refused statement's stand-in failed as planned: the client gets the refusal.
+            let Ok(Some((_, total))) = header(&buf[scan.forward..], usize::MAX) else {
+                return EndReason::ServerProtocol(FrameError::BadLength { tag: 0, len: 0 });
+            };
+            out.extend_from_slice(&buf[..scan.forward]);
+            out.extend_from_slice(&err);
+            buf.advance(scan.forward + total);
+            continue;
+        }
         if reword {
             // The cancel was pgweir's query timeout: say so instead of "due to user request".
             let Ok(Some((_, total))) = header(&buf[scan.forward..], usize::MAX) else {

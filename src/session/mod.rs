@@ -101,6 +101,8 @@ struct Session {
     pool_cfg: crate::config::PoolConfig,
     startup: StartupParams,
     mode: PoolMode,
+    /// Counts against the tenant's `max_connections`; its state gives the plan in force.
+    slot: crate::policy::limits::ConnectionSlot,
 }
 
 type LoginError = (Option<ClientStream>, PgError);
@@ -202,6 +204,42 @@ async fn login(
         .get("database")
         .filter(|d| !d.is_empty())
         .unwrap_or(&routed.user);
+    // The plan's settings policy holds for startup parameters and `options=-c …` too.
+    let settings = startup
+        .params
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "options" | "replication"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .chain(
+            routing::option_settings(&routed.options)
+                .into_iter()
+                .flatten(),
+        );
+    for (k, v) in settings {
+        if let Some(r) = tenant.plan.policy.setting(&k, Some(&v)) {
+            proxy.telemetry.policy_refused(&tenant.id, r.rule);
+            fail!(PgError::fatal(r.code, r.message));
+        }
+    }
+    let slot = match proxy
+        .tenant_states
+        .state(&tenant.id, &tenant.plan)
+        .connect()
+    {
+        Some(s) => s,
+        None => {
+            proxy
+                .telemetry
+                .policy_refused(&tenant.id, "max-connections");
+            fail!(PgError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "too many connections for this database: its plan allows {}",
+                    tenant.plan.max_connections.unwrap_or_default()
+                )
+            ))
+        }
+    };
     let target = match tenant.target(user, database, routed.endpoint.branch.as_deref()) {
         Ok(t) => t,
         Err(e) => fail!(PgError::fatal(
@@ -218,6 +256,7 @@ async fn login(
             pool_cfg: tenant.pool,
             startup: startup_params,
             mode,
+            slot,
         },
     )))
 }
@@ -561,7 +600,14 @@ async fn session_mode(
         stream,
         &mut client_buf,
         checkout.conn(),
-        forward::Limits::from_config(&proxy.cfg.proxy, Some(&proxy.telemetry.query_seconds)),
+        forward::Limits::from_config(&proxy.cfg.proxy, Some(&proxy.telemetry.query_seconds))
+            .with_policy(forward::Policy {
+                state: s.slot.tenant(),
+                classifier: &proxy.classifier,
+                telemetry: &proxy.telemetry,
+                tenant: &s.tenant,
+                database: &s.target.database,
+            }),
         forward::Mode::Session,
         None,
     ));

@@ -95,6 +95,8 @@ struct Client {
     /// Its settings now, moved onto every server connection it uses.
     desired: Settings,
     statements: ClientStatements,
+    /// Counts against the tenant's `max_connections`; its state gives the plan in force.
+    slot: crate::policy::limits::ConnectionSlot,
 }
 
 /// What comes after a transaction.
@@ -239,6 +241,7 @@ async fn attach(
         key,
         startup,
         desired,
+        slot: s.slot,
     })
 }
 
@@ -304,7 +307,14 @@ impl Client {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
         let limits =
-            forward::Limits::from_config(&proxy.cfg.proxy, Some(&proxy.telemetry.query_seconds));
+            forward::Limits::from_config(&proxy.cfg.proxy, Some(&proxy.telemetry.query_seconds))
+                .with_policy(forward::Policy {
+                    state: c.slot.tenant(),
+                    classifier: &proxy.classifier,
+                    telemetry: &proxy.telemetry,
+                    tenant: &c.tenant,
+                    database: &c.pool.key().database,
+                });
         let mut mode = Mode::Transaction;
         let mut pins = Pins::default();
         let mut counted_pin = None;

@@ -26,8 +26,14 @@ mod lexer;
 mod quote;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 use std::ops::ControlFlow;
+
+pub use tokens::{
+    called_functions, fingerprint, leading_words, name_value, statements, string_bodies,
+    string_value, tokens, TokenKind,
+};
 
 use classify::{Raw, Stmt, VarName};
 use lexer::{ident_content, str_content, Kind, Lexer};

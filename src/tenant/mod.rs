@@ -50,6 +50,8 @@ pub struct Tenant {
     pub users: HashMap<String, User>,
     /// Branch name → physical database.
     pub branches: HashMap<String, String>,
+    /// Limits and SQL policy.
+    pub plan: Arc<crate::policy::Plan>,
 }
 
 /// Where a connection lands on the backend.
@@ -245,6 +247,12 @@ impl StaticDirectory {
                     .iter()
                     .map(|b| (b.name.clone(), b.backend_database.clone()))
                     .collect(),
+                plan: Arc::new(
+                    t.plan
+                        .as_deref()
+                        .and_then(|p| cfg.plan(p))
+                        .unwrap_or_default(),
+                ),
             };
             tenants.insert(t.id.clone(), Arc::new(tenant));
         }

@@ -39,6 +39,9 @@ pub mod sqlstate {
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    pub const SYNTAX_ERROR: &str = "42601";
+    pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+    pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
     pub const INTERNAL_ERROR: &str = "XX000";
 }
 

@@ -1,0 +1,308 @@
+//! SQL-aware tenant policy: every simple Query and every Parse is classified (`classify`), the verdict material
+//! cached by statement text, and the tenant's plan decides (`Policy::check`) whether it may run. A refused
+//! statement is answered with a Postgres error naming the rule (the session forwards a statement that fails on the
+//! server in its place, so the transaction and pipeline around it behave as for any failing statement).
+//!
+//! Owns: statement classification and its cache, the isolation rules, read-only mode, the settings allow-list and
+//! plan bounds, plans (`plan`), per-tenant limits and counters (`limits`).
+//!
+//! Must not touch: sockets and the wire (the session turns a [`Refusal`] into messages).
+//!
+//! Defence in depth: Postgres privileges of the tenant's own backend role are the first wall. `sqlparser` cannot
+//! parse some valid SQL (`DO`, `ALTER SYSTEM`, `ALTER DATABASE`, …): the lexer pass still sees those statements'
+//! leading keywords and called functions, and an unparsed statement counts as write, DDL and session-changing; a
+//! plan with `unparsable = "closed"` refuses it. Nothing here can see SQL built at run time inside functions
+//! (`EXECUTE` in PL/pgSQL); such functions run with the backend role's privileges only.
+
+pub mod classify;
+pub mod limits;
+pub mod plan;
+
+use std::sync::Arc;
+
+pub use classify::{class, Facts, Finding};
+pub use plan::{Plan, PolicyConfig, Unparsable};
+
+use crate::wire::error::sqlstate;
+
+/// Bytes of statement text and verdicts the classification cache may hold.
+const CACHE_BYTES: u64 = 32 * 1024 * 1024;
+/// Longer texts are classified every time rather than cached (they are rarely repeated verbatim).
+const CACHE_MAX_TEXT: usize = 64 * 1024;
+
+/// The statement cache: text → [`Facts`], shared by all tenants (facts do not depend on the tenant).
+pub struct Classifier {
+    cache: moka::sync::Cache<Box<[u8]>, Arc<Facts>>,
+    pub hits: metrics::Counter,
+    pub misses: metrics::Counter,
+}
+
+impl Default for Classifier {
+    fn default() -> Self {
+        Classifier::new(metrics::Counter::noop(), metrics::Counter::noop())
+    }
+}
+
+impl Classifier {
+    pub fn new(hits: metrics::Counter, misses: metrics::Counter) -> Classifier {
+        Classifier {
+            cache: moka::sync::Cache::builder()
+                .max_capacity(CACHE_BYTES)
+                .weigher(|k: &Box<[u8]>, v: &Arc<Facts>| {
+                    (k.len() + v.weight() + 64).try_into().unwrap_or(u32::MAX)
+                })
+                .build(),
+            hits,
+            misses,
+        }
+    }
+
+    /// The facts of a Query or Parse text (without its terminating NUL).
+    pub fn facts(&self, sql: &[u8]) -> Arc<Facts> {
+        if let Some(f) = self.cache.get(sql) {
+            self.hits.increment(1);
+            return f;
+        }
+        self.misses.increment(1);
+        let facts = Arc::new(match std::str::from_utf8(sql) {
+            Ok(s) => classify::analyze(s),
+            Err(_) => Facts::not_utf8(),
+        });
+        if sql.len() <= CACHE_MAX_TEXT {
+            self.cache.insert(sql.into(), facts.clone());
+        }
+        facts
+    }
+}
+
+/// Why a statement is refused: the rule's name (for metrics and logs), the SQLSTATE and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub rule: &'static str,
+    pub code: &'static str,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl Refusal {
+    fn new(rule: &'static str, code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            rule,
+            code,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    fn privilege(rule: &'static str, what: impl std::fmt::Display) -> Refusal {
+        Refusal::new(
+            rule,
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            format!("pgweir: {what} is not allowed (rule \"{rule}\")"),
+        )
+    }
+
+    fn hint(mut self, h: impl Into<String>) -> Refusal {
+        self.hint = Some(h.into());
+        self
+    }
+
+    /// SQL that fails on the server with this refusal's SQLSTATE and message: a `DO` block that raises it. Run in
+    /// place of the refused statement, it aborts the transaction and skips the rest of a pipeline exactly as a
+    /// failing statement would.
+    pub fn as_sql(&self) -> String {
+        let q = crate::sqlscan::quote_literal;
+        let mut body = format!(
+            "BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}",
+            q(self.code),
+            q(&self.message)
+        );
+        if let Some(h) = &self.hint {
+            body.push_str(", HINT = ");
+            body.push_str(&q(h));
+        }
+        body.push_str("; END");
+        // A dollar-quote tag that does not occur in the body.
+        let mut tag = String::from("$pgweir$");
+        let mut n = 0u32;
+        while body.contains(&tag) {
+            n += 1;
+            tag = format!("$pgweir{n}$");
+        }
+        format!("DO {tag}{body}{tag}")
+    }
+}
+
+/// What a check needs to know about the session besides the statement.
+pub struct Context<'a> {
+    /// The physical database the session is connected to.
+    pub database: &'a str,
+    /// The tenant is read-only now (plan, operator switch or storage quota).
+    pub read_only: bool,
+}
+
+impl PolicyConfig {
+    /// The first rule `facts` break, if any: a named rule first, then the unparsable policy, the denied classes
+    /// and read-only mode.
+    pub fn check(&self, facts: &Facts, ctx: &Context<'_>) -> Option<Refusal> {
+        for f in facts.findings.iter() {
+            if let Some(r) = self.finding(f, ctx) {
+                return Some(r);
+            }
+        }
+        if facts.classes & class::UNPARSED != 0 && self.unparsable == Unparsable::Closed {
+            return Some(
+                Refusal::new(
+                    "unparsable",
+                    sqlstate::SYNTAX_ERROR,
+                    "pgweir: the proxy could not parse this statement, and this database's policy refuses \
+                     statements it cannot parse",
+                )
+                .hint("policy \"unparsable\" is \"closed\" for this plan"),
+            );
+        }
+        if let Some((_, name)) = class::NAMES
+            .iter()
+            .find(|(bit, _)| facts.classes & bit & self.deny_class_bits() != 0)
+        {
+            return Some(Refusal::privilege(
+                "statement-class",
+                format_args!("a {name} statement"),
+            ));
+        }
+        if (ctx.read_only || self.read_only) && facts.classes & (class::WRITE | class::DDL) != 0 {
+            return Some(
+                Refusal::new(
+                    "read-only",
+                    sqlstate::READ_ONLY_SQL_TRANSACTION,
+                    "pgweir: cannot change data: this database is in read-only mode",
+                )
+                .hint("reads keep working; the plan, an operator or the storage quota set read-only mode"),
+            );
+        }
+        None
+    }
+
+    fn rule_on(&self, rule: &str) -> bool {
+        !self.disable_rules.iter().any(|r| r == rule)
+    }
+
+    fn finding(&self, f: &Finding, ctx: &Context<'_>) -> Option<Refusal> {
+        let refuse = |rule: &'static str, what: &str| {
+            self.rule_on(rule)
+                .then(|| Refusal::privilege(rule, what.to_owned()))
+        };
+        match f {
+            Finding::AlterSystem => refuse("alter-system", "ALTER SYSTEM"),
+            Finding::SetRole => refuse("set-role", "SET ROLE or SET SESSION AUTHORIZATION"),
+            Finding::CopyProgram => refuse("copy-program", "COPY to or from a program"),
+            Finding::CopyFile => refuse("copy-file", "COPY to or from a server file")
+                .map(|r| r.hint("use COPY … FROM STDIN / TO STDOUT (psql's \\copy)")),
+            Finding::Load => refuse("load", "LOAD"),
+            Finding::AlterRole => refuse("alter-role", "ALTER ROLE")
+                .map(|r| r.hint("passwords and role settings are managed through the platform")),
+            Finding::AlterDatabase => refuse("alter-database", "ALTER DATABASE"),
+            Finding::GrantPublic => refuse("grant-public", "GRANT … TO PUBLIC"),
+            Finding::GrantDatabase => refuse("grant-database", "GRANT … ON DATABASE"),
+            Finding::CreateExtension(name) => {
+                let allowed = self
+                    .allow_extensions
+                    .iter()
+                    .any(|e| e == "*" || e.eq_ignore_ascii_case(name));
+                (!allowed && self.rule_on("extension")).then(|| {
+                    Refusal::privilege("extension", format_args!("extension \"{name}\"")).hint(
+                        format!("allowed extensions: {}", self.allow_extensions.join(", ")),
+                    )
+                })
+            }
+            Finding::Function(name) => {
+                let allowed = self.allow_functions.iter().any(|a| a == &**name);
+                let what = classify::sensitive_function(name).unwrap_or("this function");
+                (!allowed && self.rule_on("function"))
+                    .then(|| Refusal::privilege("function", format_args!("{name}() ({what})")))
+            }
+            Finding::OtherDatabase(db) if db.as_ref() != ctx.database => refuse(
+                "other-database",
+                &format!("a reference to database \"{db}\""),
+            ),
+            Finding::OtherDatabase(_) => None,
+            Finding::ComputedSetting => (self.computed_settings == plan::Computed::Refuse
+                && self.rule_on("setting"))
+            .then(|| {
+                Refusal::privilege(
+                    "setting",
+                    "changing a setting whose name pgweir cannot read",
+                )
+                .hint("use set_config with a literal name")
+            }),
+            Finding::Setting { name, value } => self.setting(name, value.as_deref()),
+        }
+    }
+
+    /// Checks one setting change (`value` None: back to the default). Also used for startup parameters.
+    pub fn setting(&self, name: &str, value: Option<&str>) -> Option<Refusal> {
+        let lname = name.to_ascii_lowercase();
+        if lname == "standard_conforming_strings" {
+            // Only pgweir can enforce this: the lexers here assume it is on.
+            return match value {
+                Some(v)
+                    if !v.eq_ignore_ascii_case("on")
+                        && !v.eq_ignore_ascii_case("true")
+                        && v != "1" =>
+                {
+                    Some(Refusal::privilege(
+                        "standard-conforming-strings",
+                        "turning standard_conforming_strings off",
+                    ))
+                }
+                _ => None,
+            };
+        }
+        if lname == "role" || lname == "session_authorization" {
+            return (value.is_some() && self.rule_on("set-role"))
+                .then(|| Refusal::privilege("set-role", "SET ROLE or SET SESSION AUTHORIZATION"));
+        }
+        if !self.rule_on("setting") {
+            return None;
+        }
+        if !self.setting_allowed(&lname) {
+            return Some(
+                Refusal::privilege("setting", format_args!("setting \"{name}\""))
+                    .hint("the plan's settings allow-list does not include it"),
+            );
+        }
+        let value = value?;
+        let bound = match lname.as_str() {
+            "work_mem" | "maintenance_work_mem" | "temp_buffers" => self
+                .max_work_mem_kb
+                .map(|m| (m, plan::parse_memory_kb(value), false)),
+            "statement_timeout" | "idle_in_transaction_session_timeout" => self
+                .max_timeout_ms
+                .map(|m| (m, plan::parse_duration_ms(value), true)),
+            _ => None,
+        };
+        let (max, parsed, zero_is_unlimited) = bound?;
+        // A value pgweir cannot read is refused where the plan sets a bound.
+        let ok = parsed.is_some_and(|v| v <= max && !(zero_is_unlimited && v == 0));
+        (!ok).then(|| {
+            Refusal::privilege("setting", format_args!("{name} = '{value}'"))
+                .hint("the value is beyond what the plan allows")
+        })
+    }
+
+    fn setting_allowed(&self, lname: &str) -> bool {
+        if lname.contains('.') {
+            // Custom (placeholder) variables such as app.user_id or request.jwt.claims.
+            return true;
+        }
+        match &self.allow_settings {
+            Some(list) => list
+                .iter()
+                .any(|s| s == "*" || s.eq_ignore_ascii_case(lname)),
+            None => plan::DEFAULT_SETTINGS.contains(&lname) || lname.starts_with("enable_"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

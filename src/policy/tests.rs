@@ -1,0 +1,183 @@
+use super::*;
+
+fn check(sql: &str) -> Option<&'static str> {
+    check_with(&PolicyConfig::default(), sql, false)
+}
+
+fn check_with(p: &PolicyConfig, sql: &str, read_only: bool) -> Option<&'static str> {
+    let facts = classify::analyze(sql);
+    let ctx = Context {
+        database: "tenant_a",
+        read_only,
+    };
+    p.check(&facts, &ctx).map(|r| r.rule)
+}
+
+#[test]
+fn classes_of_common_statements() {
+    use class::*;
+    let c = |s: &str| classify::analyze(s).classes;
+    assert_eq!(
+        c("SELECT abalance FROM pgbench_accounts WHERE aid = $1"),
+        READ
+    );
+    assert_eq!(c("UPDATE t SET a = 1"), WRITE);
+    assert_eq!(
+        c("WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x") & WRITE,
+        WRITE
+    );
+    assert_eq!(c("SELECT * FROM t FOR UPDATE") & WRITE, WRITE);
+    assert_eq!(c("SELECT nextval('s')") & WRITE, WRITE);
+    assert_eq!(c("SELECT 1 INTO t2") & DDL, DDL);
+    assert_eq!(c("CREATE TABLE t (a int)"), DDL);
+    assert_eq!(c("BEGIN"), TRANSACTION);
+    assert_eq!(c("SET search_path = app"), SESSION);
+    assert_eq!(c("COPY t TO STDOUT"), READ);
+    assert_eq!(c("COPY t FROM STDIN"), WRITE);
+    assert_eq!(c("EXPLAIN ANALYZE DELETE FROM t") & WRITE, WRITE);
+    assert_eq!(c("EXPLAIN SELECT 1"), READ);
+    assert_eq!(c("DO $$BEGIN END$$") & UNPARSED, UNPARSED);
+    assert_eq!(c("SELECT 1; DROP TABLE t") & DDL, DDL);
+    assert_eq!(classify::analyze("SELECT 1; SELECT 2;").statements, 2);
+}
+
+#[test]
+fn isolation_rules_refuse_what_they_name() {
+    let cases = [
+        ("ALTER SYSTEM SET work_mem = '1GB'", "alter-system"),
+        ("SET ROLE postgres", "set-role"),
+        ("set local role postgres", "set-role"),
+        ("SET SESSION AUTHORIZATION postgres", "set-role"),
+        ("SELECT set_config('role', 'postgres', false)", "set-role"),
+        ("COPY t TO PROGRAM 'cat > /tmp/x'", "copy-program"),
+        ("COPY t FROM '/etc/passwd'", "copy-file"),
+        ("LOAD 'auto_explain'", "load"),
+        ("ALTER ROLE current_user SET search_path = x", "alter-role"),
+        ("ALTER USER me PASSWORD 'x'", "alter-role"),
+        ("ALTER DATABASE d CONNECTION LIMIT 1", "alter-database"),
+        ("GRANT SELECT ON t TO PUBLIC", "grant-public"),
+        (
+            "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO public",
+            "grant-public",
+        ),
+        ("GRANT CONNECT ON DATABASE d TO other", "grant-database"),
+        ("CREATE EXTENSION IF NOT EXISTS file_fdw", "extension"),
+        ("SELECT pg_read_file('/etc/passwd')", "function"),
+        ("SELECT pg_catalog.pg_ls_dir('.')", "function"),
+        (
+            "SELECT * FROM dblink('host=x', 'select 1') AS t(a int)",
+            "function",
+        ),
+        ("SELECT pg_terminate_backend(123)", "function"),
+        ("DO $$BEGIN PERFORM pg_read_file('x'); END$$", "function"),
+        (
+            "SELECT query_to_xml('drop table t', true, true, '')",
+            "function",
+        ),
+        ("SELECT * FROM otherdb.public.t", "other-database"),
+        (
+            "SET standard_conforming_strings = off",
+            "standard-conforming-strings",
+        ),
+        (
+            "SET LOCAL standard_conforming_strings TO 'off'",
+            "standard-conforming-strings",
+        ),
+        (
+            "SELECT set_config('standard_conforming_strings', 'off', true)",
+            "standard-conforming-strings",
+        ),
+        ("SET shared_buffers = '1GB'", "setting"),
+        ("SELECT 1; SELECT pg_read_file('x')", "function"),
+    ];
+    for (sql, rule) in cases {
+        assert_eq!(check(sql), Some(rule), "{sql}");
+    }
+}
+
+#[test]
+fn ordinary_sql_passes() {
+    for sql in [
+        "SELECT * FROM t WHERE a = $1",
+        "INSERT INTO t VALUES (1, 'pg_read_file(')",
+        "SET search_path = app, public",
+        "SET TIME ZONE 'UTC'",
+        "SET application_name TO 'x'",
+        "SELECT set_config('request.jwt.claims', $1, true)",
+        "SET standard_conforming_strings = on",
+        "CREATE EXTENSION IF NOT EXISTS pgcrypto",
+        "COPY t FROM STDIN WITH (FORMAT csv)",
+        "COPY (SELECT * FROM t) TO STDOUT",
+        "GRANT SELECT ON t TO app_reader",
+        "SELECT * FROM tenant_a.public.t",
+        "BEGIN; UPDATE t SET a = a + 1; COMMIT",
+        "DO $$BEGIN RAISE NOTICE 'hi'; END$$",
+        "SET enable_seqscan = off",
+        "SET myapp.tenant = '42'",
+    ] {
+        assert_eq!(check(sql), None, "{sql}");
+    }
+}
+
+#[test]
+fn plans_bound_settings_and_classes() {
+    let p = PolicyConfig {
+        max_work_mem_kb: Some(65536),
+        max_timeout_ms: Some(60_000),
+        deny_classes: vec!["ddl".into()],
+        unparsable: Unparsable::Closed,
+        ..PolicyConfig::default()
+    };
+    assert_eq!(check_with(&p, "SET work_mem = '64MB'", false), None);
+    assert_eq!(
+        check_with(&p, "SET work_mem = '1GB'", false),
+        Some("setting")
+    );
+    assert_eq!(
+        check_with(&p, "SET statement_timeout = 0", false),
+        Some("setting")
+    );
+    assert_eq!(check_with(&p, "SET statement_timeout = '30s'", false), None);
+    assert_eq!(
+        check_with(
+            &p,
+            "SELECT set_config('idle_in_transaction_session_timeout', '0', false)",
+            false
+        ),
+        Some("setting")
+    );
+    assert_eq!(
+        check_with(&p, "CREATE TABLE t (a int)", false),
+        Some("statement-class")
+    );
+    assert_eq!(
+        check_with(&p, "DO $$BEGIN END$$", false),
+        Some("unparsable")
+    );
+    assert_eq!(
+        check_with(&PolicyConfig::default(), "INSERT INTO t VALUES (1)", true),
+        Some("read-only")
+    );
+    assert_eq!(check_with(&PolicyConfig::default(), "SELECT 1", true), None);
+}
+
+#[test]
+fn refusals_become_sql_that_raises_them() {
+    let r = Refusal::privilege("load", "LOAD $pgweir$ 'x'");
+    let sql = r.as_sql();
+    assert!(sql.starts_with("DO $pgweir1$"), "{sql}");
+    assert!(sql.contains("ERRCODE = '42501'"));
+    assert!(sql.contains("'pgweir: LOAD $pgweir$ ''x'' is not allowed (rule \"load\")'"));
+}
+
+#[test]
+fn the_cache_answers_repeats() {
+    let c = Classifier::default();
+    let a = c.facts(b"SELECT 1");
+    let b = c.facts(b"SELECT 1");
+    assert!(Arc::ptr_eq(&a, &b));
+    assert_eq!(
+        c.facts(&[0xff, 0xfe]).classes & class::UNPARSED,
+        class::UNPARSED
+    );
+}

@@ -1,0 +1,211 @@
+//! The lexer's view of statements for callers outside this module (the SQL policy): statement boundaries exactly
+//! as PostgreSQL draws them, the tokens of a statement, the functions it calls, and a fingerprint with literals
+//! removed.
+
+use super::classify::Stmt;
+use super::lexer::{ident_content, str_content, unicode_ident_content, Kind, Lexer, Token};
+
+/// A token's kind, as callers outside the lexer need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// An unquoted identifier or keyword.
+    Word,
+    /// `"…"` or `U&"…"`.
+    QuotedWord,
+    /// Any string literal: `'…'`, `E'…'`, `U&'…'`, `$tag$…$tag$`.
+    String,
+    Number,
+    /// `$1`.
+    Param,
+    Punct(u8),
+}
+
+impl From<Kind> for TokenKind {
+    fn from(k: Kind) -> TokenKind {
+        match k {
+            Kind::Ident => TokenKind::Word,
+            Kind::QuotedIdent => TokenKind::QuotedWord,
+            Kind::Str(_) | Kind::Dollar => TokenKind::String,
+            Kind::Number => TokenKind::Number,
+            Kind::Param => TokenKind::Param,
+            Kind::Punct(b) => TokenKind::Punct(b),
+        }
+    }
+}
+
+/// The statements of a (possibly multi-statement) SQL text: each from its first token to its last, without the
+/// `;` (a `;` inside a `BEGIN ATOMIC … END` routine body does not end a statement). Empty statements are left out.
+pub fn statements(sql: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut lx = Lexer::new(sql);
+    while !lx.at_end() {
+        let mut st = Stmt::new(lx);
+        let mut range: Option<(usize, usize)> = None;
+        for t in st.by_ref() {
+            range = Some((range.map_or(t.start, |r| r.0), t.end));
+        }
+        if let Some((a, b)) = range {
+            out.push(&sql[a..b]);
+        }
+        lx = st.into_lexer();
+    }
+    out
+}
+
+/// The tokens of `sql` (comments and whitespace skipped), with their source text.
+pub fn tokens(sql: &str) -> impl Iterator<Item = (TokenKind, &str)> + '_ {
+    Lexer::new(sql).map(move |t| (t.kind.into(), &sql[t.start..t.end]))
+}
+
+/// The leading words of a statement, lower-cased, up to `n` of them (stops at the first token that is not an
+/// unquoted word).
+pub fn leading_words(sql: &str, n: usize) -> Vec<String> {
+    tokens(sql)
+        .take(n)
+        .take_while(|(k, _)| *k == TokenKind::Word)
+        .map(|(_, w)| w.to_ascii_lowercase())
+        .collect()
+}
+
+/// The name a word or quoted word stands for (unquoted folded to lower case); `None` for other tokens or names that
+/// cannot be decoded.
+fn name_of(sql: &str, t: Token) -> Option<String> {
+    match t.kind {
+        Kind::Ident => Some(sql[t.start..t.end].to_ascii_lowercase()),
+        Kind::QuotedIdent if sql[t.start..].starts_with('"') => {
+            ident_content(sql, t).map(|c| c.into_owned())
+        }
+        Kind::QuotedIdent => {
+            let mut buf = [0u8; 32];
+            unicode_ident_content(sql, t, b'\\', &mut buf).map(str::to_owned)
+        }
+        _ => None,
+    }
+}
+
+/// The name a single word or quoted word token's text stands for (unquoted folded to lower case); `None` if `text`
+/// is not exactly one such token or cannot be decoded.
+pub fn name_value(text: &str) -> Option<String> {
+    let t = Lexer::new(text).next()?;
+    if t.start != 0 || t.end != text.len() {
+        return None;
+    }
+    name_of(text, t)
+}
+
+/// The content of a single string literal token's text, if it can be had without interpreting escapes (standard
+/// and dollar-quoted strings, `E'…'` without backslashes); `None` otherwise.
+pub fn string_value(text: &str) -> Option<String> {
+    let t = Lexer::new(text).next()?;
+    if t.start != 0 || t.end != text.len() || !matches!(t.kind, Kind::Str(_) | Kind::Dollar) {
+        return None;
+    }
+    str_content(text, t).map(|c| c.into_owned())
+}
+
+/// Calls `f` with the name of every function `sql` calls: a word or quoted word directly followed by `(`, the last
+/// part of a qualified name (`pg_catalog.pg_read_file(` gives `pg_read_file`). Keywords followed by `(` (`IN (`,
+/// `VALUES (`) are reported too; callers look names up in their own lists. A name that cannot be decoded (a
+/// `U&"…"` spelling with unusual escapes) is reported as `"?"`.
+pub fn called_functions(sql: &str, mut f: impl FnMut(&str)) {
+    let mut prev: Option<Token> = None;
+    for t in Lexer::new(sql) {
+        if t.kind == Kind::Punct(b'(') {
+            if let Some(p) = prev.filter(|p| matches!(p.kind, Kind::Ident | Kind::QuotedIdent)) {
+                match name_of(sql, p) {
+                    Some(n) => f(&n),
+                    None => f("?"),
+                }
+            }
+        }
+        prev = Some(t);
+    }
+}
+
+/// Calls `f` with the contents of every string literal of `sql` that can be read without interpreting escapes
+/// (standard and dollar-quoted strings): the bodies of `DO` blocks and routines.
+pub fn string_bodies(sql: &str, mut f: impl FnMut(&str)) {
+    for t in Lexer::new(sql) {
+        if matches!(t.kind, Kind::Str(_) | Kind::Dollar) {
+            if let Some(body) = str_content(sql, t) {
+                f(&body);
+            }
+        }
+    }
+}
+
+/// The statement with every literal replaced by `?` (strings, numbers, parameters), words lower-cased, tokens
+/// separated by one space, at most `max` bytes: what logs and statistics may show of a client's SQL.
+pub fn fingerprint(sql: &str, max: usize) -> String {
+    let mut out = String::new();
+    let mut prev_placeholder = false;
+    for t in Lexer::new(sql) {
+        let text = &sql[t.start..t.end];
+        let (piece, placeholder): (std::borrow::Cow<'_, str>, bool) = match t.kind {
+            Kind::Str(_) | Kind::Dollar | Kind::Number | Kind::Param => ("?".into(), true),
+            Kind::Ident => (text.to_ascii_lowercase().into(), false),
+            _ => (text.into(), false),
+        };
+        // `IN (1, 2, 3)` and `IN (4, 5)` share a fingerprint.
+        if placeholder && prev_placeholder && out.ends_with("?,") {
+            out.truncate(out.len() - 1);
+            continue;
+        }
+        let space = !out.is_empty() && !(piece == "," || piece == ")" || out.ends_with('('));
+        if out.len() + usize::from(space) + piece.len() > max {
+            out.push('…');
+            break;
+        }
+        if space {
+            out.push(' ');
+        }
+        out.push_str(&piece);
+        if placeholder {
+            prev_placeholder = true;
+        } else if piece != "," {
+            prev_placeholder = false;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_split_as_postgres_does() {
+        assert_eq!(
+            statements("SELECT 1; -- c\n SELECT ';' ;; CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT 2; END; x"),
+            vec![
+                "SELECT 1",
+                "SELECT ';'",
+                "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT 2; END",
+                "x"
+            ]
+        );
+        assert!(statements(" ; -- only a comment\n").is_empty());
+    }
+
+    #[test]
+    fn functions_are_found_however_spelled() {
+        let mut found = Vec::new();
+        called_functions(
+            r#"SELECT pg_catalog.PG_READ_FILE('x'), "lo_import" ('y'), U&"\0070g_ls_dir"('.'), f ('pg_ls_dir(')"#,
+            |n| found.push(n.to_owned()),
+        );
+        assert_eq!(found, ["pg_read_file", "lo_import", "pg_ls_dir", "f"]);
+    }
+
+    #[test]
+    fn fingerprints_drop_literals() {
+        assert_eq!(
+            fingerprint(
+                "SELECT * FROM t WHERE a = 'secret' AND b IN (1, 2, 3) AND c = $1",
+                200
+            ),
+            "select * from t where a = ? and b in (?) and c = ?"
+        );
+        assert_eq!(fingerprint("select aaa bbb", 10), "select aaa…");
+    }
+}

@@ -1,0 +1,265 @@
+//! SQL policy and plan limits, through pgweir as clients see them: refusals with their SQLSTATE over the simple
+//! and the extended protocol (prepared statements, multi-statement queries, inside transactions), read-only mode,
+//! the `closed` policy for SQL the proxy cannot parse, the query-rate token bucket and the connection cap.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// Tenants on the acme backend with plans of their own: `strict` (transaction mode, closed policy, DDL refused),
+/// `ro` (read-only), `rate` (1 query per second, burst 5, 300 ms wait), `capped` (2 connections).
+fn setup() -> Env {
+    let alice = |_: ()| user_toml("alice", ALICE_PASSWORD, false);
+    let mut extra = String::new();
+    for (id, plan) in [
+        ("strict", "strict"),
+        ("ro", "ro"),
+        ("rate", "rate"),
+        ("capped", "capped"),
+    ] {
+        extra.push_str(&acme_tenant(
+            id,
+            &format!("plan = \"{plan}\"\npool_mode = \"transaction\""),
+            &[alice(())],
+        ));
+    }
+    extra.push_str(
+        r#"
+[plans.strict]
+[plans.strict.policy]
+unparsable = "closed"
+deny_classes = ["ddl"]
+max_work_mem_kb = 65536
+
+[plans.ro]
+[plans.ro.policy]
+read_only = true
+
+[plans.rate]
+queries_per_second = 1
+burst = 5
+rate_wait = "300ms"
+
+[plans.capped]
+max_connections = 2
+"#,
+    );
+    Env::with(Setup {
+        extra_config: extra,
+        ..Setup::default()
+    })
+}
+
+fn url(env: &Env, tenant: &str) -> String {
+    env.url(
+        "alice",
+        ALICE_PASSWORD,
+        "app",
+        &format!("options=endpoint={tenant} sslmode=disable"),
+    )
+}
+
+async fn simple_err(c: &tokio_postgres::Client, sql: &str) -> (String, String) {
+    let e = c
+        .simple_query(sql)
+        .await
+        .expect_err(&format!("{sql} should be refused"));
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+    (db.code().code().to_owned(), db.message().to_owned())
+}
+
+#[test]
+fn isolation_rules_hold_over_simple_and_extended_protocol() {
+    let env = setup();
+    let rt = runtime();
+    rt.block_on(async {
+        for tenant in ["acme", "strict"] {
+            let c = env.connect(&url(&env, tenant)).await.unwrap();
+            for (sql, rule) in [
+                ("ALTER SYSTEM SET work_mem = '1GB'", "alter-system"),
+                ("SET ROLE postgres", "set-role"),
+                ("SELECT set_config('role', 'postgres', false)", "set-role"),
+                ("COPY (SELECT 1) TO PROGRAM 'cat'", "copy-program"),
+                ("COPY (SELECT 1) TO '/tmp/pgweir-x'", "copy-file"),
+                ("LOAD 'auto_explain'", "load"),
+                ("ALTER ROLE acme_owner SET work_mem = '1GB'", "alter-role"),
+                ("ALTER ROLE acme_owner PASSWORD 'x'", "alter-role"),
+                (
+                    "ALTER DATABASE acme_main CONNECTION LIMIT 1",
+                    "alter-database",
+                ),
+                (
+                    "GRANT SELECT ON ALL TABLES IN SCHEMA public TO PUBLIC",
+                    "grant-public",
+                ),
+                (
+                    "GRANT CONNECT ON DATABASE acme_main TO acme_owner",
+                    "grant-database",
+                ),
+                ("CREATE EXTENSION IF NOT EXISTS file_fdw", "extension"),
+                ("SELECT pg_read_file('/etc/passwd')", "function"),
+                ("SELECT 1; SELECT pg_ls_dir('.')", "function"),
+                (
+                    "SET standard_conforming_strings = off",
+                    "standard-conforming-strings",
+                ),
+                ("SET shared_buffers = '1GB'", "setting"),
+            ] {
+                let (code, message) = simple_err(&c, sql).await;
+                assert_eq!(code, "42501", "{tenant}: {sql}: {message}");
+                assert!(
+                    message.contains(&format!("rule \"{rule}\"")),
+                    "{sql}: {message}"
+                );
+            }
+            // Extended protocol: the Parse is refused, the statement does not exist, the connection goes on.
+            let e = c.prepare("SELECT pg_read_file($1)").await.unwrap_err();
+            assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e}");
+            let e = c.query("SELECT pg_ls_dir($1)", &[&"."]).await.unwrap_err();
+            assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e}");
+            // Inside a transaction the refusal aborts it, as any error would.
+            c.batch_execute("BEGIN").await.unwrap();
+            let (code, _) = simple_err(&c, "SELECT pg_read_file('x')").await;
+            assert_eq!(code, "42501");
+            let (code, _) = simple_err(&c, "SELECT 1").await;
+            assert_eq!(code, "25P02", "the transaction is aborted after a refusal");
+            c.batch_execute("ROLLBACK").await.unwrap();
+            let row = c.query_one("SELECT $1::int + 1", &[&41i32]).await.unwrap();
+            assert_eq!(
+                row.get::<_, i32>(0),
+                42,
+                "{tenant}: the session works after refusals"
+            );
+        }
+        // The strict plan: DDL refused, work_mem bounded, SQL the proxy cannot parse refused with 42601.
+        let c = env.connect(&url(&env, "strict")).await.unwrap();
+        let (code, message) = simple_err(&c, "CREATE TABLE strict_t (a int)").await;
+        assert_eq!(
+            (code.as_str(), message.contains("statement-class")),
+            ("42501", true),
+            "{message}"
+        );
+        let (code, _) = simple_err(&c, "SET work_mem = '1GB'").await;
+        assert_eq!(code, "42501");
+        c.batch_execute("SET work_mem = '32MB'").await.unwrap();
+        let (code, message) = simple_err(&c, "DO $$BEGIN PERFORM 1; END$$").await;
+        assert_eq!(code, "42601", "{message}");
+        assert!(message.contains("could not parse"), "{message}");
+        // The open (default) policy forwards it.
+        let open = env.connect(&url(&env, "acme")).await.unwrap();
+        open.batch_execute("DO $$BEGIN PERFORM 1; END$$")
+            .await
+            .unwrap();
+    });
+    // psql shows the rule; startup options are checked too.
+    let err = psql_err(&url(&env, "acme"), "COPY (SELECT 1) TO PROGRAM 'cat'");
+    assert!(err.contains("rule \"copy-program\""), "{err}");
+    let err = psql_err(
+        &env.url(
+            "alice",
+            ALICE_PASSWORD,
+            "app",
+            "options='endpoint=acme -c standard_conforming_strings=off' sslmode=disable",
+        ),
+        "SELECT 1",
+    );
+    assert!(err.contains("standard_conforming_strings"), "{err}");
+}
+
+#[test]
+fn read_only_plans_refuse_writes_and_serve_reads() {
+    let env = setup();
+    let rt = runtime();
+    rt.block_on(async {
+        let owner = env.connect(&url(&env, "acme")).await.unwrap();
+        owner
+            .batch_execute("CREATE TABLE IF NOT EXISTS ro_t (a int); INSERT INTO ro_t VALUES (1)")
+            .await
+            .unwrap();
+        let c = env.connect(&url(&env, "ro")).await.unwrap();
+        let rows = c.query("SELECT count(*) FROM ro_t", &[]).await.unwrap();
+        assert_eq!(rows[0].get::<_, i64>(0), 1);
+        for sql in [
+            "INSERT INTO ro_t VALUES (2)",
+            "UPDATE ro_t SET a = 3",
+            "CREATE TABLE ro_x (a int)",
+            "WITH d AS (DELETE FROM ro_t RETURNING *) SELECT * FROM d",
+        ] {
+            let (code, message) = simple_err(&c, sql).await;
+            assert_eq!(code, "25006", "{sql}: {message}");
+        }
+        let e = c
+            .execute("INSERT INTO ro_t VALUES ($1)", &[&5i32])
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("25006"), "{e}");
+        let rows = owner.query("SELECT count(*) FROM ro_t", &[]).await.unwrap();
+        assert_eq!(rows[0].get::<_, i64>(0), 1, "nothing was written");
+    });
+}
+
+#[test]
+fn the_query_rate_bucket_lets_the_burst_pass_then_waits_and_fails() {
+    let env = setup();
+    let rt = runtime();
+    rt.block_on(async {
+        let c = env.connect(&url(&env, "rate")).await.unwrap();
+        for i in 0..5 {
+            c.simple_query("SELECT 1")
+                .await
+                .unwrap_or_else(|e| panic!("query {i} of the burst: {e}"));
+        }
+        // The sixth needs a token 1 s away: more than the 300 ms it may wait.
+        let started = Instant::now();
+        let (code, message) = simple_err(&c, "SELECT 1").await;
+        assert_eq!(code, "53400", "{message}");
+        assert!(message.contains("1 queries per second"), "{message}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "it waited first"
+        );
+        // The extended protocol counts too.
+        let e = c.query("SELECT $1::int", &[&1i32]).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("53400"), "{e}");
+        // Later, tokens are back and the session works.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let row = c.query_one("SELECT $1::int", &[&7i32]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 7);
+    });
+}
+
+#[test]
+fn the_plan_caps_client_connections() {
+    let env = setup();
+    let rt = runtime();
+    rt.block_on(async {
+        let a = env.connect(&url(&env, "capped")).await.unwrap();
+        let _b = env.connect(&url(&env, "capped")).await.unwrap();
+        let e = env.connect(&url(&env, "capped")).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+        // Other tenants are not affected; a slot comes back when a client leaves.
+        env.connect(&url(&env, "acme")).await.unwrap();
+        drop(a);
+        assert!(
+            wait_until_async(Duration::from_secs(5), || async {
+                env.connect(&url(&env, "capped")).await.is_ok()
+            })
+            .await
+        );
+    });
+}
+
+async fn wait_until_async<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
