@@ -134,6 +134,9 @@ pub struct ProxyConfig {
     /// locks, temp tables, WITH HOLD cursors, SQL PREPARE, SET ROLE, LOAD) does: "pin" (default) keeps the client
     /// on its server connection for the rest of its session; "refuse" fails the statement with 0A000.
     pub unmovable_session_state: UnmovableState,
+    /// SQL policy and plan limits (classification, isolation rules, read-only mode, query rate). Off only for
+    /// measuring what they cost.
+    pub sql_policy: bool,
     /// On SIGTERM: how long transactions in flight (and session-mode sessions) may go on after pgweir stops
     /// accepting; idle clients are told 57P01 at once, the rest when their transaction ends or this runs out.
     #[serde(with = "humantime_serde")]
@@ -166,6 +169,7 @@ impl Default for ProxyConfig {
             client_idle_timeout: Duration::ZERO,
             query_timeout: Duration::ZERO,
             unmovable_session_state: UnmovableState::Pin,
+            sql_policy: true,
             shutdown_timeout: Duration::from_secs(30),
             handover_socket: None,
         }

@@ -60,6 +60,9 @@ pub enum EndReason {
     IdleInTransaction,
     /// The client stayed idle outside a transaction past `client_idle_timeout`.
     ClientIdle,
+    /// The server reported a setting the tenant's policy forbids (standard_conforming_strings off, turned by
+    /// something pgweir could not see, such as a function): the session ends and the connection is closed.
+    PolicyViolation(&'static str),
 }
 
 #[derive(Debug)]
@@ -136,7 +139,10 @@ impl<'h> Limits<'h> {
 
     /// With the tenant's policy: its statements are checked, its query rate kept, and the plan's statement
     /// timeout applied (the shorter of it and `proxy.query_timeout`).
-    pub fn with_policy(mut self, p: Policy<'h>) -> Limits<'h> {
+    pub fn with_policy(mut self, p: Option<Policy<'h>>) -> Limits<'h> {
+        let Some(p) = p else {
+            return self;
+        };
         if let Some(t) = p.state.with_plan(|plan| plan.statement_timeout) {
             self.query_timeout = Some(self.query_timeout.map_or(t, |q| q.min(t)));
         }
@@ -655,6 +661,16 @@ where
     }
 }
 
+/// A ParameterStatus saying `standard_conforming_strings` is off: the lexers of the policy assume it is on.
+fn conforming_strings_off(f: &[u8]) -> bool {
+    match cstr(body(f)) {
+        Some((name, rest)) if name.eq_ignore_ascii_case(b"standard_conforming_strings") => {
+            cstr(rest).is_some_and(|(v, _)| !v.eq_ignore_ascii_case(b"on"))
+        }
+        _ => false,
+    }
+}
+
 /// The policy's verdict on a Query, Parse or FunctionCall (Execute has none: its statement was checked at Parse).
 fn check_policy(p: Policy<'_>, tag: u8, f: &[u8]) -> Option<crate::policy::Refusal> {
     let sql = match tag {
@@ -894,6 +910,7 @@ where
         let mut edit = None;
         let mut reword = false;
         let mut replacement: Option<bytes::Bytes> = None;
+        let mut violation = false;
         // Bytes may already be buffered (read while the connection was logging in or idle).
         let scan = scanner.scan(
             buf,
@@ -987,6 +1004,12 @@ where
                         let ignored = shared.syncs_since_start.swap(0, Ordering::Relaxed);
                         shared.requests.fetch_sub(ignored, Ordering::Relaxed);
                     }
+                    (b'S', Some(f))
+                        if shared.limits.policy.is_some() && conforming_strings_off(f) =>
+                    {
+                        violation = true;
+                        return Ok(Verdict::Stop);
+                    }
                     (b'S', Some(f)) => {
                         crate::backend::record_parameter_status(params, f);
                         if shared.mode.follows_state() {
@@ -1002,6 +1025,11 @@ where
             Ok(s) => s,
             Err(e) => return EndReason::ServerProtocol(e),
         };
+        if violation {
+            return EndReason::PolicyViolation(
+                "standard_conforming_strings was turned off on the server; pgweir ends the session",
+            );
+        }
         if let Some(err) = replacement {
             // A refused statement's stand-in failed as planned: the client gets the refusal.
             let Ok(Some((_, total))) = header(&buf[scan.forward..], usize::MAX) else {

@@ -450,6 +450,16 @@ async fn finish(stream: &mut ClientStream, tenant: &str, end: &forward::End, che
         EndReason::IdleInTransaction | EndReason::ClientIdle => {
             send_error(stream, &idle_timeout_error(&end.reason)).await;
         }
+        EndReason::PolicyViolation(why) => {
+            warn!(%tenant, %why, "session ended by policy");
+            if end.server_at_boundary {
+                send_error(
+                    stream,
+                    &PgError::fatal(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgweir: {why}")),
+                )
+                .await;
+            }
+        }
         EndReason::ServerProtocol(_) | EndReason::TransactionEnd => {
             let why = match &end.reason {
                 EndReason::ServerProtocol(e) => e.to_string(),
@@ -601,13 +611,13 @@ async fn session_mode(
         &mut client_buf,
         checkout.conn(),
         forward::Limits::from_config(&proxy.cfg.proxy, Some(&proxy.telemetry.query_seconds))
-            .with_policy(forward::Policy {
+            .with_policy(proxy.cfg.proxy.sql_policy.then_some(forward::Policy {
                 state: s.slot.tenant(),
                 classifier: &proxy.classifier,
                 telemetry: &proxy.telemetry,
                 tenant: &s.tenant,
                 database: &s.target.database,
-            }),
+            })),
         forward::Mode::Session,
         None,
     ));

@@ -308,13 +308,13 @@ impl Client {
         let started = std::time::Instant::now();
         let limits =
             forward::Limits::from_config(&proxy.cfg.proxy, Some(&proxy.telemetry.query_seconds))
-                .with_policy(forward::Policy {
+                .with_policy(proxy.cfg.proxy.sql_policy.then_some(forward::Policy {
                     state: c.slot.tenant(),
                     classifier: &proxy.classifier,
                     telemetry: &proxy.telemetry,
                     tenant: &c.tenant,
                     database: &c.pool.key().database,
-                });
+                }));
         let mut mode = Mode::Transaction;
         let mut pins = Pins::default();
         let mut counted_pin = None;

@@ -263,3 +263,79 @@ where
     }
     false
 }
+
+/// A plan changed by a reload reaches sessions that are already connected (within the 1 s refresh).
+#[test]
+fn plan_changes_reach_running_sessions() {
+    let env = setup();
+    let path = env.dir.path().join("pgweir.toml");
+    std::fs::write(&path, env.config_text()).unwrap();
+    env.proxy.set_config_path(path.clone());
+    let rt = runtime();
+    rt.block_on(async {
+        let owner = env.connect(&url(&env, "acme")).await.unwrap();
+        owner
+            .batch_execute("CREATE TABLE IF NOT EXISTS live_t (a int)")
+            .await
+            .unwrap();
+        let c = env.connect(&url(&env, "strict")).await.unwrap();
+        c.execute("INSERT INTO live_t VALUES ($1)", &[&1i32])
+            .await
+            .unwrap();
+        let text = env.config_text().replace(
+            "[plans.strict.policy]\n",
+            "[plans.strict.policy]\nread_only = true\n",
+        );
+        assert_ne!(text, env.config_text());
+        std::fs::write(&path, text).unwrap();
+        env.proxy.reload().expect("reload");
+        let refused = wait_until_async(Duration::from_secs(5), || async {
+            matches!(
+                c.execute("INSERT INTO live_t VALUES ($1)", &[&2i32]).await,
+                Err(e) if sqlstate(&e).as_deref() == Some("25006")
+            )
+        })
+        .await;
+        assert!(refused, "the running session follows the new plan");
+        let rows = c.query("SELECT count(*) FROM live_t", &[]).await.unwrap();
+        assert!(rows[0].get::<_, i64>(0) >= 1, "reads keep working");
+    });
+}
+
+/// standard_conforming_strings turned off in a way no lexer can see (a computed set_config name) ends the session
+/// when the server reports it: the policy's lexers assume it is on.
+#[test]
+fn conforming_strings_turned_off_behind_the_lexer_ends_the_session() {
+    let env = setup();
+    let rt = runtime();
+    rt.block_on(async {
+        let c = env.connect(&url(&env, "acme")).await.unwrap();
+        let e = c
+            .simple_query("SELECT set_config('standard' || '_conforming_strings', 'off', false)")
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            sqlstate(&e).as_deref() == Some("42501") || c.is_closed(),
+            "{text}"
+        );
+        assert!(
+            c.simple_query("SELECT 1").await.is_err(),
+            "the session is over"
+        );
+        // Others are served as before.
+        let d = env.connect(&url(&env, "acme")).await.unwrap();
+        let rows = d
+            .simple_query("SHOW standard_conforming_strings")
+            .await
+            .unwrap();
+        let on = rows.iter().any(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("on"),
+            _ => false,
+        });
+        assert!(
+            on,
+            "the server connection with the setting off was not reused"
+        );
+    });
+}
