@@ -2,6 +2,7 @@
 # pgweir as an extra target of ../shared/bench/peers.sh: writes a config from the BENCH_* variables and runs the
 # release binary in the foreground. Clients log in as bench/bench to database bench (auth = $BENCH_AUTH).
 # PGWEIR_POOL_MODE=session|transaction (default transaction, as the harness runs every pooler).
+# PGWEIR_SQL_POLICY=false turns SQL policy off (to measure what it costs).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin="${PGWEIR_BIN:-$here/target/release/pgweir}"
@@ -18,6 +19,7 @@ cat > "$BENCH_CONF_DIR/pgweir.toml" <<TOML
 listen = "127.0.0.1:$BENCH_LISTEN_PORT"
 default_tenant = "bench"
 max_client_connections = 20000
+sql_policy = ${PGWEIR_SQL_POLICY:-true}
 
 [pool]
 max_size = $BENCH_POOL_SIZE
