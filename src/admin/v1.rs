@@ -70,6 +70,8 @@ pub fn routes() -> Router<Arc<Proxy>> {
         .route("/v1/reload", axum::routing::post(reload))
         .route("/v1/tenants/{id}/pools", get(tenant_pools))
         .route("/v1/tenants/{id}/usage", get(tenant_usage))
+        .route("/v1/plans", get(list_plans))
+        .route("/v1/plans/{name}", get(get_plan).put(put_plan))
 }
 
 /// Every route of the API, as `(method, path)`; the OpenAPI document is built from this list and a test checks
@@ -99,6 +101,9 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("post", "/v1/reload", "Reload this instance as SIGHUP does: the TLS certificate and the config file's tenants and clusters; answers which changed sections need a restart (admin)."),
     ("get", "/v1/operations/{op}", "A long operation: status running|succeeded|failed, error, result (pause_ms, copy_ms, strategy, …) (read)."),
     ("get", "/v1/tenants/{id}/pools", "This instance's pools of the tenant, in the terms of PgBouncer's SHOW POOLS (read)."),
+    ("get", "/v1/plans", "Plans: name, max_connections (backend role limit), pool_size, max_branches, spec (the data plane's limits and SQL policy) (read)."),
+    ("get", "/v1/plans/{name}", "One plan (read)."),
+    ("put", "/v1/plans/{name}", "Create or change a plan: {\"max_connections\"?, \"pool_size\"?, \"max_branches\"?, \"spec\"?}; running sessions follow a new spec within seconds (admin)."),
     ("get", "/v1/tenants/{id}/usage", "Usage for billing since ?since=<RFC 3339> (default: all): connections, queries, transactions, bytes, storage (read)."),
 ];
 
@@ -1553,4 +1558,126 @@ async fn reload(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes
         Ok(r) => Json(serde_json::to_value(r).expect("serializes")).into_response(),
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", e),
     }
+}
+
+async fn list_plans(State(proxy): State<Arc<Proxy>>, headers: HeaderMap) -> Response {
+    let control = match authorize(&proxy, &headers, Scope::Read).await {
+        Ok((c, _)) => c,
+        Err(r) => return r,
+    };
+    match control.catalog.plans().await {
+        Ok(plans) => Json(json!({ "plans": plans })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn get_plan(
+    State(proxy): State<Arc<Proxy>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let control = match authorize(&proxy, &headers, Scope::Read).await {
+        Ok((c, _)) => c,
+        Err(r) => return r,
+    };
+    match control.catalog.plans().await {
+        Ok(plans) => match plans.into_iter().find(|p| p.name == name) {
+            Some(p) => Json(json!(p)).into_response(),
+            None => not_found(format!("no plan \"{name}\"")),
+        },
+        Err(e) => internal(e),
+    }
+}
+
+async fn put_plan(
+    State(proxy): State<Arc<Proxy>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (control, token, mut body) = match admin_request(&proxy, &headers, &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let current = match control.catalog.plans().await {
+        Ok(plans) => plans.into_iter().find(|p| p.name == name),
+        Err(e) => return internal(e),
+    };
+    let mut problems = Vec::new();
+    if !valid_label(&name, 63) {
+        problems.push((
+            "name".into(),
+            "must be a DNS label: a-z, 0-9 and '-'".into(),
+        ));
+    }
+    let mut number = |key: &str, default: i32, min: i64| -> i32 {
+        match body.remove(key) {
+            None | Some(Value::Null) => default,
+            Some(Value::Number(n)) => match n
+                .as_i64()
+                .filter(|v| *v >= min)
+                .and_then(|v| i32::try_from(v).ok())
+            {
+                Some(v) => v,
+                None => {
+                    problems.push((key.into(), format!("must be a number of at least {min}")));
+                    default
+                }
+            },
+            Some(_) => {
+                problems.push((key.into(), "must be a number".into()));
+                default
+            }
+        }
+    };
+    let row = current.clone().unwrap_or(crate::catalog::store::PlanRow {
+        name: name.clone(),
+        max_connections: 100,
+        pool_size: 10,
+        max_branches: 10,
+        spec: json!({}),
+    });
+    let max_connections = number("max_connections", row.max_connections, 1);
+    let pool_size = number("pool_size", row.pool_size, 1);
+    let max_branches = number("max_branches", row.max_branches, 0);
+    let spec = match body.remove("spec") {
+        None => row.spec.clone(),
+        Some(spec) => {
+            match serde_json::from_value::<crate::policy::Plan>(spec.clone()) {
+                Ok(plan) => {
+                    for p in plan.problems() {
+                        problems.push(("spec".into(), p));
+                    }
+                }
+                Err(e) => problems.push(("spec".into(), e.to_string())),
+            }
+            spec
+        }
+    };
+    for key in body.keys() {
+        problems.push((key.clone(), "unknown field".into()));
+    }
+    if !problems.is_empty() {
+        return invalid(problems);
+    }
+    let new = crate::catalog::store::PlanRow {
+        name: name.clone(),
+        max_connections,
+        pool_size,
+        max_branches,
+        spec,
+    };
+    if let Err(e) = control.catalog.put_plan(new.clone()).await {
+        return internal(e);
+    }
+    control
+        .catalog
+        .audit(&token.name, "plan.put", &name, "ok", json!(new))
+        .await;
+    let status = if current.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    (status, Json(json!(new))).into_response()
 }

@@ -58,7 +58,7 @@ pub struct CatalogDirectory {
 
 const TENANT_SQL: &str = "
 SELECT t.id, t.database, t.backend_database, t.backend_role, t.backend_password_enc,
-       c.name, c.host, c.port, c.tls, p.pool_size, t.plan
+       c.name, c.host, c.port, c.tls, p.pool_size, t.plan, p.spec
   FROM pgweir.tenants t
   JOIN pgweir.clusters c ON c.name = t.cluster
   JOIN pgweir.plans p ON p.name = t.plan
@@ -216,7 +216,7 @@ impl CatalogDirectory {
                 users: users.remove(&id).unwrap_or_default(),
                 branches: branches.remove(&id).unwrap_or_default(),
                 id: id.clone(),
-                plan: plan_for(&r.get::<_, String>(10)),
+                plan: plan_for(&r.get::<_, String>(10), r.get(11)),
             };
             out.insert(id, Arc::new(tenant));
         }
@@ -224,26 +224,16 @@ impl CatalogDirectory {
     }
 }
 
-/// The data-plane plan of a catalog tenant: the SQL policy of the built-in plan of that name. (The catalog's own
-/// plan rows set pool size and backend connection limits; rate and connection limits of the data plane are applied
-/// to config-file tenants only for now.)
-fn plan_for(name: &str) -> Arc<crate::policy::Plan> {
-    static PLANS: std::sync::OnceLock<HashMap<String, Arc<crate::policy::Plan>>> =
-        std::sync::OnceLock::new();
-    let plans = PLANS.get_or_init(|| {
-        crate::policy::Plan::BUILTIN
-            .iter()
-            .map(|n| {
-                let policy = crate::policy::Plan::builtin(n).unwrap_or_default().policy;
-                let plan = crate::policy::Plan {
-                    policy,
-                    ..Default::default()
-                };
-                (n.to_string(), Arc::new(plan))
-            })
-            .collect()
-    });
-    plans.get(name).cloned().unwrap_or_default()
+/// The data-plane plan of a catalog tenant: its plan row's `spec` (limits and SQL policy; defaults for what it
+/// leaves out).
+fn plan_for(name: &str, spec: serde_json::Value) -> Arc<crate::policy::Plan> {
+    match serde_json::from_value::<crate::policy::Plan>(spec) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            warn!(plan = %name, error = %e, "unreadable plan spec in the catalog; the default plan applies");
+            Arc::default()
+        }
+    }
 }
 
 impl TenantDirectory for CatalogDirectory {
@@ -349,6 +339,13 @@ async fn follow(dir: std::sync::Weak<CatalogDirectory>) {
                 id = rx.recv() => {
                     let Some(id) = id else { break };
                     let Some(d) = dir.upgrade() else { pump.abort(); return };
+                    if id == "*" {
+                        // A plan changed: every tenant may be affected.
+                        if let Err(e) = d.reload_all().await {
+                            warn!(error = %e, "catalog reload failed; tenants keep their last known state");
+                        }
+                        continue;
+                    }
                     if let Err(e) = d.reload(&id).await {
                         warn!(tenant = %id, error = %e, "catalog reload failed; the tenant keeps its last known state");
                     }

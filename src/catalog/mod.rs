@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_catalog.sql")),
     (2, include_str!("migrations/0002_usage_flushes.sql")),
     (3, include_str!("migrations/0003_branches.sql")),
+    (4, include_str!("migrations/0004_plan_specs.sql")),
 ];
 
 /// The catalog version this binary reads and writes.

@@ -49,6 +49,18 @@ pub struct TenantRow {
     pub created_at: String,
 }
 
+/// A plan as the API shows and edits it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlanRow {
+    pub name: String,
+    /// The backend role's connection limit.
+    pub max_connections: i32,
+    pub pool_size: i32,
+    pub max_branches: i32,
+    /// The data plane's limits and SQL policy (`policy::Plan` as JSON).
+    pub spec: Value,
+}
+
 /// A plan's limits that provisioning needs.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -283,6 +295,46 @@ impl Catalog {
             })
         })
         .await
+    }
+
+    /// Every plan with its data-plane spec.
+    pub async fn plans(&self) -> Result<Vec<PlanRow>, tokio_postgres::Error> {
+        let rows = self
+            .rows(
+                "SELECT name, max_connections, pool_size, max_branches, spec FROM pgweir.plans ORDER BY name"
+                    .into(),
+                Vec::new(),
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| PlanRow {
+                name: r.get(0),
+                max_connections: r.get(1),
+                pool_size: r.get(2),
+                max_branches: r.get(3),
+                spec: r.get(4),
+            })
+            .collect())
+    }
+
+    /// Creates or replaces a plan (every instance reloads its tenants: a trigger announces it).
+    pub async fn put_plan(&self, p: PlanRow) -> Result<(), tokio_postgres::Error> {
+        self.rows(
+            "INSERT INTO pgweir.plans (name, max_connections, pool_size, max_branches, spec)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (name) DO UPDATE SET max_connections = $2, pool_size = $3, max_branches = $4, spec = $5"
+                .into(),
+            vec![
+                param(p.name),
+                param(p.max_connections),
+                param(p.pool_size),
+                param(p.max_branches),
+                param(p.spec),
+            ],
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn plan(&self, name: &str) -> Result<Option<Plan>, tokio_postgres::Error> {

@@ -339,3 +339,89 @@ fn conforming_strings_turned_off_behind_the_lexer_ends_the_session() {
         );
     });
 }
+
+/// Plans in the catalog are data: listed and edited through the API, and a changed spec reaches the running
+/// sessions of the plan's tenants (the plan trigger makes every instance reload).
+#[test]
+fn catalog_plans_are_edited_through_the_api_and_followed_by_running_sessions() {
+    use crate::control::{add_tokens, call, connect_url, register_cluster, ADMIN, READER};
+    let env = Env::with(Setup {
+        catalog: true,
+        ..Setup::default()
+    });
+    runtime().block_on(async {
+        add_tokens(&env).await;
+        let (s, body) = register_cluster(&env, "local", env.cluster.port()).await;
+        assert_eq!(s, 200, "{body}");
+        let (s, plans) = call(env.admin, "GET", "/v1/plans", Some(READER), None).await;
+        assert_eq!(s, 200, "{plans}");
+        let names: Vec<&str> = plans["plans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["enterprise", "free", "pro", "team"]);
+        let (_, free) = call(env.admin, "GET", "/v1/plans/free", Some(READER), None).await;
+        assert_eq!(free["spec"]["queries_per_second"], 100, "{free}");
+
+        // A plan of our own, for a tenant.
+        let (s, body) = call(
+            env.admin,
+            "PUT",
+            "/v1/plans/lab",
+            Some(ADMIN),
+            Some(r#"{"max_connections": 50, "pool_size": 5, "spec": {"policy": {"deny_classes": ["ddl"]}}}"#),
+        )
+        .await;
+        assert_eq!(s, 201, "{body}");
+        let (s, body) = call(
+            env.admin,
+            "PUT",
+            "/v1/plans/lab",
+            Some(ADMIN),
+            Some(r#"{"spec": {"policy": {"read_onl": true}}, "colour": 1}"#),
+        )
+        .await;
+        assert_eq!(s, 400, "a misspelt policy field is refused: {body}");
+        let (s, body) = call(env.admin, "PUT", "/v1/plans/lab", Some(READER), Some("{}")).await;
+        assert_eq!(s, 403, "{body}");
+
+        let (s, created) = call(
+            env.admin,
+            "PUT",
+            "/v1/tenants/lab1",
+            Some(ADMIN),
+            Some(r#"{"plan": "lab"}"#),
+        )
+        .await;
+        assert_eq!(s, 201, "{created}");
+        let c = connect_url(created["connection_string"].as_str().unwrap())
+            .await
+            .unwrap();
+        let e = c.batch_execute("CREATE TABLE t (a int)").await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e}");
+        let rows = c.query("SELECT 1 + $1::int", &[&1i32]).await.unwrap();
+        assert_eq!(rows[0].get::<_, i32>(0), 2);
+
+        // Read-only from now on: the open session follows.
+        let (s, body) = call(
+            env.admin,
+            "PUT",
+            "/v1/plans/lab",
+            Some(ADMIN),
+            Some(r#"{"spec": {"policy": {"read_only": true}}}"#),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let refused = wait_until_async(Duration::from_secs(10), || async {
+            matches!(
+                c.batch_execute("CREATE TEMP TABLE x (a int) ON COMMIT DROP").await,
+                Err(e) if sqlstate(&e).as_deref() == Some("25006")
+            )
+        })
+        .await;
+        assert!(refused, "the open session follows the plan's new spec");
+        c.query("SELECT 1", &[]).await.expect("reads keep working");
+    });
+}
