@@ -38,7 +38,7 @@ async fn migrations_apply_once_and_a_newer_catalog_is_refused() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(plans, ["free", "pro"]);
+    assert_eq!(plans, ["enterprise", "free", "pro", "team"]);
     a.batch_execute(
         "INSERT INTO pgweir.clusters (name, host, port, admin_user) VALUES ('c1', '127.0.0.1', 5432, 'postgres')",
     )
