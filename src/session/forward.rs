@@ -453,7 +453,6 @@ where
     // Rewritten messages, and the bytes around them, are assembled here and written at once.
     let mut out = BytesMut::new();
     let mut rewritten = BytesMut::new();
-    let mut refused = BytesMut::new();
     let policy = shared.limits.policy;
     // Query rate: a request over the rate waits here (`rate_wait`) and then goes on (`rate_granted`) or is refused.
     let mut rate_granted = false;
@@ -526,7 +525,8 @@ where
                             if let Some(reason) =
                                 shared.record_effects(sql.strip_suffix(&[0]).unwrap_or(sql))
                             {
-                                crate::wire::msg::query(&refusal_sql(reason), &mut rewritten);
+                                queue_refusal(shared, unmovable_refusal(reason), seq);
+                                crate::wire::msg::query(refusal_marker(), &mut rewritten);
                                 replaced = true;
                                 return Ok(Verdict::Stop);
                             }
@@ -556,14 +556,19 @@ where
                                     if !name.is_empty() && !rewrite {
                                         shared.push(Effect::Pin(sqlscan::PinReason::Other));
                                     }
-                                    if let Some((sql, types)) = cstr(rest) {
+                                    if let Some((sql, _)) = cstr(rest) {
                                         if let Some(reason) = shared.record_effects(sql) {
+                                            // Refused at Parse, as Postgres fails a Parse: the statement does
+                                            // not exist (the rewriter never learns of it).
+                                            queue_refusal(shared, unmovable_refusal(reason), seq);
                                             refused_parse(
-                                                name,
-                                                &refusal_sql(reason),
-                                                types,
-                                                &mut refused,
+                                                b"pgweir_refused",
+                                                refusal_marker(),
+                                                &[0, 0],
+                                                &mut rewritten,
                                             );
+                                            replaced = true;
+                                            return Ok(Verdict::Stop);
                                         }
                                     }
                                 }
@@ -578,19 +583,10 @@ where
                     tag => return Err(FrameError::UnexpectedTag { tag }),
                 }
                 if let (Some(rw), Some(f)) = (&mut rw, frame) {
-                    // A refused Parse goes on as its replacement.
-                    let f = if refused.is_empty() { f } else { &refused[..] };
                     if rw.client_message(tag, f, seq, &mut rewritten) {
-                        refused.clear();
                         replaced = true;
                         return Ok(Verdict::Stop);
                     }
-                }
-                if !refused.is_empty() {
-                    rewritten.extend_from_slice(&refused);
-                    refused.clear();
-                    replaced = true;
-                    return Ok(Verdict::Stop);
                 }
                 Ok(Verdict::Forward)
             },
@@ -737,6 +733,16 @@ fn rate_refusal(p: Policy<'_>) -> crate::policy::Refusal {
     }
 }
 
+/// Queues the error the stand-in of a refused message (request `seq`) is answered with.
+fn queue_refusal(shared: &Shared<'_>, err: crate::wire::PgError, seq: u64) {
+    shared
+        .refusals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push_back((seq, err.to_bytes().freeze()));
+    shared.refusals_pending.store(true, Ordering::Relaxed);
+}
+
 /// Sends the stand-in of a refused message (see [`refusal_marker`]) and queues the error its answer becomes.
 /// A Query or FunctionCall becomes a Query (one ReadyForQuery, like the original); a Parse or Execute becomes a
 /// Parse of a statement that cannot be parsed (the server skips the rest of the batch until Sync).
@@ -753,12 +759,7 @@ fn refuse(
     if let Some(h) = &r.hint {
         err = err.with_hint(h.clone());
     }
-    shared
-        .refusals
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push_back((seq, err.to_bytes().freeze()));
-    shared.refusals_pending.store(true, Ordering::Relaxed);
+    queue_refusal(shared, err, seq);
     match tag {
         b'Q' | b'F' => {
             shared.requests.fetch_add(1, Ordering::Relaxed);
@@ -772,9 +773,8 @@ fn refuse(
     }
 }
 
-/// A statement that fails the way pgweir refuses one that would pin the client (`unmovable_session_state =
-/// "refuse"`): run by the server, so the transaction and pipeline around it behave as for any failing statement.
-fn refusal_sql(reason: sqlscan::PinReason) -> String {
+/// The error for a statement that would pin the client under `unmovable_session_state = "refuse"`.
+fn unmovable_refusal(reason: sqlscan::PinReason) -> crate::wire::PgError {
     use sqlscan::PinReason::*;
     let what = match reason {
         Listen => "LISTEN",
@@ -785,11 +785,13 @@ fn refusal_sql(reason: sqlscan::PinReason) -> String {
         SessionAuthorization => "SET ROLE and SET SESSION AUTHORIZATION",
         Other => "statements that keep state on the server connection (LOAD, dblink_connect)",
     };
-    format!(
-        "DO $pgweir$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
-         MESSAGE = '{what} cannot be used in transaction pooling mode', \
-         HINT = 'Connect with options=pool_mode=session for session state, or use the transaction-scoped form \
-         (e.g. pg_advisory_xact_lock, ON COMMIT DROP).'; END$pgweir$"
+    crate::wire::PgError::error(
+        crate::wire::error::sqlstate::FEATURE_NOT_SUPPORTED,
+        format!("{what} cannot be used in transaction pooling mode"),
+    )
+    .with_hint(
+        "Connect with options=pool_mode=session for session state, or use the transaction-scoped form \
+         (e.g. pg_advisory_xact_lock, ON COMMIT DROP).",
     )
 }
 

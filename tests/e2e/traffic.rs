@@ -18,6 +18,17 @@ fn traffic_env() -> Env {
 pub async fn new_tenant(env: &Env, id: &str) -> String {
     add_tokens(env).await;
     register_cluster(env, "local", env.cluster.port()).await;
+    // These tests put a tenant under pgbench load: the free plan's query rate (100/s, tests/e2e/policy.rs tests it)
+    // would throttle that load, so the plan keeps only its provisioning limits here.
+    let (s, body) = call(
+        env.admin,
+        "PUT",
+        "/v1/plans/free",
+        Some(ADMIN),
+        Some(r#"{"spec": {}}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
     let (s, created) = call(
         env.admin,
         "PUT",

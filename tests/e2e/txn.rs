@@ -996,12 +996,18 @@ fn refused_session_state_fails_the_statement() {
             assert!(msg.contains("transaction pooling"), "{msg}");
             assert_eq!(one(&a, "select 1").await, "1");
         }
-        // Extended protocol (a named statement; the refusal comes at Execute), and inside a transaction.
+        // Extended protocol: the refusal comes at Parse (the statement does not exist), and inside a transaction.
         let e = a
             .query("select pg_advisory_lock(7)", &[])
             .await
             .unwrap_err();
         assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+        let e = a
+            .prepare("select pg_advisory_lock($1)")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "prepare fails: {e}");
+        assert_eq!(one(&a, "select 2").await, "2");
         a.batch_execute("BEGIN").await.unwrap();
         let e = a.simple_query("LISTEN x").await.unwrap_err();
         assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
