@@ -45,7 +45,7 @@ fn bench(c: &mut Criterion) {
     let policy = PolicyConfig::default();
     let ctx = Context {
         database: "tenant_a",
-        read_only: false,
+        read_only: None,
     };
     let mut g = c.benchmark_group("classify");
     for (name, sql) in [("short_select", SHORT), ("orm_2kb", orm.as_str())] {

@@ -294,9 +294,22 @@ impl Server {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tick.tick().await;
-                    proxy
-                        .tenant_states
-                        .refresh(|id| proxy.directory.get(id).map(|t| t.plan.clone()));
+                    proxy.tenant_states.refresh(|id| {
+                        proxy
+                            .directory
+                            .get(id)
+                            .map(|t| (t.plan.clone(), t.read_only))
+                    });
+                }
+            })
+        };
+        let storage = {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(proxy.cfg.proxy.storage_check_interval);
+                loop {
+                    tick.tick().await;
+                    proxy.sample_storage().await;
                 }
             })
         };
@@ -313,6 +326,7 @@ impl Server {
                 loop {
                     tick.tick().await;
                     control.flush_usage(&proxy.pools).await;
+                    proxy.refresh_month_quotas(None).await;
                     proxy
                         .pools
                         .retain_tenants(|t| proxy.directory.get(t).is_some());
@@ -398,6 +412,7 @@ impl Server {
         stop_sessions(&proxy, stop).await;
         reload.abort();
         plans.abort();
+        storage.abort();
         if let Some(a) = admin {
             a.abort();
         }
@@ -438,6 +453,103 @@ pub struct Reloaded {
 
 impl Proxy {
     /// Sets the config file a reload reads (once).
+    /// Reads this month's query counts from the catalog for the tenants with a monthly quota (all of them here,
+    /// or `only` that one). Without a catalog, quotas count what this instance saw since it started.
+    pub async fn refresh_month_quotas(&self, only: Option<&str>) {
+        let Some(control) = &self.control else {
+            return;
+        };
+        let states: Vec<_> = self
+            .tenant_states
+            .all()
+            .into_iter()
+            .filter(|(id, s)| {
+                only.is_none_or(|o| o == id) && s.with_plan(|p| p.monthly_queries.is_some())
+            })
+            .collect();
+        if states.is_empty() {
+            return;
+        }
+        let ids = states.iter().map(|(id, _)| id.clone()).collect();
+        match control.catalog.month_queries(ids).await {
+            Ok((month, totals)) => {
+                for (id, total) in totals {
+                    if let Some((_, s)) = states.iter().find(|(i, _)| *i == id) {
+                        s.month_total(month, total.max(0) as u64);
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "could not read the monthly query counts; quotas use what is known")
+            }
+        }
+    }
+
+    /// Samples the size of every active tenant with a storage quota (its main and branch databases, asked as its
+    /// own backend role) and switches it to read-only above the quota, back below it.
+    pub async fn sample_storage(&self) {
+        for (id, state) in self.tenant_states.all() {
+            if state.with_plan(|p| p.storage_bytes.is_none()) {
+                continue;
+            }
+            let Some(t) = self.directory.get(&id) else {
+                continue;
+            };
+            let (Some(db), Some(user)) = (&t.backend_database, &t.backend_user) else {
+                continue;
+            };
+            if t.cluster.tls != crate::config::BackendTls::Disable {
+                tracing::debug!(tenant = %id, "storage quota: clusters with TLS are not sampled yet");
+                continue;
+            }
+            let mut databases: Vec<String> = t.branches.values().cloned().collect();
+            databases.push(db.clone());
+            let mut cfg = tokio_postgres::Config::new();
+            cfg.host(&t.cluster.host)
+                .port(t.cluster.port)
+                .user(user)
+                .dbname(db)
+                .application_name("pgweir storage quota")
+                .connect_timeout(Duration::from_secs(5));
+            if let Some(pw) = &t.backend_password {
+                cfg.password(pw);
+            }
+            let size = async {
+                let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+                let conn = tokio::spawn(conn);
+                let row = client
+                    .query_one(
+                        "SELECT coalesce(sum(pg_database_size(datname)), 0)::bigint FROM pg_database \
+                         WHERE datname = ANY($1)",
+                        &[&databases],
+                    )
+                    .await;
+                drop(client);
+                let _ = conn.await;
+                row.map(|r| r.get::<_, i64>(0))
+            };
+            match tokio::time::timeout(Duration::from_secs(10), size).await {
+                Ok(Ok(bytes)) => {
+                    if state.storage_sampled(bytes.max(0) as u64) {
+                        let quota = state.with_plan(|p| p.storage_bytes).unwrap_or_default();
+                        match state.read_only() {
+                            Some(_) => {
+                                warn!(tenant = %id, bytes, quota, "storage over quota: tenant is read-only")
+                            }
+                            None => {
+                                info!(tenant = %id, bytes, quota, "storage under quota again: tenant is writable")
+                            }
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    warn!(tenant = %id, error = %e, "storage quota: could not sample the tenant's size")
+                }
+                Err(_) => warn!(tenant = %id, "storage quota: sampling timed out"),
+            }
+        }
+    }
+
     pub fn set_config_path(&self, path: std::path::PathBuf) {
         let _ = self.config_path.set(path);
     }

@@ -70,6 +70,11 @@ pub fn routes() -> Router<Arc<Proxy>> {
         .route("/v1/reload", axum::routing::post(reload))
         .route("/v1/tenants/{id}/pools", get(tenant_pools))
         .route("/v1/tenants/{id}/usage", get(tenant_usage))
+        .route(
+            "/v1/tenants/{id}/read-only",
+            axum::routing::post(set_read_only),
+        )
+        .route("/v1/tenants/{id}/policy", get(tenant_policy))
         .route("/v1/plans", get(list_plans))
         .route("/v1/plans/{name}", get(get_plan).put(put_plan))
 }
@@ -101,6 +106,8 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("post", "/v1/reload", "Reload this instance as SIGHUP does: the TLS certificate and the config file's tenants and clusters; answers which changed sections need a restart (admin)."),
     ("get", "/v1/operations/{op}", "A long operation: status running|succeeded|failed, error, result (pause_ms, copy_ms, strategy, …) (read)."),
     ("get", "/v1/tenants/{id}/pools", "This instance's pools of the tenant, in the terms of PgBouncer's SHOW POOLS (read)."),
+    ("post", "/v1/tenants/{id}/read-only", "Switch a tenant's read-only mode: {\"read_only\": true|false}; writes and DDL get 25006, reads keep working; every instance follows within seconds (admin)."),
+    ("get", "/v1/tenants/{id}/policy", "The tenant's policy on this instance: plan spec, read-only state and why, sampled storage, this month's queries, client connections, refusals by rule and the latest ones with statement fingerprints (read)."),
     ("get", "/v1/plans", "Plans: name, max_connections (backend role limit), pool_size, max_branches, spec (the data plane's limits and SQL policy) (read)."),
     ("get", "/v1/plans/{name}", "One plan (read)."),
     ("put", "/v1/plans/{name}", "Create or change a plan: {\"max_connections\"?, \"pool_size\"?, \"max_branches\"?, \"spec\"?}; running sessions follow a new spec within seconds (admin)."),
@@ -1680,4 +1687,82 @@ async fn put_plan(
         StatusCode::CREATED
     };
     (status, Json(json!(new))).into_response()
+}
+
+async fn set_read_only(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (control, token, mut body) = match admin_request(&proxy, &headers, &body).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let on = match body.remove("read_only") {
+        Some(Value::Bool(b)) => b,
+        _ => {
+            return invalid(vec![(
+                "read_only".into(),
+                "is required: true or false".into(),
+            )])
+        }
+    };
+    if let Err(r) = existing_tenant(&control, &id).await {
+        return r;
+    }
+    match control.catalog.set_read_only(&id, on).await {
+        Ok(true) => {}
+        Ok(false) => return not_found(format!("no tenant \"{id}\"")),
+        Err(e) => return internal(e),
+    }
+    control
+        .catalog
+        .audit(
+            &token.name,
+            "tenant.read_only",
+            &id,
+            "ok",
+            json!({ "read_only": on }),
+        )
+        .await;
+    Json(json!({ "tenant": id, "read_only": on })).into_response()
+}
+
+async fn tenant_policy(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let control = match authorize(&proxy, &headers, Scope::Read).await {
+        Ok((c, _)) => c,
+        Err(r) => return r,
+    };
+    let tenant = match existing_tenant(&control, &id).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let state = proxy.tenant_states.get(&id);
+    let plan = state
+        .as_ref()
+        .map(|s| s.plan())
+        .or_else(|| proxy.directory.get(&id).map(|t| t.plan.clone()));
+    let refusals = state.as_ref().map(|s| s.refusal_log()).unwrap_or_default();
+    let recent: Vec<Value> = refusals
+        .recent
+        .iter()
+        .map(|(at, rule, fingerprint)| json!({"at": at, "rule": rule, "statement": fingerprint}))
+        .collect();
+    Json(json!({
+        "tenant": id,
+        "plan": tenant.plan,
+        "spec": plan.map(|p| json!(*p)),
+        "read_only": state.as_ref().and_then(|s| s.read_only()),
+        "storage_bytes": state.as_ref().map(|s| s.storage_bytes.load(std::sync::atomic::Ordering::Relaxed)),
+        "month_queries": state.as_ref().map(|s| s.month_queries()),
+        "client_connections": state.as_ref().map(|s| s.connections()),
+        "refusals": refusals.by_rule,
+        "recent_refusals": recent,
+    }))
+    .into_response()
 }

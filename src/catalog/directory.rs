@@ -58,7 +58,7 @@ pub struct CatalogDirectory {
 
 const TENANT_SQL: &str = "
 SELECT t.id, t.database, t.backend_database, t.backend_role, t.backend_password_enc,
-       c.name, c.host, c.port, c.tls, p.pool_size, t.plan, p.spec
+       c.name, c.host, c.port, c.tls, p.pool_size, t.plan, p.spec, t.read_only
   FROM pgweir.tenants t
   JOIN pgweir.clusters c ON c.name = t.cluster
   JOIN pgweir.plans p ON p.name = t.plan
@@ -217,6 +217,7 @@ impl CatalogDirectory {
                 branches: branches.remove(&id).unwrap_or_default(),
                 id: id.clone(),
                 plan: plan_for(&r.get::<_, String>(10), r.get(11)),
+                read_only: r.get(12),
             };
             out.insert(id, Arc::new(tenant));
         }

@@ -25,6 +25,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("migrations/0002_usage_flushes.sql")),
     (3, include_str!("migrations/0003_branches.sql")),
     (4, include_str!("migrations/0004_plan_specs.sql")),
+    (5, include_str!("migrations/0005_read_only.sql")),
 ];
 
 /// The catalog version this binary reads and writes.

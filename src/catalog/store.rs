@@ -297,6 +297,38 @@ impl Catalog {
         .await
     }
 
+    /// This month's (UTC) query counts of `tenants`, summed over every instance's flushed usage, and the month as
+    /// `YYYYMM`.
+    pub async fn month_queries(
+        &self,
+        tenants: Vec<String>,
+    ) -> Result<(u32, Vec<(String, i64)>), tokio_postgres::Error> {
+        let rows = self
+            .rows(
+                "SELECT to_char(now() AT TIME ZONE 'utc', 'YYYYMM')::int, t.id,
+                        (SELECT coalesce(sum(u.queries), 0)::bigint FROM pgweir.usage u
+                          WHERE u.tenant = t.id
+                            AND u.period >= date_trunc('month', now() AT TIME ZONE 'utc') AT TIME ZONE 'utc')
+                   FROM unnest($1::text[]) AS t(id)"
+                    .into(),
+                vec![param(tenants)],
+            )
+            .await?;
+        let month = rows.first().map_or(0, |r| r.get::<_, i32>(0) as u32);
+        Ok((month, rows.iter().map(|r| (r.get(1), r.get(2))).collect()))
+    }
+
+    /// Switches a tenant's read-only mode (every instance follows through the tenant trigger).
+    pub async fn set_read_only(&self, id: &str, on: bool) -> Result<bool, tokio_postgres::Error> {
+        let rows = self
+            .rows(
+                "UPDATE pgweir.tenants SET read_only = $2, updated_at = now() WHERE id = $1 RETURNING id".into(),
+                vec![param(id.to_owned()), param(on)],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
     /// Every plan with its data-plane spec.
     pub async fn plans(&self) -> Result<Vec<PlanRow>, tokio_postgres::Error> {
         let rows = self

@@ -137,6 +137,9 @@ pub struct ProxyConfig {
     /// SQL policy and plan limits (classification, isolation rules, read-only mode, query rate). Off only for
     /// measuring what they cost.
     pub sql_policy: bool,
+    /// How often the size of tenants with a storage quota is sampled (over it, a tenant is read-only).
+    #[serde(with = "humantime_serde")]
+    pub storage_check_interval: Duration,
     /// On SIGTERM: how long transactions in flight (and session-mode sessions) may go on after pgweir stops
     /// accepting; idle clients are told 57P01 at once, the rest when their transaction ends or this runs out.
     #[serde(with = "humantime_serde")]
@@ -170,6 +173,7 @@ impl Default for ProxyConfig {
             query_timeout: Duration::ZERO,
             unmovable_session_state: UnmovableState::Pin,
             sql_policy: true,
+            storage_check_interval: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             handover_socket: None,
         }
@@ -364,6 +368,9 @@ pub struct TenantConfig {
     /// The tenant's plan (limits and SQL policy): a key of `[plans]` or a built-in plan. Without one, the default
     /// SQL policy applies and there are no limits.
     pub plan: Option<String>,
+    /// Read-only mode: writes and DDL are refused with 25006, reads keep working.
+    #[serde(default)]
+    pub read_only: bool,
     #[serde(default)]
     pub users: Vec<UserConfig>,
     #[serde(default)]
@@ -453,6 +460,9 @@ impl Config {
         }
         if self.proxy.max_message_bytes < 1024 {
             p.push("proxy.max_message_bytes must be at least 1024".into());
+        }
+        if self.proxy.storage_check_interval.is_zero() {
+            p.push("proxy.storage_check_interval must be positive".into());
         }
         if self.proxy.login_timeout.is_zero() {
             p.push("proxy.login_timeout must be positive".into());

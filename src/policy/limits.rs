@@ -2,7 +2,7 @@
 //! the tenant's definition changes, so running sessions follow it), the client connection count and the query
 //! rate token bucket.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,31 @@ pub struct TenantState {
     plan: RwLock<Arc<Plan>>,
     connections: AtomicU32,
     bucket: Mutex<Bucket>,
+    /// An operator switched the tenant to read-only (config `read_only`, or the admin API).
+    operator_read_only: AtomicBool,
+    /// The last sampled size of the tenant's databases is over the plan's `storage_bytes`.
+    storage_over: AtomicBool,
+    /// The last sampled size of the tenant's databases (bytes; 0 until sampled).
+    pub storage_bytes: AtomicU64,
+    /// Monthly query quota: the month's count from the catalog when last read, and queries counted here since.
+    month_base: AtomicU64,
+    month_local: AtomicU64,
+    /// The month (`YYYYMM`) `month_base` belongs to.
+    month: AtomicU32,
+    /// Refusals by rule, and the latest few (for the admin API).
+    refusals: Mutex<RefusalLog>,
 }
+
+/// What the admin API shows of a tenant's refusals.
+#[derive(Default, Clone, serde::Serialize)]
+pub struct RefusalLog {
+    pub by_rule: std::collections::BTreeMap<&'static str, u64>,
+    /// The latest refusals, newest last: (unix seconds, rule, statement fingerprint).
+    pub recent: std::collections::VecDeque<(u64, &'static str, String)>,
+}
+
+/// Refusals kept in `RefusalLog::recent`.
+const RECENT_REFUSALS: usize = 20;
 
 /// A token bucket kept as the time at which it is full again minus what has been reserved ("virtual time"):
 /// taking a token moves `tat` by one interval.
@@ -41,7 +65,89 @@ impl TenantState {
             plan: RwLock::new(plan),
             connections: AtomicU32::new(0),
             bucket: Mutex::new(Bucket { tat: None }),
+            operator_read_only: AtomicBool::new(false),
+            storage_over: AtomicBool::new(false),
+            storage_bytes: AtomicU64::new(0),
+            month_base: AtomicU64::new(0),
+            month_local: AtomicU64::new(0),
+            month: AtomicU32::new(0),
+            refusals: Mutex::new(RefusalLog::default()),
         }
+    }
+
+    /// Why the tenant is read-only now, if it is: its plan, an operator, or its storage quota.
+    pub fn read_only(&self) -> Option<&'static str> {
+        if self.with_plan(|p| p.policy.read_only) {
+            Some("the plan is read-only")
+        } else if self.operator_read_only.load(Ordering::Relaxed) {
+            Some("an operator switched it to read-only")
+        } else if self.storage_over.load(Ordering::Relaxed) {
+            Some("its storage is over the plan's quota")
+        } else {
+            None
+        }
+    }
+
+    pub fn set_operator_read_only(&self, on: bool) {
+        self.operator_read_only.store(on, Ordering::Relaxed);
+    }
+
+    /// Records a storage sample against the plan's quota; true when the read-only state changed.
+    pub fn storage_sampled(&self, bytes: u64) -> bool {
+        self.storage_bytes.store(bytes, Ordering::Relaxed);
+        let over = self
+            .with_plan(|p| p.storage_bytes)
+            .is_some_and(|quota| bytes > quota);
+        self.storage_over.swap(over, Ordering::Relaxed) != over
+    }
+
+    /// Records a refusal (for the admin API).
+    pub fn refused(&self, rule: &'static str, fingerprint: String) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut log = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        *log.by_rule.entry(rule).or_default() += 1;
+        if log.recent.len() == RECENT_REFUSALS {
+            log.recent.pop_front();
+        }
+        log.recent.push_back((now, rule, fingerprint));
+    }
+
+    pub fn refusal_log(&self) -> RefusalLog {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts one query against the monthly quota; false when the quota is used up (the query is over it).
+    pub fn count_query(&self) -> bool {
+        let local = self.month_local.fetch_add(1, Ordering::Relaxed) + 1;
+        match self.with_plan(|p| p.monthly_queries) {
+            Some(quota) => self.month_base.load(Ordering::Relaxed) + local <= quota,
+            None => true,
+        }
+    }
+
+    /// The month's total has been read from the catalog at least once.
+    pub fn month_known(&self) -> bool {
+        self.month.load(Ordering::Relaxed) != 0
+    }
+
+    /// Queries of the month so far, as this instance knows them.
+    pub fn month_queries(&self) -> u64 {
+        self.month_base.load(Ordering::Relaxed) + self.month_local.load(Ordering::Relaxed)
+    }
+
+    /// The month's total from the catalog (every instance's flushed counts, this one's included): local counts
+    /// before now are in it or will be in the next total. A new month starts from zero.
+    pub fn month_total(&self, month: u32, total: u64) {
+        if self.month.swap(month, Ordering::Relaxed) != month {
+            self.month_local.store(0, Ordering::Relaxed);
+        }
+        self.month_base.store(total, Ordering::Relaxed);
+        self.month_local.store(0, Ordering::Relaxed);
     }
 
     /// The plan in force.
@@ -79,12 +185,21 @@ impl TenantState {
 
     /// Asks for `n` query tokens (a request may hold several queries).
     pub fn rate(&self, n: u32, now: Instant) -> Rate {
+        let over_quota = self.with_plan(|p| {
+            p.over_quota == super::plan::OverQuota::Throttle
+                && p.monthly_queries.is_some_and(|q| self.month_queries() > q)
+        });
         let (qps, burst, wait) = self.with_plan(|p| {
-            (
-                p.queries_per_second,
-                p.burst.or(p.queries_per_second).unwrap_or(1).max(1),
-                p.rate_wait,
-            )
+            if over_quota {
+                // Throttled: the plan's throttle rate, no burst.
+                (Some(p.throttle_queries_per_second.max(1)), 1, p.rate_wait)
+            } else {
+                (
+                    p.queries_per_second,
+                    p.burst.or(p.queries_per_second).unwrap_or(1).max(1),
+                    p.rate_wait,
+                )
+            }
         });
         let Some(qps) = qps.filter(|q| *q > 0) else {
             return Rate::Now;
@@ -130,24 +245,43 @@ pub struct Tenants {
 }
 
 impl Tenants {
-    /// The state of tenant `id`, created with `plan`, or updated to it.
-    pub fn state(&self, id: &str, plan: &Arc<Plan>) -> Arc<TenantState> {
-        if let Some(s) = self.map.get(id) {
-            s.set_plan(plan);
-            return s.clone();
-        }
-        self.map
-            .entry(id.to_owned())
-            .or_insert_with(|| Arc::new(TenantState::new(plan.clone())))
-            .clone()
+    /// The state of tenant `id`, created with `plan`, or updated to it (and to the operator's read-only switch).
+    pub fn state(&self, id: &str, plan: &Arc<Plan>, read_only: bool) -> Arc<TenantState> {
+        let s = match self.map.get(id) {
+            Some(s) => {
+                s.set_plan(plan);
+                s.clone()
+            }
+            None => self
+                .map
+                .entry(id.to_owned())
+                .or_insert_with(|| Arc::new(TenantState::new(plan.clone())))
+                .clone(),
+        };
+        s.set_operator_read_only(read_only);
+        s
     }
 
-    /// Brings every state's plan up to date (`plan_of` gives a tenant's current plan, None if it is gone) and
-    /// forgets tenants that are gone and have no session left.
-    pub fn refresh(&self, plan_of: impl Fn(&str) -> Option<Arc<Plan>>) {
-        self.map.retain(|id, s| match plan_of(id) {
-            Some(p) => {
+    /// The state of tenant `id` if it has one on this instance.
+    pub fn get(&self, id: &str) -> Option<Arc<TenantState>> {
+        self.map.get(id).map(|s| s.clone())
+    }
+
+    /// Every tenant with a state here.
+    pub fn all(&self) -> Vec<(String, Arc<TenantState>)> {
+        self.map
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
+    }
+
+    /// Brings every state up to date (`current` gives a tenant's plan and operator read-only switch, None if it
+    /// is gone) and forgets tenants that are gone and have no session left.
+    pub fn refresh(&self, current: impl Fn(&str) -> Option<(Arc<Plan>, bool)>) {
+        self.map.retain(|id, s| match current(id) {
+            Some((p, read_only)) => {
                 s.set_plan(&p);
+                s.set_operator_read_only(read_only);
                 true
             }
             None => Arc::strong_count(s) > 1,

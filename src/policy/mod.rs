@@ -137,8 +137,8 @@ impl Refusal {
 pub struct Context<'a> {
     /// The physical database the session is connected to.
     pub database: &'a str,
-    /// The tenant is read-only now (plan, operator switch or storage quota).
-    pub read_only: bool,
+    /// Why the tenant is read-only now (operator switch or storage quota), if it is.
+    pub read_only: Option<&'a str>,
 }
 
 impl PolicyConfig {
@@ -170,14 +170,19 @@ impl PolicyConfig {
                 format_args!("a {name} statement"),
             ));
         }
-        if (ctx.read_only || self.read_only) && facts.classes & (class::WRITE | class::DDL) != 0 {
+        let read_only = ctx
+            .read_only
+            .or(self.read_only.then_some("the plan is read-only"));
+        if let (Some(why), true) = (read_only, facts.classes & (class::WRITE | class::DDL) != 0) {
             return Some(
                 Refusal::new(
                     "read-only",
                     sqlstate::READ_ONLY_SQL_TRANSACTION,
-                    "pgweir: cannot change data: this database is in read-only mode",
+                    format!(
+                        "pgweir: cannot change data: this database is in read-only mode ({why})"
+                    ),
                 )
-                .hint("reads keep working; the plan, an operator or the storage quota set read-only mode"),
+                .hint("reads keep working"),
             );
         }
         None

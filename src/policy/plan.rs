@@ -25,6 +25,17 @@ pub enum Computed {
     Refuse,
 }
 
+/// What happens to a tenant over its monthly query quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverQuota {
+    /// Refuse queries with 53400.
+    #[default]
+    Refuse,
+    /// Limit the tenant to `throttle_queries_per_second`.
+    Throttle,
+}
+
 /// A plan's SQL policy.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -220,6 +231,14 @@ pub struct Plan {
     /// Queries running longer are cancelled (57014).
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Option<Duration>,
+    /// Above this size of its databases (sampled every `proxy.storage_check_interval`) the tenant is read-only.
+    pub storage_bytes: Option<u64>,
+    /// Queries per calendar month (UTC); with a catalog counted across instances and restarts.
+    pub monthly_queries: Option<u64>,
+    /// What happens over the monthly quota.
+    pub over_quota: OverQuota,
+    /// The query rate over the monthly quota with `over_quota = "throttle"`.
+    pub throttle_queries_per_second: u32,
     pub policy: PolicyConfig,
 }
 
@@ -231,6 +250,10 @@ impl Default for Plan {
             burst: None,
             rate_wait: Duration::from_secs(1),
             statement_timeout: None,
+            storage_bytes: None,
+            monthly_queries: None,
+            over_quota: OverQuota::Refuse,
+            throttle_queries_per_second: 1,
             policy: PolicyConfig::default(),
         }
     }
@@ -246,6 +269,8 @@ impl Plan {
                 queries_per_second: Some(100),
                 burst: Some(200),
                 statement_timeout: Some(Duration::from_secs(60)),
+                storage_bytes: Some(100 * MB),
+                monthly_queries: Some(10_000_000),
                 policy: PolicyConfig {
                     max_work_mem_kb: Some(64 * 1024),
                     max_timeout_ms: Some(60_000),
@@ -257,6 +282,7 @@ impl Plan {
                 max_connections: Some(200),
                 queries_per_second: Some(2000),
                 burst: Some(4000),
+                storage_bytes: Some(10 * GB),
                 policy: PolicyConfig {
                     max_work_mem_kb: Some(256 * 1024),
                     ..PolicyConfig::default()
@@ -265,6 +291,7 @@ impl Plan {
             },
             "team" => Plan {
                 max_connections: Some(1000),
+                storage_bytes: Some(100 * GB),
                 ..base
             },
             "enterprise" => base,
@@ -284,6 +311,9 @@ impl Plan {
         out
     }
 }
+
+const MB: u64 = 1024 * 1024;
+const GB: u64 = 1024 * MB;
 
 /// A memory setting's value in kB, as PostgreSQL reads it (a bare number is kB).
 pub fn parse_memory_kb(v: &str) -> Option<u64> {

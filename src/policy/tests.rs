@@ -5,6 +5,7 @@ fn check(sql: &str) -> Option<&'static str> {
 }
 
 fn check_with(p: &PolicyConfig, sql: &str, read_only: bool) -> Option<&'static str> {
+    let read_only = read_only.then_some("test");
     let facts = classify::analyze(sql);
     let ctx = Context {
         database: "tenant_a",

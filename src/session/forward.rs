@@ -492,6 +492,11 @@ where
                             refusal = Some(rate_refusal(p));
                         } else if rate_granted {
                             rate_granted = false;
+                        } else if !p.state.count_query()
+                            && p.state.with_plan(|plan| plan.over_quota)
+                                == crate::policy::plan::OverQuota::Refuse
+                        {
+                            refusal = Some(quota_refusal(p));
                         } else {
                             match p.state.rate(1, Instant::now()) {
                                 crate::policy::limits::Rate::Now => {}
@@ -693,7 +698,7 @@ fn check_policy(p: Policy<'_>, tag: u8, f: &[u8]) -> Option<crate::policy::Refus
     let facts = p.classifier.facts(sql);
     let ctx = crate::policy::Context {
         database: p.database,
-        read_only: false,
+        read_only: p.state.read_only(),
     };
     let verdict = p.state.with_plan(|plan| plan.policy.check(&facts, &ctx));
     if verdict.is_none() && facts.classes & crate::policy::class::UNPARSED != 0 {
@@ -705,14 +710,27 @@ fn check_policy(p: Policy<'_>, tag: u8, f: &[u8]) -> Option<crate::policy::Refus
         );
     }
     if let Some(r) = &verdict {
-        tracing::info!(
-            tenant = %p.tenant,
-            rule = r.rule,
-            fingerprint = %sqlscan::fingerprint(&String::from_utf8_lossy(sql), 200),
-            "statement refused by policy"
-        );
+        let fingerprint = sqlscan::fingerprint(&String::from_utf8_lossy(sql), 200);
+        tracing::info!(tenant = %p.tenant, rule = r.rule, %fingerprint, "statement refused by policy");
+        p.state.refused(r.rule, fingerprint);
     }
     verdict
+}
+
+/// The refusal of a request over the tenant's monthly query quota.
+fn quota_refusal(p: Policy<'_>) -> crate::policy::Refusal {
+    let quota = p
+        .state
+        .with_plan(|plan| plan.monthly_queries.unwrap_or_default());
+    p.state.refused("monthly-quota", String::new());
+    crate::policy::Refusal {
+        rule: "monthly-quota",
+        code: crate::wire::error::sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+        message: format!(
+            "pgweir: monthly query quota exceeded: this database's plan allows {quota} queries per month"
+        ),
+        hint: Some("the quota starts again next month, or move to a larger plan".into()),
+    }
 }
 
 /// The refusal of a request over the tenant's query rate.
@@ -721,6 +739,7 @@ fn rate_refusal(p: Policy<'_>) -> crate::policy::Refusal {
         .state
         .with_plan(|plan| (plan.queries_per_second.unwrap_or_default(), plan.rate_wait));
     tracing::info!(tenant = %p.tenant, qps, "query refused: over the plan's query rate");
+    p.state.refused("rate", String::new());
     crate::policy::Refusal {
         rule: "rate",
         code: crate::wire::error::sqlstate::CONFIGURATION_LIMIT_EXCEEDED,

@@ -223,7 +223,7 @@ async fn login(
     }
     let slot = match proxy
         .tenant_states
-        .state(&tenant.id, &tenant.plan)
+        .state(&tenant.id, &tenant.plan, tenant.read_only)
         .connect()
     {
         Some(s) => s,
@@ -240,6 +240,10 @@ async fn login(
             ))
         }
     };
+    // A monthly quota counts what every instance saw this month: read it before the first query here.
+    if tenant.plan.monthly_queries.is_some() && !slot.tenant().month_known() {
+        proxy.refresh_month_quotas(Some(&tenant.id)).await;
+    }
     let target = match tenant.target(user, database, routed.endpoint.branch.as_deref()) {
         Ok(t) => t,
         Err(e) => fail!(PgError::fatal(

@@ -52,6 +52,8 @@ pub struct Tenant {
     pub branches: HashMap<String, String>,
     /// Limits and SQL policy.
     pub plan: Arc<crate::policy::Plan>,
+    /// An operator switched the tenant to read-only (writes and DDL get 25006).
+    pub read_only: bool,
 }
 
 /// Where a connection lands on the backend.
@@ -253,6 +255,7 @@ impl StaticDirectory {
                         .and_then(|p| cfg.plan(p))
                         .unwrap_or_default(),
                 ),
+                read_only: t.read_only,
             };
             tenants.insert(t.id.clone(), Arc::new(tenant));
         }

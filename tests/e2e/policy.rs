@@ -59,6 +59,13 @@ fn url(env: &Env, tenant: &str) -> String {
     )
 }
 
+/// The server's (or pgweir's) error message of a tokio-postgres error.
+fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}
+
 async fn simple_err(c: &tokio_postgres::Client, sql: &str) -> (String, String) {
     let e = c
         .simple_query(sql)
@@ -423,5 +430,169 @@ fn catalog_plans_are_edited_through_the_api_and_followed_by_running_sessions() {
         .await;
         assert!(refused, "the open session follows the plan's new spec");
         c.query("SELECT 1", &[]).await.expect("reads keep working");
+
+        // The operator's switch, on a plan that allows writes.
+        let (s, body) = call(env.admin, "PUT", "/v1/plans/lab", Some(ADMIN), Some(r#"{"spec": {}}"#)).await;
+        assert_eq!(s, 200, "{body}");
+        let writable = wait_until_async(Duration::from_secs(10), || async {
+            c.batch_execute("CREATE TEMP TABLE x (a int) ON COMMIT DROP").await.is_ok()
+        })
+        .await;
+        assert!(writable, "writes work again");
+        let (s, body) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/lab1/read-only",
+            Some(ADMIN),
+            Some(r#"{"read_only": true}"#),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let refused = wait_until_async(Duration::from_secs(10), || async {
+            matches!(
+                c.batch_execute("CREATE TEMP TABLE x (a int) ON COMMIT DROP").await,
+                Err(e) if sqlstate(&e).as_deref() == Some("25006") && message(&e).contains("operator")
+            )
+        })
+        .await;
+        assert!(refused, "the operator's read-only switch reaches the open session");
+        let (s, view) = call(env.admin, "GET", "/v1/tenants/lab1/policy", Some(READER), None).await;
+        assert_eq!(s, 200, "{view}");
+        assert!(view["read_only"].as_str().unwrap_or("").contains("operator"), "{view}");
+        assert!(view["refusals"]["read-only"].as_u64().unwrap_or(0) >= 1, "{view}");
+        assert!(view["refusals"]["statement-class"].as_u64().unwrap_or(0) >= 1, "{view}");
+        let recent = view["recent_refusals"].to_string();
+        assert!(recent.contains("create temp table x"), "fingerprints are shown: {view}");
+        let (s, _) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/lab1/read-only",
+            Some(ADMIN),
+            Some(r#"{"read_only": false}"#),
+        )
+        .await;
+        assert_eq!(s, 200);
+        let writable = wait_until_async(Duration::from_secs(10), || async {
+            c.batch_execute("CREATE TEMP TABLE x (a int) ON COMMIT DROP").await.is_ok()
+        })
+        .await;
+        assert!(writable, "writes work again after the switch is off");
+    });
+}
+
+/// The monthly query quota is counted in the catalog: a restarted (or another) instance knows what was used.
+#[test]
+fn the_monthly_quota_survives_a_restart() {
+    use crate::control::{add_tokens, call, connect_url, register_cluster, ADMIN};
+    let env = Env::with(Setup {
+        catalog: true,
+        ..Setup::default()
+    });
+    runtime().block_on(async {
+        add_tokens(&env).await;
+        register_cluster(&env, "local", env.cluster.port()).await;
+        let (s, body) = call(
+            env.admin,
+            "PUT",
+            "/v1/plans/metered",
+            Some(ADMIN),
+            Some(r#"{"spec": {"monthly_queries": 30}}"#),
+        )
+        .await;
+        assert_eq!(s, 201, "{body}");
+        let (s, created) = call(
+            env.admin,
+            "PUT",
+            "/v1/tenants/meter",
+            Some(ADMIN),
+            Some(r#"{"plan": "metered"}"#),
+        )
+        .await;
+        assert_eq!(s, 201, "{created}");
+        let url = created["connection_string"].as_str().unwrap().to_owned();
+        let c = connect_url(&url).await.unwrap();
+        let mut ok = 0;
+        let mut refused = 0;
+        for _ in 0..40 {
+            match c.simple_query("SELECT 1").await {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    assert_eq!(sqlstate(&e).as_deref(), Some("53400"), "{e}");
+                    assert!(message(&e).contains("monthly"), "{e}");
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!((ok, refused), (30, 10));
+        // The usage flush (every second in tests) writes the counts; a new instance reads them.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let other = env.another_instance();
+        let other_url = url.replace(
+            &format!(":{}/", env.addr.port()),
+            &format!(":{}/", other.addr.port()),
+        );
+        assert_ne!(other_url, url);
+        let d = connect_url(&other_url).await.unwrap();
+        let e = d.simple_query("SELECT 1").await.unwrap_err();
+        assert_eq!(
+            sqlstate(&e).as_deref(),
+            Some("53400"),
+            "the other instance knows the month's count: {e}"
+        );
+        // A larger quota lets the tenant go on.
+        let (s, _) = call(
+            env.admin,
+            "PUT",
+            "/v1/plans/metered",
+            Some(ADMIN),
+            Some(r#"{"spec": {"monthly_queries": 1000}}"#),
+        )
+        .await;
+        assert_eq!(s, 200);
+        let back = wait_until_async(Duration::from_secs(10), || async {
+            d.simple_query("SELECT 1").await.is_ok()
+        })
+        .await;
+        assert!(back, "a larger quota applies without a restart");
+    });
+}
+
+/// Over its storage quota a tenant is read-only (reads keep working); back under it, writable again.
+#[test]
+fn a_tenant_over_its_storage_quota_is_read_only() {
+    let alice = user_toml("alice", ALICE_PASSWORD, false);
+    let env = Env::with(Setup {
+        proxy: "storage_check_interval = \"200ms\"".into(),
+        extra_config: acme_tenant(
+            "small",
+            "plan = \"small\"\npool_mode = \"transaction\"",
+            &[alice],
+        ) + "\n[plans.small]\nstorage_bytes = 1000\n",
+        ..Setup::default()
+    });
+    let path = env.dir.path().join("pgweir.toml");
+    std::fs::write(&path, env.config_text()).unwrap();
+    env.proxy.set_config_path(path.clone());
+    runtime().block_on(async {
+        let c = env.connect(&url(&env, "small")).await.unwrap();
+        let refused = wait_until_async(Duration::from_secs(10), || async {
+            matches!(
+                c.batch_execute("CREATE TEMP TABLE q (a int) ON COMMIT DROP").await,
+                Err(e) if sqlstate(&e).as_deref() == Some("25006") && message(&e).contains("storage")
+            )
+        })
+        .await;
+        assert!(refused, "a database of several MB is over a 1000-byte quota");
+        c.query("SELECT 1", &[]).await.expect("reads keep working");
+        let text = env
+            .config_text()
+            .replace("storage_bytes = 1000", "storage_bytes = 100000000000");
+        std::fs::write(&path, text).unwrap();
+        env.proxy.reload().expect("reload");
+        let writable = wait_until_async(Duration::from_secs(10), || async {
+            c.batch_execute("CREATE TEMP TABLE q (a int) ON COMMIT DROP").await.is_ok()
+        })
+        .await;
+        assert!(writable, "under the new quota the tenant is writable again");
     });
 }

@@ -1002,10 +1002,7 @@ fn refused_session_state_fails_the_statement() {
             .await
             .unwrap_err();
         assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
-        let e = a
-            .prepare("select pg_advisory_lock($1)")
-            .await
-            .unwrap_err();
+        let e = a.prepare("select pg_advisory_lock($1)").await.unwrap_err();
         assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "prepare fails: {e}");
         assert_eq!(one(&a, "select 2").await, "2");
         a.batch_execute("BEGIN").await.unwrap();
