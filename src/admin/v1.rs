@@ -743,6 +743,9 @@ async fn tenant_pools(
                 "sv_pinned": p.server_pinned,
                 "sv_total": p.server_total,
                 "maxwait_us": p.max_wait_us,
+                "checkouts": p.checkouts,
+                "wait_p50_us": p.wait_p50_us,
+                "wait_p99_us": p.wait_p99_us,
             })
         })
         .collect();

@@ -201,6 +201,7 @@ impl CatalogDirectory {
                     port: u16::try_from(port).unwrap_or(5432),
                     tls,
                     ca_file: None,
+                    max_active_transactions: 0,
                 }),
                 backend_database: Some(r.get(2)),
                 backend_user: Some(r.get(3)),

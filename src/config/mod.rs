@@ -290,6 +290,9 @@ pub struct ClusterConfig {
     pub tls: BackendTls,
     /// CA bundle (PEM) for `tls = "verify-full"`.
     pub ca_file: Option<PathBuf>,
+    /// Transactions all tenants on this cluster may run at once (unset: no limit). When saturated, waiting
+    /// checkouts are served by weighted fair queueing: each tenant in proportion to its plan's `weight`.
+    pub max_active_transactions: Option<usize>,
 }
 
 fn default_pg_port() -> u16 {

@@ -231,6 +231,8 @@ pub struct Plan {
     /// Queries running longer are cancelled (57014).
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Option<Duration>,
+    /// Share of a saturated cluster's active transactions (`max_active_transactions`), relative to other plans.
+    pub weight: u32,
     /// Above this size of its databases (sampled every `proxy.storage_check_interval`) the tenant is read-only.
     pub storage_bytes: Option<u64>,
     /// Queries per calendar month (UTC); with a catalog counted across instances and restarts.
@@ -250,6 +252,7 @@ impl Default for Plan {
             burst: None,
             rate_wait: Duration::from_secs(1),
             statement_timeout: None,
+            weight: 1,
             storage_bytes: None,
             monthly_queries: None,
             over_quota: OverQuota::Refuse,
@@ -279,6 +282,7 @@ impl Plan {
                 ..base
             },
             "pro" => Plan {
+                weight: 2,
                 max_connections: Some(200),
                 queries_per_second: Some(2000),
                 burst: Some(4000),
@@ -290,11 +294,12 @@ impl Plan {
                 ..base
             },
             "team" => Plan {
+                weight: 4,
                 max_connections: Some(1000),
                 storage_bytes: Some(100 * GB),
                 ..base
             },
-            "enterprise" => base,
+            "enterprise" => Plan { weight: 8, ..base },
             _ => return None,
         })
     }
@@ -305,6 +310,9 @@ impl Plan {
     /// Problems with the plan's values, for config and API validation.
     pub fn problems(&self) -> Vec<String> {
         let mut out = self.policy.problems();
+        if self.weight == 0 {
+            out.push("weight: must be at least 1".into());
+        }
         if self.queries_per_second == Some(0) {
             out.push("queries_per_second: must be at least 1".into());
         }

@@ -10,7 +10,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+pub mod fair;
 pub mod gate;
+use fair::{FairPermit, FairShare};
 use gate::{Gate, GatePass};
 use std::time::{Duration, Instant};
 
@@ -65,6 +67,11 @@ pub struct PoolStats {
     pub clients_active: usize,
     pub clients_waiting: usize,
     pub max_wait_us: u64,
+    /// Checkouts so far, and their wait (pool and cluster share) at the 50th and 99th percentile (µs, upper
+    /// bucket bounds: powers of two).
+    pub checkouts: u64,
+    pub wait_p50_us: u64,
+    pub wait_p99_us: u64,
     /// Transaction mode: server connections held by a client for the rest of its session, because of session
     /// state that cannot move (LISTEN, advisory locks, temp tables, named prepared statements, …).
     pub server_pinned: usize,
@@ -92,6 +99,12 @@ pub struct Pool {
     clients: AtomicUsize,
     /// The traffic gate of the pool's database (shared by every pool of that database).
     gate: Arc<Gate>,
+    /// The cluster's weighted fair share of active transactions (when the cluster limits them).
+    fair: Option<Arc<FairShare>>,
+    /// The tenant's plan weight in that share.
+    weight: std::sync::atomic::AtomicU32,
+    /// Every checkout's wait.
+    waits: WaitHistogram,
     /// Transaction mode: the ParameterStatus values a server reports once a client's startup settings are applied,
     /// by those settings — so a login needs no server connection when another client logged in alike recently.
     /// Keyed by a hash of the settings; the settings are kept to tell collisions apart. The value is the encoded
@@ -197,6 +210,47 @@ fn login_hash<'a>(settings: impl Iterator<Item = &'a (String, String)>) -> u64 {
     h.finish()
 }
 
+/// Checkout waits in power-of-two microsecond buckets (bucket 0: under 2 µs, bucket i: [2^i, 2^(i+1)) µs): one
+/// atomic add per checkout.
+#[derive(Default)]
+struct WaitHistogram {
+    buckets: [AtomicU64; 32],
+}
+
+impl WaitHistogram {
+    fn record(&self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        let i = (63 - us.max(1).leading_zeros() as usize).min(31);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The upper bound (µs) of the bucket that holds quantile `q`; 0 without checkouts.
+    fn quantile_us(&self, q: f64) -> u64 {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let want = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return 1u64 << (i + 1);
+            }
+        }
+        1u64 << 32
+    }
+}
+
 /// How long a remembered login answer is used.
 const LOGIN_PARAMS_TTL: Duration = Duration::from_secs(60);
 const LOGIN_PARAMS_MAX: usize = 1024;
@@ -210,6 +264,8 @@ impl Pool {
         metrics: PoolMetrics,
         usage: Arc<Usage>,
         gate: Arc<Gate>,
+        fair: Option<Arc<FairShare>>,
+        weight: u32,
     ) -> anyhow::Result<Arc<Pool>> {
         let tls = backend_client_config(target.cluster.tls, target.cluster.ca_file.as_deref())?;
         let pool = Arc::new(Pool {
@@ -228,6 +284,9 @@ impl Pool {
             pinned: AtomicUsize::new(0),
             clients: AtomicUsize::new(0),
             gate,
+            fair,
+            weight: std::sync::atomic::AtomicU32::new(weight),
+            waits: WaitHistogram::default(),
             login_params: Mutex::new(HashMap::new()),
             statements: Arc::default(),
             no_params: Arc::from(Vec::new()),
@@ -317,9 +376,29 @@ impl Pool {
         // Free permits exist only while nobody waits (released permits go to waiters first): FIFO holds.
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) => {
+                let fair = match &self.fair {
+                    None => None,
+                    Some(f) => {
+                        match f.try_acquire(&self.tenant, self.weight.load(Ordering::Relaxed)) {
+                            Some(p) => Some(p),
+                            None => {
+                                // The cluster is saturated: wait for this tenant's fair share.
+                                return CheckoutFuture::Wait(Box::pin(self.checkout_fair(
+                                    startup,
+                                    shared,
+                                    permit,
+                                    pass,
+                                    Instant::now(),
+                                )));
+                            }
+                        }
+                    }
+                };
+                self.waits.record(Duration::ZERO);
                 let slot = Slot {
                     _permit: permit,
                     _pass: pass,
+                    _fair: fair,
                 };
                 match self.take_quiet(startup, shared) {
                     Some(conn) => CheckoutFuture::Ready(Some(self.guard(conn, slot))),
@@ -378,9 +457,42 @@ impl Pool {
         };
         self.max_wait_us
             .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+        self.checkout_fair(startup, shared, permit, pass, started)
+            .await
+    }
+
+    /// The rest of a checkout that holds its pool slot: the cluster's fair share (when the cluster limits active
+    /// transactions), then an idle connection or a new one.
+    async fn checkout_fair(
+        self: &Arc<Self>,
+        startup: &StartupParams,
+        shared: bool,
+        permit: OwnedSemaphorePermit,
+        pass: GatePass,
+        started: Instant,
+    ) -> Result<Checkout, CheckoutError> {
+        let fair = match &self.fair {
+            None => None,
+            Some(f) => {
+                let left = self.cfg.checkout_timeout.saturating_sub(started.elapsed());
+                let waiting = Counted::new(&self.waiting);
+                let weight = self.weight.load(Ordering::Relaxed);
+                let got = tokio::time::timeout(left, f.acquire(&self.tenant, weight)).await;
+                drop(waiting);
+                match got {
+                    Ok(Some(p)) => Some(p),
+                    _ => return Err(CheckoutError::Timeout(self.cfg.checkout_timeout)),
+                }
+            }
+        };
+        let waited = started.elapsed();
+        self.waits.record(waited);
+        self.max_wait_us
+            .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
         let slot = Slot {
             _permit: permit,
             _pass: pass,
+            _fair: fair,
         };
         if let Some(conn) = self.take_quiet(startup, shared) {
             return Ok(self.guard(conn, slot));
@@ -483,6 +595,9 @@ impl Pool {
             clients_active: clients.saturating_sub(waiting),
             clients_waiting: waiting,
             max_wait_us: self.max_wait_us.load(Ordering::Relaxed),
+            checkouts: self.waits.count(),
+            wait_p50_us: self.waits.quantile_us(0.5),
+            wait_p99_us: self.waits.quantile_us(0.99),
             server_pinned: self.pinned.load(Ordering::Relaxed),
         }
     }
@@ -666,6 +781,7 @@ pub struct Checkout {
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
     _pass: GatePass,
+    _fair: Option<FairPermit>,
 }
 
 impl Checkout {
@@ -773,6 +889,8 @@ pub struct Pools {
     usage: DashMap<String, Arc<Usage>>,
     /// Traffic gates by (cluster, database).
     gates: DashMap<(String, String), Arc<Gate>>,
+    /// Fair shares of active transactions by cluster (for clusters that limit them).
+    fair: DashMap<String, Arc<FairShare>>,
     /// Pools replaced by newer ones (a password or plan change) while clients still used them: a pause must
     /// close their idle connections too.
     retired: Mutex<Vec<Weak<Pool>>>,
@@ -792,6 +910,7 @@ impl Pools {
             map: DashMap::new(),
             usage: DashMap::new(),
             gates: DashMap::new(),
+            fair: DashMap::new(),
             retired: Mutex::new(Vec::new()),
             metrics: PoolMetrics {
                 checkout_wait,
@@ -800,12 +919,14 @@ impl Pools {
         }
     }
 
-    /// The pool for `target`, created with `cfg` on first use (by a client of `tenant`).
+    /// The pool for `target`, created with `cfg` on first use (by a client of `tenant`, whose plan has `weight` in
+    /// its cluster's fair share).
     pub fn get(
         &self,
         tenant: &str,
         target: &BackendTarget,
         cfg: PoolConfig,
+        weight: u32,
     ) -> anyhow::Result<Arc<Pool>> {
         let key = PoolKey {
             cluster: target.cluster.name.clone(),
@@ -817,13 +938,14 @@ impl Pools {
         let usage = || self.usage.entry(tenant.to_owned()).or_default().clone();
         match self.map.entry(key) {
             Entry::Occupied(e) if e.get().target == *target && e.get().cfg == cfg => {
+                e.get().weight.store(weight, Ordering::Relaxed);
                 Ok(e.get().clone())
             }
             // The tenant's backend or limits changed (a new password, another plan): new connections use a new
             // pool; clients of the old one keep it until they leave, and its idle connections are closed when the
             // last of them does.
             Entry::Occupied(mut e) => {
-                let pool = self.new_pool(e.key(), tenant, target, cfg, usage())?;
+                let pool = self.new_pool(e.key(), tenant, target, cfg, usage(), weight)?;
                 let old = e.insert(pool.clone());
                 let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
                 retired.retain(|w| w.strong_count() > 0);
@@ -831,7 +953,7 @@ impl Pools {
                 Ok(pool)
             }
             Entry::Vacant(e) => {
-                let pool = self.new_pool(e.key(), tenant, target, cfg, usage())?;
+                let pool = self.new_pool(e.key(), tenant, target, cfg, usage(), weight)?;
                 e.insert(pool.clone());
                 Ok(pool)
             }
@@ -855,6 +977,7 @@ impl Pools {
         target: &BackendTarget,
         cfg: PoolConfig,
         usage: Arc<Usage>,
+        weight: u32,
     ) -> anyhow::Result<Arc<Pool>> {
         Pool::new(
             key.clone(),
@@ -864,7 +987,24 @@ impl Pools {
             self.metrics.clone(),
             usage,
             self.gate(&key.cluster, &key.database),
+            self.fair_share(&target.cluster),
+            weight,
         )
+    }
+
+    /// The fair share of a cluster that limits its active transactions (a new share when the limit changed).
+    fn fair_share(&self, cluster: &crate::tenant::Cluster) -> Option<Arc<FairShare>> {
+        if cluster.max_active_transactions == 0 {
+            return None;
+        }
+        let mut e = self
+            .fair
+            .entry(cluster.name.clone())
+            .or_insert_with(|| FairShare::new(cluster.max_active_transactions));
+        if e.capacity() != cluster.max_active_transactions {
+            *e = FairShare::new(cluster.max_active_transactions);
+        }
+        Some(e.clone())
     }
 
     /// The traffic gate of a backend database.

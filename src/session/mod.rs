@@ -571,7 +571,12 @@ async fn session_mode(
         return false;
     }
     let mut out = BytesMut::with_capacity(512);
-    let pool = match proxy.pools.get(&s.tenant, &s.target, s.pool_cfg) {
+    let pool = match proxy.pools.get(
+        &s.tenant,
+        &s.target,
+        s.pool_cfg,
+        s.slot.tenant().with_plan(|p| p.weight),
+    ) {
         Ok(p) => p.attach(),
         Err(e) => {
             warn!(tenant = %s.tenant, error = %e, "could not set up the pool");

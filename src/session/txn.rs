@@ -180,7 +180,12 @@ async fn attach(
             return None;
         }
     };
-    let pool = match proxy.pools.get(&s.tenant, &s.target, s.pool_cfg) {
+    let pool = match proxy.pools.get(
+        &s.tenant,
+        &s.target,
+        s.pool_cfg,
+        s.slot.tenant().with_plan(|p| p.weight),
+    ) {
         Ok(p) => p.attach(),
         Err(e) => {
             warn!(tenant = %s.tenant, error = %e, "could not set up the pool");

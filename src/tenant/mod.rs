@@ -18,6 +18,8 @@ pub struct Cluster {
     pub port: u16,
     pub tls: BackendTls,
     pub ca_file: Option<PathBuf>,
+    /// Transactions its tenants may run at once (0: no limit); when saturated, shared by plan weight.
+    pub max_active_transactions: usize,
 }
 
 /// A client login of a tenant.
@@ -205,6 +207,7 @@ impl StaticDirectory {
                         port: c.port,
                         tls: c.tls,
                         ca_file: c.ca_file.clone(),
+                        max_active_transactions: c.max_active_transactions.unwrap_or(0),
                     }),
                 )
             })

@@ -596,3 +596,86 @@ fn a_tenant_over_its_storage_quota_is_read_only() {
         assert!(writable, "under the new quota the tenant is writable again");
     });
 }
+
+/// Fairness under overload: a cluster that runs at most 4 transactions at once, one tenant flooding it with 200
+/// pgbench clients, another running 4 clients. Weighted fair queueing of checkouts keeps the small tenant's p99
+/// checkout wait low while the big one queues.
+#[test]
+fn a_flooding_tenant_does_not_starve_a_small_one() {
+    let alice = user_toml("alice", ALICE_PASSWORD, false);
+    let tenant = |id: &str, db: &str, pool: usize| {
+        format!(
+            r#"
+[[tenants]]
+id = "{id}"
+database = "app"
+cluster = "shared"
+backend_database = "{db}"
+backend_user = "acme_owner"
+backend_password = "{OWNER_PASSWORD}"
+pool_mode = "transaction"
+pool = {{ max_size = {pool}, checkout_timeout = "60s" }}
+{alice}"#
+        )
+    };
+    let env = Env::with(Setup {
+        extra_config: format!(
+            "{}{}\n[clusters.shared]\nhost = \"127.0.0.1\"\nport = $PORT\nmax_active_transactions = 4\n",
+            tenant("big", "acme_main", 100),
+            tenant("small", "beta_main", 4)
+        ),
+        ..Setup::default()
+    });
+    let big = url(&env, "big");
+    pgbench_init(&big, 1);
+    let run = pgbench_spawn(&["-n", "-S", "-c", "200", "-j", "2", "-T", "8"], &big);
+    std::thread::sleep(Duration::from_secs(2));
+    let rt = runtime();
+    let small_queries = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let c = env.connect(&url(&env, "small")).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let until = Instant::now() + Duration::from_secs(4);
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    c.query_one("SELECT 1", &[]).await.unwrap();
+                    n += 1;
+                }
+                n
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        total
+    });
+    let stats = env.proxy.pools.stats();
+    let pool = |tenant: &str| {
+        stats
+            .iter()
+            .find(|p| p.tenant == tenant)
+            .cloned()
+            .unwrap_or_else(|| panic!("a pool of {tenant}"))
+    };
+    let (b, s) = (pool("big"), pool("small"));
+    let processed = pgbench_no_failures(run);
+    eprintln!(
+        "fairness: big {processed} transactions, {} checkouts, wait p50 {} µs p99 {} µs; \
+         small {small_queries} queries, {} checkouts, wait p50 {} µs p99 {} µs",
+        b.checkouts, b.wait_p50_us, b.wait_p99_us, s.checkouts, s.wait_p50_us, s.wait_p99_us
+    );
+    assert!(small_queries > 100, "the small tenant made progress");
+    // The cluster really was saturated: the big tenant queued.
+    assert!(b.wait_p99_us >= 4096, "big tenant waited: {b:?}");
+    // Bound chosen for a loaded 2-core machine: the bucket up to 32.8 ms.
+    assert!(
+        s.wait_p99_us <= 32_768,
+        "small tenant's p99 checkout wait: {s:?}"
+    );
+    assert!(
+        s.wait_p99_us * 4 <= b.wait_p99_us,
+        "small {s:?} vs big {b:?}"
+    );
+}
