@@ -294,6 +294,14 @@ impl<'a> Rewriter<'a> {
         }
     }
 
+    /// The statement text of the client's named statement that a Bind body names (for statistics).
+    pub fn bound_text(&self, bind_body: &[u8]) -> Option<&[u8]> {
+        let (_portal, rest) = crate::wire::msg::cstr(bind_body)?;
+        let (name, _) = crate::wire::msg::cstr(rest)?;
+        let st = self.client.by_name.get(name)?;
+        crate::wire::msg::cstr(&st.body).map(|(sql, _)| sql)
+    }
+
     /// A whole client message with tag P, B, D or C, to be followed by the ReadyForQuery number `seq`. Returns
     /// true when it was rewritten into `out` (the original is not to be forwarded), false to forward it as is.
     pub fn client_message(&mut self, tag: u8, frame: &[u8], seq: u64, out: &mut BytesMut) -> bool {

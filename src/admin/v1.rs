@@ -107,7 +107,7 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("get", "/v1/operations/{op}", "A long operation: status running|succeeded|failed, error, result (pause_ms, copy_ms, strategy, …) (read)."),
     ("get", "/v1/tenants/{id}/pools", "This instance's pools of the tenant, in the terms of PgBouncer's SHOW POOLS (read)."),
     ("post", "/v1/tenants/{id}/read-only", "Switch a tenant's read-only mode: {\"read_only\": true|false}; writes and DDL get 25006, reads keep working; every instance follows within seconds (admin)."),
-    ("get", "/v1/tenants/{id}/policy", "The tenant's policy on this instance: plan spec, read-only state and why, sampled storage, this month's queries, client connections, refusals by rule and the latest ones with statement fingerprints (read)."),
+    ("get", "/v1/tenants/{id}/policy", "The tenant's policy on this instance: plan spec, read-only state and why, sampled storage, this month's queries, client connections, refusals by rule and the latest ones with statement fingerprints, and the top 20 statements by total time (calls, total/mean ms, rows) (read)."),
     ("get", "/v1/plans", "Plans: name, max_connections (backend role limit), pool_size, max_branches, spec (the data plane's limits and SQL policy) (read)."),
     ("get", "/v1/plans/{name}", "One plan (read)."),
     ("put", "/v1/plans/{name}", "Create or change a plan: {\"max_connections\"?, \"pool_size\"?, \"max_branches\"?, \"spec\"?}; running sessions follow a new spec within seconds (admin)."),
@@ -1766,6 +1766,20 @@ async fn tenant_policy(
         "client_connections": state.as_ref().map(|s| s.connections()),
         "refusals": refusals.by_rule,
         "recent_refusals": recent,
+        "top_statements": state.as_ref().map(|s| {
+            s.top_statements(20)
+                .into_iter()
+                .map(|(fp, st)| {
+                    json!({
+                        "statement": &*fp,
+                        "calls": st.calls,
+                        "total_ms": st.total_us as f64 / 1000.0,
+                        "mean_ms": st.total_us as f64 / 1000.0 / st.calls.max(1) as f64,
+                        "rows": st.rows,
+                    })
+                })
+                .collect::<Vec<_>>()
+        }),
     }))
     .into_response()
 }

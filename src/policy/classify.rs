@@ -75,12 +75,14 @@ pub enum Finding {
 }
 
 /// The verdict material of one Query or Parse text.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Facts {
     /// Union of the statements' [`class`] bits.
     pub classes: u16,
     pub statements: u32,
     pub findings: Box<[Finding]>,
+    /// The text with literals removed (what statistics and logs show).
+    pub fingerprint: std::sync::Arc<str>,
 }
 
 impl Facts {
@@ -90,12 +92,14 @@ impl Facts {
             classes: UNCLASSIFIED,
             statements: 1,
             findings: Box::new([]),
+            fingerprint: "(not UTF-8)".into(),
         }
     }
 
     /// Bytes this value holds (for the cache's weigher).
     pub fn weight(&self) -> usize {
         std::mem::size_of::<Facts>()
+            + self.fingerprint.len()
             + self
                 .findings
                 .iter()
@@ -118,6 +122,9 @@ impl Facts {
 /// The classes of a statement that cannot be parsed.
 pub const UNCLASSIFIED: u16 = class::UNPARSED | class::WRITE | class::DDL | class::SESSION;
 
+/// Longest fingerprint kept (bytes).
+const FINGERPRINT_MAX: usize = 500;
+
 /// How deep `sqlparser` may recurse: its default (50) rejects legitimate nested ORM queries.
 const RECURSION_LIMIT: usize = 300;
 
@@ -134,6 +141,7 @@ pub fn analyze(sql: &str) -> Facts {
         classes,
         statements: statements.len() as u32,
         findings: findings.into_boxed_slice(),
+        fingerprint: sqlscan::fingerprint(sql, FINGERPRINT_MAX).into(),
     }
 }
 

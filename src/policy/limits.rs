@@ -28,7 +28,22 @@ pub struct TenantState {
     month: AtomicU32,
     /// Refusals by rule, and the latest few (for the admin API).
     refusals: Mutex<RefusalLog>,
+    /// Per-statement statistics by fingerprint.
+    statements: Mutex<std::collections::HashMap<Arc<str>, StatementStats>>,
 }
+
+/// Calls, time and rows of one statement fingerprint (like pg_stat_statements, across the proxy).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct StatementStats {
+    pub calls: u64,
+    /// From the request reaching the server to its ReadyForQuery, in µs.
+    pub total_us: u64,
+    pub rows: u64,
+}
+
+/// Fingerprints kept per tenant; others are counted under [`OTHER_STATEMENTS`].
+const MAX_STATEMENTS: usize = 1000;
+const OTHER_STATEMENTS: &str = "(other statements)";
 
 /// What the admin API shows of a tenant's refusals.
 #[derive(Default, Clone, serde::Serialize)]
@@ -72,7 +87,32 @@ impl TenantState {
             month_local: AtomicU64::new(0),
             month: AtomicU32::new(0),
             refusals: Mutex::new(RefusalLog::default()),
+            statements: Mutex::new(Default::default()),
         }
+    }
+
+    /// Records one executed request of a statement fingerprint.
+    pub fn record_statement(&self, fingerprint: &Arc<str>, micros: u64, rows: u64) {
+        let mut m = self.statements.lock().unwrap_or_else(|p| p.into_inner());
+        let key = if m.contains_key(fingerprint) || m.len() < MAX_STATEMENTS {
+            fingerprint.clone()
+        } else {
+            Arc::from(OTHER_STATEMENTS)
+        };
+        let e = m.entry(key).or_default();
+        e.calls += 1;
+        e.total_us += micros;
+        e.rows += rows;
+    }
+
+    /// The `n` statements with the most total time.
+    pub fn top_statements(&self, n: usize) -> Vec<(Arc<str>, StatementStats)> {
+        let m = self.statements.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(Arc<str>, StatementStats)> =
+            m.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        v.sort_by(|a, b| b.1.total_us.cmp(&a.1.total_us));
+        v.truncate(n);
+        v
     }
 
     /// Why the tenant is read-only now, if it is: its plan, an operator, or its storage quota.

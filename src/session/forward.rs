@@ -8,7 +8,7 @@
 //! effect on session state (`crate::sqlscan`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -205,6 +205,10 @@ struct Shared<'a> {
     /// request, the error the client gets instead of the stand-in's).
     refusals: Mutex<std::collections::VecDeque<(u64, bytes::Bytes)>>,
     refusals_pending: AtomicBool,
+    /// Statement statistics: (request number, statement facts, µs since `started` when it went to the server).
+    stmt_pending: Mutex<std::collections::VecDeque<(u64, Arc<crate::policy::Facts>, u64)>>,
+    /// Rows reported by CommandComplete since the last ReadyForQuery.
+    rows: AtomicU64,
 }
 
 /// The text of the stand-in for a refused statement: not SQL, so the server answers it with a syntax error at
@@ -258,6 +262,13 @@ impl<'r> Shared<'r> {
             .unwrap_or_else(|p| p.into_inner())
             .extend(found);
         None
+    }
+
+    fn lock_stmts(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, Arc<crate::policy::Facts>, u64)>>
+    {
+        self.stmt_pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn rewriter(&self) -> Option<std::sync::MutexGuard<'_, Rewriter<'r>>> {
@@ -322,6 +333,8 @@ pub async fn run(
         bytes_out: AtomicU64::new(0),
         refusals: Mutex::new(Default::default()),
         refusals_pending: AtomicBool::new(false),
+        stmt_pending: Mutex::new(Default::default()),
+        rows: AtomicU64::new(0),
     };
     let mut c_scan = Scanner::new(max_message);
     let mut s_scan = Scanner::new(max_message);
@@ -457,6 +470,10 @@ where
     // Query rate: a request over the rate waits here (`rate_wait`) and then goes on (`rate_granted`) or is refused.
     let mut rate_granted = false;
     let mut rate_refused = false;
+    // The statement of the extended-protocol batch being sent (its Parse, or the named statement its Bind uses).
+    let mut batch_stmt: Option<Arc<crate::policy::Facts>> = None;
+    // The batch has an Execute (only executed statements count in the statistics).
+    let mut batch_exec = false;
     loop {
         let mut replaced = false;
         let mut wait = false;
@@ -511,14 +528,38 @@ where
                             }
                         }
                     }
+                    let mut facts = None;
                     if refusal.is_none() {
-                        refusal = check_policy(p, tag, f);
+                        (refusal, facts) = check_policy(p, tag, f);
                     }
                     if let Some(r) = refusal {
                         refuse(shared, p, &r, tag, seq, &mut rewritten);
                         replaced = true;
                         return Ok(Verdict::Stop);
                     }
+                    match (tag, facts) {
+                        (b'Q', Some(facts)) => {
+                            shared.lock_stmts().push_back((seq, facts, shared.now_us()))
+                        }
+                        (b'P', facts @ Some(_)) => batch_stmt = facts,
+                        _ => {}
+                    }
+                }
+                if let (Some(p), Some(rw), Some(f), b'B') = (policy, &rw, frame, tag) {
+                    if let Some(text) = rw.bound_text(body(f)) {
+                        batch_stmt = Some(p.classifier.facts(text));
+                    }
+                }
+                match tag {
+                    b'E' => batch_exec = true,
+                    b'S' => {
+                        if let (Some(facts), true) =
+                            (batch_stmt.take(), std::mem::take(&mut batch_exec))
+                        {
+                            shared.lock_stmts().push_back((seq, facts, shared.now_us()));
+                        }
+                    }
+                    _ => {}
                 }
                 match tag {
                     b'X' => return Ok(Verdict::Stop),
@@ -662,6 +703,15 @@ where
     }
 }
 
+/// The row count of a CommandComplete tag (`SELECT 5`, `INSERT 0 5`, `UPDATE 3`, …); 0 for tags without one.
+fn command_rows(f: &[u8]) -> u64 {
+    cstr(body(f))
+        .and_then(|(tag, _)| tag.rsplit(|b| *b == b' ').next())
+        .and_then(|n| std::str::from_utf8(n).ok())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A ParameterStatus saying `standard_conforming_strings` is off: the lexers of the policy assume it is on.
 fn conforming_strings_off(f: &[u8]) -> bool {
     match cstr(body(f)) {
@@ -673,7 +723,14 @@ fn conforming_strings_off(f: &[u8]) -> bool {
 }
 
 /// The policy's verdict on a Query, Parse or FunctionCall (Execute has none: its statement was checked at Parse).
-fn check_policy(p: Policy<'_>, tag: u8, f: &[u8]) -> Option<crate::policy::Refusal> {
+fn check_policy(
+    p: Policy<'_>,
+    tag: u8,
+    f: &[u8],
+) -> (
+    Option<crate::policy::Refusal>,
+    Option<Arc<crate::policy::Facts>>,
+) {
     let sql = match tag {
         b'Q' => {
             let b = body(f);
@@ -681,19 +738,20 @@ fn check_policy(p: Policy<'_>, tag: u8, f: &[u8]) -> Option<crate::policy::Refus
         }
         b'P' => match cstr(body(f)).and_then(|(_, rest)| cstr(rest)) {
             Some((sql, _)) => sql,
-            None => return None,
+            None => return (None, None),
         },
         b'F' => {
             let allowed = p.state.with_plan(|plan| plan.policy.function_call);
-            return (!allowed).then(|| crate::policy::Refusal {
+            let refusal = (!allowed).then(|| crate::policy::Refusal {
                 rule: "function-call",
                 code: crate::wire::error::sqlstate::INSUFFICIENT_PRIVILEGE,
                 message: "pgweir: the fast-path function call protocol is not allowed (rule \"function-call\")"
                     .into(),
                 hint: Some("call the function in a SELECT".into()),
             });
+            return (refusal, None);
         }
-        _ => return None,
+        _ => return (None, None),
     };
     let facts = p.classifier.facts(sql);
     let ctx = crate::policy::Context {
@@ -714,7 +772,7 @@ fn check_policy(p: Policy<'_>, tag: u8, f: &[u8]) -> Option<crate::policy::Refus
         tracing::info!(tenant = %p.tenant, rule = r.rule, %fingerprint, "statement refused by policy");
         p.state.refused(r.rule, fingerprint);
     }
-    verdict
+    (verdict, Some(facts))
 }
 
 /// The refusal of a request over the tenant's monthly query quota.
@@ -925,6 +983,8 @@ where
 {
     let rewrite = shared.rewriter.is_some();
     let timeouts = shared.limits.query_timeout.is_some();
+    // Statement statistics (with a policy): rows from CommandComplete, time to ReadyForQuery.
+    let stats = shared.limits.policy.is_some();
     // Server messages with edits (a dropped or changed reply), and the bytes around them, are assembled here.
     let mut out = BytesMut::new();
     loop {
@@ -941,6 +1001,7 @@ where
                     || (rewrite && matches!(tag, b'1' | b'3' | b'C'))
                     || ((timeouts || shared.refusals_pending.load(Ordering::Relaxed))
                         && tag == b'E')
+                    || (stats && tag == b'C')
             },
             |tag, frame| -> Result<Verdict, FrameError> {
                 shared.last_server_tag.store(tag, Ordering::Relaxed);
@@ -976,9 +1037,14 @@ where
                         reword = true;
                         return Ok(Verdict::Stop);
                     }
-                    (b'C', Some(f)) if rewrite && prepared::deallocates_all(f) => {
-                        if let Some(mut rw) = shared.rewriter() {
-                            rw.all_deallocated();
+                    (b'C', Some(f)) => {
+                        if stats {
+                            shared.rows.fetch_add(command_rows(f), Ordering::Relaxed);
+                        }
+                        if rewrite && prepared::deallocates_all(f) {
+                            if let Some(mut rw) = shared.rewriter() {
+                                rw.all_deallocated();
+                            }
                         }
                     }
                     (b'Z', Some(f)) => {
@@ -1000,6 +1066,23 @@ where
                         let status = f.get(5).copied().unwrap_or(b'I');
                         shared.tx_status.store(status, Ordering::Relaxed);
                         let now_us = shared.now_us();
+                        if let Some(p) = shared.limits.policy {
+                            let rows = shared.rows.swap(0, Ordering::Relaxed);
+                            let mut q = shared.lock_stmts();
+                            while q.front().is_some_and(|(seq, _, _)| *seq < ready) {
+                                q.pop_front();
+                            }
+                            if q.front().is_some_and(|(seq, _, _)| *seq == ready) {
+                                if let Some((_, facts, start)) = q.pop_front() {
+                                    drop(q);
+                                    p.state.record_statement(
+                                        &facts.fingerprint,
+                                        now_us.saturating_sub(start),
+                                        rows,
+                                    );
+                                }
+                            }
+                        }
                         let since = shared.busy_since_us.load(Ordering::Relaxed);
                         if let (Some(h), true) = (shared.limits.query_seconds, since != 0) {
                             h.record(now_us.saturating_sub(since) as f64 / 1e6);

@@ -463,6 +463,19 @@ fn catalog_plans_are_edited_through_the_api_and_followed_by_running_sessions() {
         assert!(view["refusals"]["statement-class"].as_u64().unwrap_or(0) >= 1, "{view}");
         let recent = view["recent_refusals"].to_string();
         assert!(recent.contains("create temp table x"), "fingerprints are shown: {view}");
+        // Top statements: the prepared statement executed above, counted once per execution, with its rows.
+        let top = view["top_statements"].as_array().expect("top statements");
+        let sum = top
+            .iter()
+            .find(|t| t["statement"].as_str().unwrap_or("").starts_with("select ? + ?"))
+            .unwrap_or_else(|| panic!("the prepared statement is listed: {view}"));
+        assert_eq!(sum["calls"], 1, "{sum}");
+        assert_eq!(sum["rows"], 1, "{sum}");
+        let selects = top
+            .iter()
+            .find(|t| t["statement"] == "select ?")
+            .unwrap_or_else(|| panic!("SELECT 1 is listed: {view}"));
+        assert!(selects["calls"].as_u64().unwrap() >= 1, "{selects}");
         let (s, _) = call(
             env.admin,
             "POST",
@@ -678,4 +691,71 @@ pool = {{ max_size = {pool}, checkout_timeout = "60s" }}
         s.wait_p99_us * 4 <= b.wait_p99_us,
         "small {s:?} vs big {b:?}"
     );
+}
+
+/// The first wall, with the proxy out of the way: connected straight to Postgres as a tenant's own backend role,
+/// the dangerous things the policy refuses also fail on the server (privileges), and another tenant's database
+/// is closed to it.
+#[test]
+fn the_tenant_role_itself_cannot_do_what_the_policy_refuses() {
+    use crate::control::{add_tokens, call, register_cluster, ADMIN};
+    let env = Env::with(Setup {
+        catalog: true,
+        ..Setup::default()
+    });
+    runtime().block_on(async {
+        add_tokens(&env).await;
+        register_cluster(&env, "local", env.cluster.port()).await;
+        for id in ["one", "two"] {
+            let (s, body) = call(env.admin, "PUT", &format!("/v1/tenants/{id}"), Some(ADMIN), Some("{}")).await;
+            assert_eq!(s, 201, "{body}");
+        }
+        let tenant = |id: &str| {
+            let t = env.proxy.directory.get(id).expect("the tenant is known");
+            (
+                t.backend_user.clone().unwrap(),
+                t.backend_password.clone().unwrap(),
+                t.backend_database.clone().unwrap(),
+            )
+        };
+        let (user, password, db) = tenant("one");
+        let (_, _, other_db) = tenant("two");
+        let direct = |db: &str| {
+            format!(
+                "host=127.0.0.1 port={} user={user} password={password} dbname={db} sslmode=disable",
+                env.cluster.port()
+            )
+        };
+        let c = env.connect(&direct(&db)).await.expect("the tenant role logs in to its database");
+        for sql in [
+            "ALTER SYSTEM SET work_mem = '1GB'",
+            "COPY (SELECT 1) TO PROGRAM 'true'",
+            "COPY (SELECT 1) TO '/tmp/pgweir-direct'",
+            "SELECT pg_read_file('/etc/passwd')",
+            "SELECT pg_ls_dir('.')",
+            "LOAD 'auto_explain'",
+            "SET ROLE postgres",
+            "SET SESSION AUTHORIZATION postgres",
+            "ALTER ROLE postgres PASSWORD 'x'",
+            "CREATE ROLE intruder",
+            "CREATE DATABASE another",
+            "SELECT lo_import('/etc/passwd')",
+        ] {
+            let e = c.batch_execute(sql).await.expect_err(sql);
+            assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}: {}", message(&e));
+        }
+        // A superuser's backend (pgweir's own catalog connections) cannot be signalled. (Other roles' backend
+        // types are hidden; only client backends have a user.)
+        let e = c
+            .batch_execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE usesysid = 10",
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{}", message(&e));
+        // Another tenant's database is closed to it.
+        let e = env.connect(&direct(&other_db)).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e}");
+    });
 }
