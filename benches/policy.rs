@@ -61,6 +61,17 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // Simple-protocol traffic: the same query with a new literal each time (pgbench -S without -M).
+    let cache = Classifier::default();
+    let mut n = 0u64;
+    g.bench_function("short_select/literal_variants", |b| {
+        b.iter(|| {
+            n += 1;
+            let sql = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {n};");
+            let facts = cache.facts(black_box(sql.as_bytes()));
+            black_box(policy.check(&facts, &ctx))
+        })
+    });
     g.finish();
 }
 

@@ -83,6 +83,10 @@ pub struct Facts {
     pub findings: Box<[Finding]>,
     /// The text with literals removed (what statistics and logs show).
     pub fingerprint: std::sync::Arc<str>,
+    /// The verdict material is the same for every text with this fingerprint: no setting, role, file or body
+    /// whose literal content matters, nothing unparsed. Such facts are cached by fingerprint, so a query repeated
+    /// with other literal values is not parsed again.
+    pub literal_independent: bool,
 }
 
 impl Facts {
@@ -93,6 +97,7 @@ impl Facts {
             statements: 1,
             findings: Box::new([]),
             fingerprint: "(not UTF-8)".into(),
+            literal_independent: false,
         }
     }
 
@@ -132,21 +137,28 @@ const RECURSION_LIMIT: usize = 300;
 pub fn analyze(sql: &str) -> Facts {
     let mut classes = 0;
     let mut findings = Vec::new();
+    let mut bodies = false;
     let statements = sqlscan::statements(sql);
     for stmt in &statements {
-        classes |= statement(stmt, &mut findings);
+        classes |= statement(stmt, &mut findings, &mut bodies);
     }
     findings.dedup();
+    let literal_independent = !bodies
+        && classes & (class::SESSION | class::UNPARSED) == 0
+        && findings
+            .iter()
+            .all(|f| matches!(f, Finding::Function(_) | Finding::OtherDatabase(_)));
     Facts {
         classes,
         statements: statements.len() as u32,
         findings: findings.into_boxed_slice(),
         fingerprint: sqlscan::fingerprint(sql, FINGERPRINT_MAX).into(),
+        literal_independent,
     }
 }
 
 /// Classes and findings of one statement.
-fn statement(stmt: &str, out: &mut Vec<Finding>) -> u16 {
+fn statement(stmt: &str, out: &mut Vec<Finding>, bodies: &mut bool) -> u16 {
     let words = sqlscan::leading_words(stmt, 4);
     let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
     let mut classes = lexical_class(&words, stmt);
@@ -171,6 +183,7 @@ fn statement(stmt: &str, out: &mut Vec<Finding>) -> u16 {
     };
     found_functions(stmt, out, &mut classes);
     if body_functions {
+        *bodies = true;
         sqlscan::string_bodies(stmt, |body| found_functions(body, out, &mut classes));
     }
     set_config_calls(stmt, out);

@@ -27,12 +27,18 @@ use crate::wire::error::sqlstate;
 
 /// Bytes of statement text and verdicts the classification cache may hold.
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
+/// Slots of the seen-once table (8 bytes each).
+const SEEN_SLOTS: usize = 16 * 1024;
 /// Longer texts are classified every time rather than cached (they are rarely repeated verbatim).
 const CACHE_MAX_TEXT: usize = 64 * 1024;
 
 /// The statement cache: text → [`Facts`], shared by all tenants (facts do not depend on the tenant).
 pub struct Classifier {
     cache: moka::sync::Cache<Box<[u8]>, Arc<Facts>>,
+    /// Hashes of texts with literals seen once (their facts were found by fingerprint), direct-mapped: seen again,
+    /// the text is cached as it is. A collision only affects what is cached, never a verdict.
+    seen: Box<[std::sync::atomic::AtomicU64]>,
+    hasher: std::collections::hash_map::RandomState,
     pub hits: metrics::Counter,
     pub misses: metrics::Counter,
 }
@@ -52,23 +58,60 @@ impl Classifier {
                     (k.len() + v.weight() + 64).try_into().unwrap_or(u32::MAX)
                 })
                 .build(),
+            seen: (0..SEEN_SLOTS).map(|_| Default::default()).collect(),
+            hasher: Default::default(),
             hits,
             misses,
         }
     }
 
     /// The facts of a Query or Parse text (without its terminating NUL).
+    ///
+    /// Two keys: the exact text (for facts that depend on literal values, such as a `SET`), and the text's
+    /// fingerprint (literals removed, PostgreSQL-exact tokens) behind a NUL byte, which no client text contains,
+    /// for facts that do not ([`Facts::literal_independent`]): a query repeated with other literal values is
+    /// lexed again but not parsed again.
     pub fn facts(&self, sql: &[u8]) -> Arc<Facts> {
         if let Some(f) = self.cache.get(sql) {
             self.hits.increment(1);
             return f;
         }
-        self.misses.increment(1);
-        let facts = Arc::new(match std::str::from_utf8(sql) {
-            Ok(s) => classify::analyze(s),
-            Err(_) => Facts::not_utf8(),
-        });
-        if sql.len() <= CACHE_MAX_TEXT {
+        let Ok(text) = std::str::from_utf8(sql) else {
+            self.misses.increment(1);
+            return Arc::new(Facts::not_utf8());
+        };
+        let (fingerprint, literals) = crate::sqlscan::fingerprint_and_literals(text, usize::MAX);
+        let mut key = String::with_capacity(fingerprint.len() + 1);
+        key.push('\0');
+        key.push_str(&fingerprint);
+        let cached = self
+            .cache
+            .get(key.as_bytes())
+            .filter(|f| f.literal_independent);
+        let facts = match cached {
+            Some(f) => {
+                self.hits.increment(1);
+                f
+            }
+            None => {
+                self.misses.increment(1);
+                let facts = Arc::new(classify::analyze(text));
+                if facts.literal_independent && sql.len() <= CACHE_MAX_TEXT {
+                    self.cache.insert(key.into_bytes().into(), facts.clone());
+                }
+                facts
+            }
+        };
+        // The exact text too when its facts depend on its literals, when it has none (a driver's statement, sent
+        // verbatim again and again), or when it comes a second time (constant literals): not the one-off texts of
+        // queries built with their values, which would only crowd the cache.
+        let exact = !facts.literal_independent || !literals || {
+            use std::hash::BuildHasher;
+            let h = self.hasher.hash_one(sql) | 1;
+            let slot = &self.seen[(h as usize) % self.seen.len()];
+            slot.swap(h, std::sync::atomic::Ordering::Relaxed) == h
+        };
+        if exact && sql.len() <= CACHE_MAX_TEXT {
             self.cache.insert(sql.into(), facts.clone());
         }
         facts

@@ -182,3 +182,44 @@ fn the_cache_answers_repeats() {
         class::UNPARSED
     );
 }
+
+#[test]
+fn literal_variants_share_cached_facts_when_literals_do_not_matter() {
+    let c = Classifier::default();
+    let a = c.facts(b"SELECT abalance FROM pgbench_accounts WHERE aid = 17");
+    let b = c.facts(b"select abalance from pgbench_accounts where aid = 4242");
+    assert!(a.literal_independent);
+    assert!(Arc::ptr_eq(&a, &b), "the second is a cache hit");
+    // Settings depend on their literal: never shared.
+    let ok = c.facts(b"SET work_mem = '64MB'");
+    let big = c.facts(b"SET work_mem = '64GB'");
+    assert!(!ok.literal_independent);
+    assert!(!Arc::ptr_eq(&ok, &big));
+    let p = PolicyConfig {
+        max_work_mem_kb: Some(65536),
+        ..PolicyConfig::default()
+    };
+    let ctx = Context {
+        database: "d",
+        read_only: None,
+    };
+    assert!(p.check(&ok, &ctx).is_none());
+    assert!(p.check(&big, &ctx).is_some());
+    // Bodies and role names too.
+    for (x, y) in [
+        (
+            "DO $$BEGIN PERFORM 1; END$$",
+            "DO $$BEGIN PERFORM pg_read_file('x'); END$$",
+        ),
+        (
+            "SELECT set_config('app.x', 'v', false)",
+            "SELECT set_config('role', 'v', false)",
+        ),
+        ("COPY t FROM STDIN", "COPY t FROM '/etc/passwd'"),
+    ] {
+        let fx = c.facts(x.as_bytes());
+        let fy = c.facts(y.as_bytes());
+        assert!(!Arc::ptr_eq(&fx, &fy), "{x} / {y}");
+        assert_ne!(fx.findings, fy.findings, "{x} / {y}");
+    }
+}

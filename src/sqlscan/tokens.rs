@@ -134,18 +134,28 @@ pub fn string_bodies(sql: &str, mut f: impl FnMut(&str)) {
     }
 }
 
-/// The statement with every literal replaced by `?` (strings, numbers, parameters), words lower-cased, tokens
-/// separated by one space, at most `max` bytes: what logs and statistics may show of a client's SQL.
+/// The statement with every literal replaced by `?` (strings, numbers, parameters; a list of them in parentheses
+/// becomes one `?`), words lower-cased, tokens separated by one space, at most `max` bytes (then `…`): what logs
+/// and statistics may show of a client's SQL. Two statements with the same fingerprint (untruncated) differ only in
+/// literal values and spacing, comments and keyword case. One allocation.
 pub fn fingerprint(sql: &str, max: usize) -> String {
-    let mut out = String::new();
+    fingerprint_and_literals(sql, max).0
+}
+
+/// [`fingerprint`], and whether the statement has literals other than parameters (`$1`): a text without them is
+/// what drivers send again and again verbatim.
+pub fn fingerprint_and_literals(sql: &str, max: usize) -> (String, bool) {
+    let mut out = String::with_capacity(sql.len().min(max) + 4);
     let mut prev_placeholder = false;
+    let mut literals = false;
     for t in Lexer::new(sql) {
         let text = &sql[t.start..t.end];
-        let (piece, placeholder): (std::borrow::Cow<'_, str>, bool) = match t.kind {
-            Kind::Str(_) | Kind::Dollar | Kind::Number | Kind::Param => ("?".into(), true),
-            Kind::Ident => (text.to_ascii_lowercase().into(), false),
-            _ => (text.into(), false),
-        };
+        let placeholder = matches!(
+            t.kind,
+            Kind::Str(_) | Kind::Dollar | Kind::Number | Kind::Param
+        );
+        literals |= placeholder && t.kind != Kind::Param;
+        let piece = if placeholder { "?" } else { text };
         // `IN (1, 2, 3)` and `IN (4, 5)` share a fingerprint.
         if placeholder && prev_placeholder && out.ends_with("?,") {
             out.truncate(out.len() - 1);
@@ -159,14 +169,18 @@ pub fn fingerprint(sql: &str, max: usize) -> String {
         if space {
             out.push(' ');
         }
-        out.push_str(&piece);
+        if t.kind == Kind::Ident {
+            out.extend(piece.chars().map(|c| c.to_ascii_lowercase()));
+        } else {
+            out.push_str(piece);
+        }
         if placeholder {
             prev_placeholder = true;
         } else if piece != "," {
             prev_placeholder = false;
         }
     }
-    out
+    (out, literals)
 }
 
 #[cfg(test)]
