@@ -110,7 +110,7 @@ impl TenantState {
         let m = self.statements.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<(Arc<str>, StatementStats)> =
             m.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        v.sort_by(|a, b| b.1.total_us.cmp(&a.1.total_us));
+        v.sort_by_key(|(_, st)| std::cmp::Reverse(st.total_us));
         v.truncate(n);
         v
     }

@@ -25,6 +25,9 @@ pub use plan::{Plan, PolicyConfig, Unparsable};
 
 use crate::wire::error::sqlstate;
 
+/// A classification cache key: a statement's text, or NUL and its fingerprint.
+type Key = Box<[u8]>;
+
 /// Bytes of statement text and verdicts the classification cache may hold.
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// Slots of the seen-once table (8 bytes each).
@@ -34,7 +37,7 @@ const CACHE_MAX_TEXT: usize = 64 * 1024;
 
 /// The statement cache: text → [`Facts`], shared by all tenants (facts do not depend on the tenant).
 pub struct Classifier {
-    cache: moka::sync::Cache<Box<[u8]>, Arc<Facts>>,
+    cache: moka::sync::Cache<Key, Arc<Facts>>,
     /// Hashes of texts with literals seen once (their facts were found by fingerprint), direct-mapped: seen again,
     /// the text is cached as it is. A collision only affects what is cached, never a verdict.
     seen: Box<[std::sync::atomic::AtomicU64]>,
@@ -54,7 +57,7 @@ impl Classifier {
         Classifier {
             cache: moka::sync::Cache::builder()
                 .max_capacity(CACHE_BYTES)
-                .weigher(|k: &Box<[u8]>, v: &Arc<Facts>| {
+                .weigher(|k: &Key, v: &Arc<Facts>| {
                     (k.len() + v.weight() + 64).try_into().unwrap_or(u32::MAX)
                 })
                 .build(),

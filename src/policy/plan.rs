@@ -222,6 +222,9 @@ pub const DEFAULT_SETTINGS: &[&str] = &[
 pub struct Plan {
     /// Client connections per tenant (53300 beyond).
     pub max_connections: Option<u32>,
+    /// Transactions (server connections in use) per database of the tenant at once: its pools are no larger.
+    /// More wait for one to end (`checkout_timeout`, then 53300).
+    pub max_transactions: Option<u32>,
     /// Token bucket: sustained queries per second, and the burst above it.
     pub queries_per_second: Option<u32>,
     pub burst: Option<u32>,
@@ -248,6 +251,7 @@ impl Default for Plan {
     fn default() -> Self {
         Plan {
             max_connections: None,
+            max_transactions: None,
             queries_per_second: None,
             burst: None,
             rate_wait: Duration::from_secs(1),
@@ -268,6 +272,7 @@ impl Plan {
         let base = Plan::default();
         Some(match name {
             "free" => Plan {
+                max_transactions: Some(5),
                 max_connections: Some(20),
                 queries_per_second: Some(100),
                 burst: Some(200),
@@ -282,6 +287,7 @@ impl Plan {
                 ..base
             },
             "pro" => Plan {
+                max_transactions: Some(20),
                 weight: 2,
                 max_connections: Some(200),
                 queries_per_second: Some(2000),
@@ -294,6 +300,7 @@ impl Plan {
                 ..base
             },
             "team" => Plan {
+                max_transactions: Some(50),
                 weight: 4,
                 max_connections: Some(1000),
                 storage_bytes: Some(100 * GB),
@@ -304,6 +311,15 @@ impl Plan {
         })
     }
 
+    /// The pool settings of a tenant database under this plan: at most `max_transactions` server connections.
+    pub fn pool_config(&self, mut cfg: crate::config::PoolConfig) -> crate::config::PoolConfig {
+        if let Some(m) = self.max_transactions {
+            cfg.max_size = cfg.max_size.min(m.max(1) as usize);
+            cfg.min_size = cfg.min_size.min(cfg.max_size);
+        }
+        cfg
+    }
+
     /// Names of the built-in plans.
     pub const BUILTIN: [&'static str; 4] = ["free", "pro", "team", "enterprise"];
 
@@ -312,6 +328,9 @@ impl Plan {
         let mut out = self.policy.problems();
         if self.weight == 0 {
             out.push("weight: must be at least 1".into());
+        }
+        if self.max_transactions == Some(0) {
+            out.push("max_transactions: must be at least 1".into());
         }
         if self.queries_per_second == Some(0) {
             out.push("queries_per_second: must be at least 1".into());

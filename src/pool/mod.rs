@@ -255,18 +255,31 @@ impl WaitHistogram {
 const LOGIN_PARAMS_TTL: Duration = Duration::from_secs(60);
 const LOGIN_PARAMS_MAX: usize = 1024;
 
+/// What a new pool shares with others: histograms, the tenant's usage counters, the database's gate and the
+/// cluster's fair share (with the tenant's weight in it).
+struct Shared {
+    metrics: PoolMetrics,
+    usage: Arc<Usage>,
+    gate: Arc<Gate>,
+    fair: Option<Arc<FairShare>>,
+    weight: u32,
+}
+
 impl Pool {
     fn new(
         key: PoolKey,
         tenant: &str,
         target: BackendTarget,
         cfg: PoolConfig,
-        metrics: PoolMetrics,
-        usage: Arc<Usage>,
-        gate: Arc<Gate>,
-        fair: Option<Arc<FairShare>>,
-        weight: u32,
+        shared: Shared,
     ) -> anyhow::Result<Arc<Pool>> {
+        let Shared {
+            metrics,
+            usage,
+            gate,
+            fair,
+            weight,
+        } = shared;
         let tls = backend_client_config(target.cluster.tls, target.cluster.ca_file.as_deref())?;
         let pool = Arc::new(Pool {
             key,
@@ -984,11 +997,13 @@ impl Pools {
             tenant,
             target.clone(),
             cfg,
-            self.metrics.clone(),
-            usage,
-            self.gate(&key.cluster, &key.database),
-            self.fair_share(&target.cluster),
-            weight,
+            Shared {
+                metrics: self.metrics.clone(),
+                usage,
+                gate: self.gate(&key.cluster, &key.database),
+                fair: self.fair_share(&target.cluster),
+                weight,
+            },
         )
     }
 

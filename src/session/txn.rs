@@ -183,7 +183,7 @@ async fn attach(
     let pool = match proxy.pools.get(
         &s.tenant,
         &s.target,
-        s.pool_cfg,
+        s.slot.tenant().with_plan(|p| p.pool_config(s.pool_cfg)),
         s.slot.tenant().with_plan(|p| p.weight),
     ) {
         Ok(p) => p.attach(),

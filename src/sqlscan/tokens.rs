@@ -161,7 +161,7 @@ pub fn fingerprint_and_literals(sql: &str, max: usize) -> (String, bool) {
             out.truncate(out.len() - 1);
             continue;
         }
-        let space = !out.is_empty() && !(piece == "," || piece == ")" || out.ends_with('('));
+        let space = !(out.is_empty() || piece == "," || piece == ")" || out.ends_with('('));
         if out.len() + usize::from(space) + piece.len() > max {
             out.push('…');
             break;

@@ -42,6 +42,7 @@ rate_wait = "300ms"
 
 [plans.capped]
 max_connections = 2
+max_transactions = 1
 "#,
     );
     Env::with(Setup {
@@ -241,9 +242,19 @@ fn the_plan_caps_client_connections() {
     let rt = runtime();
     rt.block_on(async {
         let a = env.connect(&url(&env, "capped")).await.unwrap();
-        let _b = env.connect(&url(&env, "capped")).await.unwrap();
+        let b = env.connect(&url(&env, "capped")).await.unwrap();
         let e = env.connect(&url(&env, "capped")).await.unwrap_err();
         assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+        // One transaction at a time (max_transactions = 1): the second waits for the first to end.
+        a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        let second =
+            tokio::time::timeout(Duration::from_millis(500), b.simple_query("SELECT 2")).await;
+        assert!(
+            second.is_err(),
+            "the second transaction waits while the first is open"
+        );
+        a.batch_execute("COMMIT").await.unwrap();
+        b.simple_query("SELECT 3").await.expect("then it runs");
         // Other tenants are not affected; a slot comes back when a client leaves.
         env.connect(&url(&env, "acme")).await.unwrap();
         drop(a);
