@@ -26,6 +26,8 @@ pub struct TenantState {
     month_local: AtomicU64,
     /// The month (`YYYYMM`) `month_base` belongs to.
     month: AtomicU32,
+    /// A login asked the catalog for the month's total.
+    month_asked: AtomicBool,
     /// Refusals by rule, and the latest few (for the admin API).
     refusals: Mutex<RefusalLog>,
     /// Per-statement statistics by fingerprint.
@@ -86,6 +88,7 @@ impl TenantState {
             month_base: AtomicU64::new(0),
             month_local: AtomicU64::new(0),
             month: AtomicU32::new(0),
+            month_asked: AtomicBool::new(false),
             refusals: Mutex::new(RefusalLog::default()),
             statements: Mutex::new(Default::default()),
         }
@@ -170,9 +173,10 @@ impl TenantState {
         }
     }
 
-    /// The month's total has been read from the catalog at least once.
+    /// The month's total has been read from the catalog at least once, or a login is reading it now (or tried
+    /// and failed: then the next usage flush reads it; logins do not wait for the catalog again).
     pub fn month_known(&self) -> bool {
-        self.month.load(Ordering::Relaxed) != 0
+        self.month.load(Ordering::Relaxed) != 0 || self.month_asked.swap(true, Ordering::Relaxed)
     }
 
     /// Queries of the month so far, as this instance knows them.
@@ -201,9 +205,13 @@ impl TenantState {
     }
 
     fn set_plan(&self, plan: &Arc<Plan>) {
-        let mut cur = self.plan.write().unwrap_or_else(|p| p.into_inner());
-        if !Arc::ptr_eq(&cur, plan) && **cur != **plan {
-            *cur = plan.clone();
+        // Logins of a tenant call this: the write lock only when the plan really changed.
+        let same = {
+            let cur = self.plan.read().unwrap_or_else(|p| p.into_inner());
+            Arc::ptr_eq(&cur, plan) || **cur == **plan
+        };
+        if !same {
+            *self.plan.write().unwrap_or_else(|p| p.into_inner()) = plan.clone();
         }
     }
 

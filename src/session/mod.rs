@@ -242,7 +242,12 @@ async fn login(
     };
     // A monthly quota counts what every instance saw this month: read it before the first query here.
     if tenant.plan.monthly_queries.is_some() && !slot.tenant().month_known() {
-        proxy.refresh_month_quotas(Some(&tenant.id)).await;
+        // Bounded: a catalog that does not answer must not hold logins up (the next flush reads it then).
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            proxy.refresh_month_quotas(Some(&tenant.id)),
+        )
+        .await;
     }
     let target = match tenant.target(user, database, routed.endpoint.branch.as_deref()) {
         Ok(t) => t,
