@@ -134,8 +134,9 @@ pub struct ProxyConfig {
     /// locks, temp tables, WITH HOLD cursors, SQL PREPARE, SET ROLE, LOAD) does: "pin" (default) keeps the client
     /// on its server connection for the rest of its session; "refuse" fails the statement with 0A000.
     pub unmovable_session_state: UnmovableState,
-    /// SQL policy and plan limits (classification, isolation rules, read-only mode, query rate). Off only for
-    /// measuring what they cost.
+    /// Statement checks of the SQL policy and the per-statement limits (classification, isolation rules,
+    /// read-only mode, query rate, monthly quota, plan statement timeout, top statements). Connection and
+    /// transaction caps and fair sharing stay on. Off only for measuring what the checks cost.
     pub sql_policy: bool,
     /// How often the size of tenants with a storage quota is sampled (over it, a tenant is read-only).
     #[serde(with = "humantime_serde")]
