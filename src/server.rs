@@ -532,7 +532,7 @@ impl Proxy {
                 Ok(Ok(bytes)) => {
                     if state.storage_sampled(bytes.max(0) as u64) {
                         let quota = state.with_plan(|p| p.storage_bytes).unwrap_or_default();
-                        match state.read_only() {
+                        match state.with_plan(|p| state.read_only(p)) {
                             Some(_) => {
                                 warn!(tenant = %id, bytes, quota, "storage over quota: tenant is read-only")
                             }

@@ -1760,7 +1760,7 @@ async fn tenant_policy(
         "tenant": id,
         "plan": tenant.plan,
         "spec": plan.map(|p| json!(*p)),
-        "read_only": state.as_ref().and_then(|s| s.read_only()),
+        "read_only": state.as_ref().and_then(|s| s.with_plan(|p| s.read_only(p))),
         "storage_bytes": state.as_ref().map(|s| s.storage_bytes.load(std::sync::atomic::Ordering::Relaxed)),
         "month_queries": state.as_ref().map(|s| s.month_queries()),
         "client_connections": state.as_ref().map(|s| s.connections()),

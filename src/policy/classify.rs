@@ -382,46 +382,27 @@ fn set_statement(tokens: &[(TokenKind, &str)], out: &mut Vec<Finding>) {
             return;
         }
         Some("transaction" | "constraints" | "all") => return,
-        Some("time") if word(i + 1).as_deref() == Some("zone") => {
-            let value = (!reset).then(|| {
-                tokens
-                    .get(i + 2)
-                    .and_then(|(k, t)| literal_value(*k, t))
-                    .unwrap_or_else(|| "?".to_owned())
-            });
-            out.push(Finding::Setting {
-                name: "timezone".into(),
-                value: value.map(Into::into),
-            });
-            return;
-        }
-        Some("names") if !reset => {
-            let value = Some(
-                tokens
-                    .get(i + 1)
-                    .and_then(|(k, t)| literal_value(*k, t))
-                    .unwrap_or_else(|| "?".to_owned()),
-            );
-            out.push(Finding::Setting {
-                name: "client_encoding".into(),
-                value: value.map(Into::into),
-            });
-            return;
-        }
-        Some("schema") if !reset => {
-            let value = Some(
-                tokens
-                    .get(i + 1)
-                    .and_then(|(k, t)| literal_value(*k, t))
-                    .unwrap_or_else(|| "?".to_owned()),
-            );
-            out.push(Finding::Setting {
-                name: "search_path".into(),
-                value: value.map(Into::into),
-            });
-            return;
-        }
         _ => {}
+    }
+    // Spellings of a setting without its name: `SET TIME ZONE x`, `SET NAMES x`, `SET SCHEMA x`.
+    let alias = match word(i).as_deref() {
+        Some("time") if word(i + 1).as_deref() == Some("zone") => Some(("timezone", i + 2)),
+        Some("names") if !reset => Some(("client_encoding", i + 1)),
+        Some("schema") if !reset => Some(("search_path", i + 1)),
+        _ => None,
+    };
+    if let Some((name, at)) = alias {
+        let value = (!reset).then(|| {
+            tokens
+                .get(at)
+                .and_then(|(k, t)| literal_value(*k, t))
+                .unwrap_or_else(|| "?".to_owned())
+        });
+        out.push(Finding::Setting {
+            name: name.into(),
+            value: value.map(Into::into),
+        });
+        return;
     }
     // A (possibly dotted) variable name.
     let mut name = String::new();
@@ -510,32 +491,14 @@ fn set_config_calls(stmt: &str, out: &mut Vec<Finding>) {
             Some((TokenKind::String, t)) if sep_ok(1) => sqlscan::string_value(t),
             _ => None,
         };
-        match value {
-            Some(v) => {
-                if name.eq_ignore_ascii_case("role")
-                    || name.eq_ignore_ascii_case("session_authorization")
-                {
-                    out.push(Finding::SetRole);
-                } else {
-                    out.push(Finding::Setting {
-                        name: name.to_ascii_lowercase().into(),
-                        value: Some(v.into()),
-                    });
-                }
-            }
-            // A computed value for a named setting: the name still decides (role, standard_conforming_strings).
-            None => {
-                if name.eq_ignore_ascii_case("role")
-                    || name.eq_ignore_ascii_case("session_authorization")
-                {
-                    out.push(Finding::SetRole);
-                } else {
-                    out.push(Finding::Setting {
-                        name: name.to_ascii_lowercase().into(),
-                        value: Some("?".into()),
-                    });
-                }
-            }
+        if name.eq_ignore_ascii_case("role") || name.eq_ignore_ascii_case("session_authorization") {
+            out.push(Finding::SetRole);
+        } else {
+            // A computed value ("?") for a named setting: the name still decides (standard_conforming_strings).
+            out.push(Finding::Setting {
+                name: name.to_ascii_lowercase().into(),
+                value: Some(value.unwrap_or_else(|| "?".to_owned()).into()),
+            });
         }
     }
 }

@@ -118,9 +118,10 @@ impl TenantState {
         v
     }
 
-    /// Why the tenant is read-only now, if it is: its plan, an operator, or its storage quota.
-    pub fn read_only(&self) -> Option<&'static str> {
-        if self.with_plan(|p| p.policy.read_only) {
+    /// Why the tenant is read-only now under `plan` (the plan in force), if it is: the plan, an operator, or its
+    /// storage quota.
+    pub fn read_only(&self, plan: &Plan) -> Option<&'static str> {
+        if plan.policy.read_only {
             Some("the plan is read-only")
         } else if self.operator_read_only.load(Ordering::Relaxed) {
             Some("an operator switched it to read-only")
@@ -164,10 +165,10 @@ impl TenantState {
             .clone()
     }
 
-    /// Counts one query against the monthly quota; false when the quota is used up (the query is over it).
-    pub fn count_query(&self) -> bool {
+    /// Counts one query against `plan`'s monthly quota; false when the quota is used up (the query is over it).
+    pub fn count_query(&self, plan: &Plan) -> bool {
         let local = self.month_local.fetch_add(1, Ordering::Relaxed) + 1;
-        match self.with_plan(|p| p.monthly_queries) {
+        match plan.monthly_queries {
             Some(quota) => self.month_base.load(Ordering::Relaxed) + local <= quota,
             None => true,
         }
@@ -187,9 +188,7 @@ impl TenantState {
     /// The month's total from the catalog (every instance's flushed counts, this one's included): local counts
     /// before now are in it or will be in the next total. A new month starts from zero.
     pub fn month_total(&self, month: u32, total: u64) {
-        if self.month.swap(month, Ordering::Relaxed) != month {
-            self.month_local.store(0, Ordering::Relaxed);
-        }
+        self.month.store(month, Ordering::Relaxed);
         self.month_base.store(total, Ordering::Relaxed);
         self.month_local.store(0, Ordering::Relaxed);
     }
@@ -231,24 +230,26 @@ impl TenantState {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// Asks for `n` query tokens (a request may hold several queries).
-    pub fn rate(&self, n: u32, now: Instant) -> Rate {
-        let over_quota = self.with_plan(|p| {
-            p.over_quota == super::plan::OverQuota::Throttle
-                && p.monthly_queries.is_some_and(|q| self.month_queries() > q)
-        });
-        let (qps, burst, wait) = self.with_plan(|p| {
-            if over_quota {
-                // Throttled: the plan's throttle rate, no burst.
-                (Some(p.throttle_queries_per_second.max(1)), 1, p.rate_wait)
-            } else {
-                (
-                    p.queries_per_second,
-                    p.burst.or(p.queries_per_second).unwrap_or(1).max(1),
-                    p.rate_wait,
-                )
-            }
-        });
+    /// Asks for `n` query tokens (a request may hold several queries) under `plan`.
+    pub fn rate(&self, plan: &Plan, n: u32, now: Instant) -> Rate {
+        let throttled = plan.over_quota == super::plan::OverQuota::Throttle
+            && plan
+                .monthly_queries
+                .is_some_and(|q| self.month_queries() > q);
+        let (qps, burst, wait) = if throttled {
+            // Throttled: the plan's throttle rate, no burst.
+            (
+                Some(plan.throttle_queries_per_second.max(1)),
+                1,
+                plan.rate_wait,
+            )
+        } else {
+            (
+                plan.queries_per_second,
+                plan.burst.or(plan.queries_per_second).unwrap_or(1).max(1),
+                plan.rate_wait,
+            )
+        };
         let Some(qps) = qps.filter(|q| *q > 0) else {
             return Rate::Now;
         };
@@ -355,15 +356,24 @@ mod tests {
         let t = with_rate(10, 5, 250);
         let now = Instant::now();
         for _ in 0..5 {
-            assert_eq!(t.rate(1, now), Rate::Now);
+            assert_eq!(t.with_plan(|p| t.rate(p, 1, now)), Rate::Now);
         }
         // 100 ms apart after the burst: the next two wait 100 and 200 ms, the one after would wait 300 > 250.
-        assert_eq!(t.rate(1, now), Rate::After(Duration::from_millis(100)));
-        assert_eq!(t.rate(1, now), Rate::After(Duration::from_millis(200)));
-        assert_eq!(t.rate(1, now), Rate::Refuse(Duration::from_millis(250)));
+        assert_eq!(
+            t.with_plan(|p| t.rate(p, 1, now)),
+            Rate::After(Duration::from_millis(100))
+        );
+        assert_eq!(
+            t.with_plan(|p| t.rate(p, 1, now)),
+            Rate::After(Duration::from_millis(200))
+        );
+        assert_eq!(
+            t.with_plan(|p| t.rate(p, 1, now)),
+            Rate::Refuse(Duration::from_millis(250))
+        );
         // Time refills the bucket.
         let later = now + Duration::from_secs(2);
-        assert_eq!(t.rate(1, later), Rate::Now);
+        assert_eq!(t.with_plan(|p| t.rate(p, 1, later)), Rate::Now);
     }
 
     #[test]

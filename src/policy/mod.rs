@@ -153,29 +153,13 @@ impl Refusal {
         self
     }
 
-    /// SQL that fails on the server with this refusal's SQLSTATE and message: a `DO` block that raises it. Run in
-    /// place of the refused statement, it aborts the transaction and skips the rest of a pipeline exactly as a
-    /// failing statement would.
-    pub fn as_sql(&self) -> String {
-        let q = crate::sqlscan::quote_literal;
-        let mut body = format!(
-            "BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}",
-            q(self.code),
-            q(&self.message)
-        );
-        if let Some(h) = &self.hint {
-            body.push_str(", HINT = ");
-            body.push_str(&q(h));
+    /// The error the client gets.
+    pub fn to_error(&self) -> crate::wire::PgError {
+        let err = crate::wire::PgError::error(self.code, self.message.clone());
+        match &self.hint {
+            Some(h) => err.with_hint(h.clone()),
+            None => err,
         }
-        body.push_str("; END");
-        // A dollar-quote tag that does not occur in the body.
-        let mut tag = String::from("$pgweir$");
-        let mut n = 0u32;
-        while body.contains(&tag) {
-            n += 1;
-            tag = format!("$pgweir{n}$");
-        }
-        format!("DO {tag}{body}{tag}")
     }
 }
 

@@ -163,12 +163,16 @@ fn plans_bound_settings_and_classes() {
 }
 
 #[test]
-fn refusals_become_sql_that_raises_them() {
-    let r = Refusal::privilege("load", "LOAD $pgweir$ 'x'");
-    let sql = r.as_sql();
-    assert!(sql.starts_with("DO $pgweir1$"), "{sql}");
-    assert!(sql.contains("ERRCODE = '42501'"));
-    assert!(sql.contains("'pgweir: LOAD $pgweir$ ''x'' is not allowed (rule \"load\")'"));
+fn refusals_become_errors_with_their_sqlstate_message_and_hint() {
+    let r = Refusal::privilege("copy-file", "COPY to or from a server file").hint("use STDIN");
+    let bytes = r.to_error().to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains("C42501"), "{text}");
+    assert!(
+        text.contains("Mpgweir: COPY to or from a server file is not allowed (rule \"copy-file\")"),
+        "{text}"
+    );
+    assert!(text.contains("Huse STDIN"), "{text}");
 }
 
 #[test]

@@ -77,27 +77,32 @@ impl FairShare {
 
     /// A permit now, if the cluster has room and nobody waits.
     pub fn try_acquire(self: &Arc<Self>, tenant: &str, weight: u32) -> Option<FairPermit> {
-        let mut st = self.lock();
-        if st.in_use < self.capacity && st.waiting == 0 {
-            st.in_use += 1;
-            Self::charge(&mut st, tenant, weight);
-            return Some(FairPermit {
-                share: Some(self.clone()),
-            });
+        self.grant_now(&mut self.lock(), tenant, weight)
+    }
+
+    /// Grants a permit under the lock if the cluster has room and nobody waits (FIFO within tenants holds).
+    fn grant_now(
+        self: &Arc<Self>,
+        st: &mut State,
+        tenant: &str,
+        weight: u32,
+    ) -> Option<FairPermit> {
+        if st.in_use >= self.capacity || st.waiting > 0 {
+            return None;
         }
-        None
+        st.in_use += 1;
+        Self::charge(st, tenant, weight);
+        Some(FairPermit {
+            share: Some(self.clone()),
+        })
     }
 
     /// Waits for a permit (the caller bounds the wait).
     pub async fn acquire(self: &Arc<Self>, tenant: &str, weight: u32) -> Option<FairPermit> {
         let rx = {
             let mut st = self.lock();
-            if st.in_use < self.capacity && st.waiting == 0 {
-                st.in_use += 1;
-                Self::charge(&mut st, tenant, weight);
-                return Some(FairPermit {
-                    share: Some(self.clone()),
-                });
+            if let Some(p) = self.grant_now(&mut st, tenant, weight) {
+                return Some(p);
             }
             let (tx, rx) = oneshot::channel();
             st.tenants
@@ -132,11 +137,14 @@ impl FairShare {
                 }
                 return;
             };
-            let (weight, tx) = st
+            // Found above, under the same lock.
+            let Some((weight, tx)) = st
                 .tenants
                 .get_mut(&tenant)
                 .and_then(|q| q.waiters.pop_front())
-                .expect("a waiter was found above");
+            else {
+                continue;
+            };
             st.waiting -= 1;
             Self::charge(&mut st, &tenant, weight);
             let permit = FairPermit {
@@ -170,23 +178,16 @@ mod tests {
         // The big tenant queues 6 waiters, then the small one 2.
         let mut order = Vec::new();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        for i in 0..6 {
-            let (s, tx) = (share.clone(), tx.clone());
-            tokio::spawn(async move {
-                let p = s.acquire("big", 1).await.unwrap();
-                tx.send(format!("big{i}")).unwrap();
-                drop(p);
-            });
-            tokio::task::yield_now().await;
-        }
-        for i in 0..2 {
-            let (s, tx) = (share.clone(), tx.clone());
-            tokio::spawn(async move {
-                let p = s.acquire("small", 1).await.unwrap();
-                tx.send(format!("small{i}")).unwrap();
-                drop(p);
-            });
-            tokio::task::yield_now().await;
+        for (tenant, n) in [("big", 6), ("small", 2)] {
+            for i in 0..n {
+                let (s, tx) = (share.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let p = s.acquire(tenant, 1).await.unwrap();
+                    tx.send(format!("{tenant}{i}")).unwrap();
+                    drop(p);
+                });
+                tokio::task::yield_now().await;
+            }
         }
         drop(held);
         for _ in 0..8 {

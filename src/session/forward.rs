@@ -502,47 +502,29 @@ where
                     }
                 }
                 if let (Some(p), Some(f), b'Q' | b'P' | b'F' | b'E') = (policy, frame, tag) {
-                    let mut refusal = None;
-                    if tag != b'P' {
-                        if rate_refused {
-                            rate_refused = false;
-                            refusal = Some(rate_refusal(p));
-                        } else if rate_granted {
-                            rate_granted = false;
-                        } else if !p.state.count_query()
-                            && p.state.with_plan(|plan| plan.over_quota)
-                                == crate::policy::plan::OverQuota::Refuse
-                        {
-                            refusal = Some(quota_refusal(p));
-                        } else {
-                            match p.state.rate(1, Instant::now()) {
-                                crate::policy::limits::Rate::Now => {}
-                                crate::policy::limits::Rate::After(d) => {
-                                    rate_wait = Some((d, true));
-                                    return Ok(Verdict::Stop);
-                                }
-                                crate::policy::limits::Rate::Refuse(d) => {
-                                    rate_wait = Some((d, false));
-                                    return Ok(Verdict::Stop);
-                                }
-                            }
+                    let rate = match (
+                        std::mem::take(&mut rate_granted),
+                        std::mem::take(&mut rate_refused),
+                    ) {
+                        (_, true) => RateState::Refused,
+                        (true, _) => RateState::Granted,
+                        _ => RateState::Ask,
+                    };
+                    match admit(p, tag, f, rate) {
+                        Admission::Wait(d, granted) => {
+                            rate_wait = Some((d, granted));
+                            return Ok(Verdict::Stop);
                         }
-                    }
-                    let mut facts = None;
-                    if refusal.is_none() {
-                        (refusal, facts) = check_policy(p, tag, f);
-                    }
-                    if let Some(r) = refusal {
-                        refuse(shared, p, &r, tag, seq, &mut rewritten);
-                        replaced = true;
-                        return Ok(Verdict::Stop);
-                    }
-                    match (tag, facts) {
-                        (b'Q', Some(facts)) => {
+                        Admission::Refuse(r) => {
+                            refuse(shared, p, &r, tag, seq, &mut rewritten);
+                            replaced = true;
+                            return Ok(Verdict::Stop);
+                        }
+                        Admission::Go(Some(facts)) if tag == b'Q' => {
                             shared.lock_stmts().push_back((seq, facts, shared.now_us()))
                         }
-                        (b'P', facts @ Some(_)) => batch_stmt = facts,
-                        _ => {}
+                        Admission::Go(facts @ Some(_)) if tag == b'P' => batch_stmt = facts,
+                        Admission::Go(_) => {}
                     }
                 }
                 if let (Some(p), Some(rw), Some(f), b'B') = (policy, &rw, frame, tag) {
@@ -722,64 +704,96 @@ fn conforming_strings_off(f: &[u8]) -> bool {
     }
 }
 
-/// The policy's verdict on a Query, Parse or FunctionCall (Execute has none: its statement was checked at Parse).
-fn check_policy(
-    p: Policy<'_>,
-    tag: u8,
-    f: &[u8],
-) -> (
-    Option<crate::policy::Refusal>,
-    Option<Arc<crate::policy::Facts>>,
-) {
-    let sql = match tag {
-        b'Q' => {
-            let b = body(f);
-            b.strip_suffix(&[0]).unwrap_or(b)
+/// Where a request stands with the query rate: not asked yet, or asked and waited for (granted or not).
+#[derive(Clone, Copy)]
+enum RateState {
+    Ask,
+    Granted,
+    Refused,
+}
+
+/// What happens to a Query, Parse, FunctionCall or Execute under the tenant's plan.
+enum Admission {
+    /// Forward it (with the statement's facts, for a Query or Parse).
+    Go(Option<Arc<crate::policy::Facts>>),
+    /// Over the query rate: wait this long, then go on (`true`) or refuse it (`false`).
+    Wait(Duration, bool),
+    Refuse(crate::policy::Refusal),
+}
+
+/// The plan's verdict on one message, under one read of the plan in force: monthly quota and query rate (requests:
+/// Query, FunctionCall, Execute), then the SQL policy (Query and Parse texts) and the fast-path rule.
+fn admit(p: Policy<'_>, tag: u8, f: &[u8], rate: RateState) -> Admission {
+    use crate::policy::limits::Rate;
+    p.state.with_plan(|plan| {
+        if tag != b'P' {
+            match rate {
+                RateState::Refused => return Admission::Refuse(rate_refusal(p, plan)),
+                RateState::Granted => {}
+                RateState::Ask => {
+                    if !p.state.count_query(plan)
+                        && plan.over_quota == crate::policy::plan::OverQuota::Refuse
+                    {
+                        return Admission::Refuse(quota_refusal(p, plan));
+                    }
+                    match p.state.rate(plan, 1, Instant::now()) {
+                        Rate::Now => {}
+                        Rate::After(d) => return Admission::Wait(d, true),
+                        Rate::Refuse(d) => return Admission::Wait(d, false),
+                    }
+                }
+            }
         }
-        b'P' => match cstr(body(f)).and_then(|(_, rest)| cstr(rest)) {
-            Some((sql, _)) => sql,
-            None => return (None, None),
-        },
-        b'F' => {
-            let allowed = p.state.with_plan(|plan| plan.policy.function_call);
-            let refusal = (!allowed).then(|| crate::policy::Refusal {
-                rule: "function-call",
-                code: crate::wire::error::sqlstate::INSUFFICIENT_PRIVILEGE,
-                message: "pgweir: the fast-path function call protocol is not allowed (rule \"function-call\")"
-                    .into(),
-                hint: Some("call the function in a SELECT".into()),
-            });
-            return (refusal, None);
+        let sql = match tag {
+            b'Q' => {
+                let b = body(f);
+                b.strip_suffix(&[0]).unwrap_or(b)
+            }
+            b'P' => match cstr(body(f)).and_then(|(_, rest)| cstr(rest)) {
+                Some((sql, _)) => sql,
+                None => return Admission::Go(None),
+            },
+            b'F' if !plan.policy.function_call => {
+                return Admission::Refuse(crate::policy::Refusal {
+                    rule: "function-call",
+                    code: crate::wire::error::sqlstate::INSUFFICIENT_PRIVILEGE,
+                    message: "pgweir: the fast-path function call protocol is not allowed (rule \"function-call\")"
+                        .into(),
+                    hint: Some("call the function in a SELECT".into()),
+                })
+            }
+            _ => return Admission::Go(None),
+        };
+        let facts = p.classifier.facts(sql);
+        let ctx = crate::policy::Context {
+            database: p.database,
+            read_only: p.state.read_only(plan),
+        };
+        match plan.policy.check(&facts, &ctx) {
+            Some(r) => {
+                let fingerprint = facts.fingerprint.to_string();
+                tracing::info!(tenant = %p.tenant, rule = r.rule, %fingerprint, "statement refused by policy");
+                p.state.refused(r.rule, fingerprint);
+                Admission::Refuse(r)
+            }
+            None => {
+                if facts.classes & crate::policy::class::UNPARSED != 0 {
+                    p.telemetry.policy_unparsed(p.tenant);
+                    tracing::debug!(
+                        tenant = %p.tenant,
+                        fingerprint = %facts.fingerprint,
+                        "statement sqlparser cannot parse forwarded (policy open)"
+                    );
+                }
+                Admission::Go(Some(facts))
+            }
         }
-        _ => return (None, None),
-    };
-    let facts = p.classifier.facts(sql);
-    let ctx = crate::policy::Context {
-        database: p.database,
-        read_only: p.state.read_only(),
-    };
-    let verdict = p.state.with_plan(|plan| plan.policy.check(&facts, &ctx));
-    if verdict.is_none() && facts.classes & crate::policy::class::UNPARSED != 0 {
-        p.telemetry.policy_unparsed(p.tenant);
-        tracing::debug!(
-            tenant = %p.tenant,
-            fingerprint = %sqlscan::fingerprint(&String::from_utf8_lossy(sql), 200),
-            "statement sqlparser cannot parse forwarded (policy open)"
-        );
-    }
-    if let Some(r) = &verdict {
-        let fingerprint = sqlscan::fingerprint(&String::from_utf8_lossy(sql), 200);
-        tracing::info!(tenant = %p.tenant, rule = r.rule, %fingerprint, "statement refused by policy");
-        p.state.refused(r.rule, fingerprint);
-    }
-    (verdict, Some(facts))
+    })
 }
 
 /// The refusal of a request over the tenant's monthly query quota.
-fn quota_refusal(p: Policy<'_>) -> crate::policy::Refusal {
-    let quota = p
-        .state
-        .with_plan(|plan| plan.monthly_queries.unwrap_or_default());
+fn quota_refusal(p: Policy<'_>, plan: &crate::policy::Plan) -> crate::policy::Refusal {
+    let quota = plan.monthly_queries.unwrap_or_default();
     p.state.refused("monthly-quota", String::new());
     crate::policy::Refusal {
         rule: "monthly-quota",
@@ -792,10 +806,8 @@ fn quota_refusal(p: Policy<'_>) -> crate::policy::Refusal {
 }
 
 /// The refusal of a request over the tenant's query rate.
-fn rate_refusal(p: Policy<'_>) -> crate::policy::Refusal {
-    let (qps, wait) = p
-        .state
-        .with_plan(|plan| (plan.queries_per_second.unwrap_or_default(), plan.rate_wait));
+fn rate_refusal(p: Policy<'_>, plan: &crate::policy::Plan) -> crate::policy::Refusal {
+    let (qps, wait) = (plan.queries_per_second.unwrap_or_default(), plan.rate_wait);
     tracing::info!(tenant = %p.tenant, qps, "query refused: over the plan's query rate");
     p.state.refused("rate", String::new());
     crate::policy::Refusal {
@@ -832,11 +844,7 @@ fn refuse(
     out: &mut BytesMut,
 ) {
     p.telemetry.policy_refused(p.tenant, r.rule);
-    let mut err = crate::wire::PgError::error(r.code, r.message.clone());
-    if let Some(h) = &r.hint {
-        err = err.with_hint(h.clone());
-    }
-    queue_refusal(shared, err, seq);
+    queue_refusal(shared, r.to_error(), seq);
     match tag {
         b'Q' | b'F' => {
             shared.requests.fetch_add(1, Ordering::Relaxed);

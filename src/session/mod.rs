@@ -105,6 +105,35 @@ struct Session {
     slot: crate::policy::limits::ConnectionSlot,
 }
 
+impl Session {
+    /// The pool of the session's backend target, sized and weighted by the tenant's plan.
+    fn pool(&self, proxy: &Proxy) -> anyhow::Result<Arc<crate::pool::Pool>> {
+        let (cfg, weight) = self
+            .slot
+            .tenant()
+            .with_plan(|p| (p.pool_config(self.pool_cfg), p.weight));
+        proxy.pools.get(&self.tenant, &self.target, cfg, weight)
+    }
+}
+
+/// The bounds of a forwarding run for a client of `tenant` on `database`: the proxy's, with the tenant's policy
+/// (unless `proxy.sql_policy` is off).
+fn run_limits<'a>(
+    proxy: &'a Proxy,
+    slot: &'a crate::policy::limits::ConnectionSlot,
+    tenant: &'a str,
+    database: &'a str,
+) -> forward::Limits<'a> {
+    forward::Limits::from_config(&proxy.cfg.proxy, Some(&proxy.telemetry.query_seconds))
+        .with_policy(proxy.cfg.proxy.sql_policy.then_some(forward::Policy {
+            state: slot.tenant(),
+            classifier: &proxy.classifier,
+            telemetry: &proxy.telemetry,
+            tenant,
+            database,
+        }))
+}
+
 type LoginError = (Option<ClientStream>, PgError);
 
 /// Negotiates TLS, reads the startup packet, routes and authenticates. `Ok(None)`: the connection ended without
@@ -576,12 +605,7 @@ async fn session_mode(
         return false;
     }
     let mut out = BytesMut::with_capacity(512);
-    let pool = match proxy.pools.get(
-        &s.tenant,
-        &s.target,
-        s.slot.tenant().with_plan(|p| p.pool_config(s.pool_cfg)),
-        s.slot.tenant().with_plan(|p| p.weight),
-    ) {
+    let pool = match s.pool(proxy) {
         Ok(p) => p.attach(),
         Err(e) => {
             warn!(tenant = %s.tenant, error = %e, "could not set up the pool");
@@ -624,14 +648,7 @@ async fn session_mode(
         stream,
         &mut client_buf,
         checkout.conn(),
-        forward::Limits::from_config(&proxy.cfg.proxy, Some(&proxy.telemetry.query_seconds))
-            .with_policy(proxy.cfg.proxy.sql_policy.then_some(forward::Policy {
-                state: s.slot.tenant(),
-                classifier: &proxy.classifier,
-                telemetry: &proxy.telemetry,
-                tenant: &s.tenant,
-                database: &s.target.database,
-            })),
+        run_limits(proxy, &s.slot, &s.tenant, &s.target.database),
         forward::Mode::Session,
         None,
     ));

@@ -180,12 +180,7 @@ async fn attach(
             return None;
         }
     };
-    let pool = match proxy.pools.get(
-        &s.tenant,
-        &s.target,
-        s.slot.tenant().with_plan(|p| p.pool_config(s.pool_cfg)),
-        s.slot.tenant().with_plan(|p| p.weight),
-    ) {
+    let pool = match s.pool(proxy) {
         Ok(p) => p.attach(),
         Err(e) => {
             warn!(tenant = %s.tenant, error = %e, "could not set up the pool");
@@ -311,15 +306,7 @@ impl Client {
             .transactions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
-        let limits =
-            forward::Limits::from_config(&proxy.cfg.proxy, Some(&proxy.telemetry.query_seconds))
-                .with_policy(proxy.cfg.proxy.sql_policy.then_some(forward::Policy {
-                    state: c.slot.tenant(),
-                    classifier: &proxy.classifier,
-                    telemetry: &proxy.telemetry,
-                    tenant: &c.tenant,
-                    database: &c.pool.key().database,
-                }));
+        let limits = super::run_limits(proxy, &c.slot, &c.tenant, &c.pool.key().database);
         let mut mode = Mode::Transaction;
         let mut pins = Pins::default();
         let mut counted_pin = None;

@@ -363,10 +363,7 @@ fn conforming_strings_turned_off_behind_the_lexer_ends_the_session() {
 #[test]
 fn catalog_plans_are_edited_through_the_api_and_followed_by_running_sessions() {
     use crate::control::{add_tokens, call, connect_url, register_cluster, ADMIN, READER};
-    let env = Env::with(Setup {
-        catalog: true,
-        ..Setup::default()
-    });
+    let env = crate::control::control_env();
     runtime().block_on(async {
         add_tokens(&env).await;
         let (s, body) = register_cluster(&env, "local", env.cluster.port()).await;
@@ -508,10 +505,7 @@ fn catalog_plans_are_edited_through_the_api_and_followed_by_running_sessions() {
 #[test]
 fn the_monthly_quota_survives_a_restart() {
     use crate::control::{add_tokens, call, connect_url, register_cluster, ADMIN};
-    let env = Env::with(Setup {
-        catalog: true,
-        ..Setup::default()
-    });
+    let env = crate::control::control_env();
     runtime().block_on(async {
         add_tokens(&env).await;
         register_cluster(&env, "local", env.cluster.port()).await;
@@ -710,10 +704,7 @@ pool = {{ max_size = {pool}, checkout_timeout = "60s" }}
 #[test]
 fn the_tenant_role_itself_cannot_do_what_the_policy_refuses() {
     use crate::control::{add_tokens, call, register_cluster, ADMIN};
-    let env = Env::with(Setup {
-        catalog: true,
-        ..Setup::default()
-    });
+    let env = crate::control::control_env();
     runtime().block_on(async {
         add_tokens(&env).await;
         register_cluster(&env, "local", env.cluster.port()).await;
