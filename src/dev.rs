@@ -180,6 +180,7 @@ max_size = 20
                 password: Some(secrets.superuser.clone()),
             },
             100,
+            None,
         )
         .await?;
     // PGWEIR_ADMIN_TOKEN was stored at start (as `bootstrap`); otherwise the folder's own token is.

@@ -295,10 +295,10 @@ impl Server {
                 loop {
                     tick.tick().await;
                     proxy.tenant_states.refresh(|id| {
-                        proxy
-                            .directory
-                            .get(id)
-                            .map(|t| (t.plan.clone(), t.read_only))
+                        proxy.directory.get(id).map(|t| {
+                            proxy.pools.follow_cluster(&t.cluster);
+                            (t.plan.clone(), t.read_only)
+                        })
                     });
                 }
             })
@@ -498,10 +498,6 @@ impl Proxy {
             let (Some(db), Some(user)) = (&t.backend_database, &t.backend_user) else {
                 continue;
             };
-            if t.cluster.tls != crate::config::BackendTls::Disable {
-                tracing::debug!(tenant = %id, "storage quota: clusters with TLS are not sampled yet");
-                continue;
-            }
             let mut databases: Vec<String> = t.branches.values().cloned().collect();
             databases.push(db.clone());
             let mut cfg = tokio_postgres::Config::new();
@@ -514,8 +510,19 @@ impl Proxy {
             if let Some(pw) = &t.backend_password {
                 cfg.password(pw);
             }
+            let tls = match crate::tls::postgres_connector(
+                &mut cfg,
+                t.cluster.tls,
+                t.cluster.ca_file.as_deref(),
+            ) {
+                Ok(tls) => tls,
+                Err(e) => {
+                    warn!(tenant = %id, error = %e, "storage quota: no TLS setup for the cluster");
+                    continue;
+                }
+            };
             let size = async {
-                let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+                let (client, conn) = cfg.connect(tls).await?;
                 let conn = tokio::spawn(conn);
                 let row = client
                     .query_one(

@@ -12,6 +12,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
+use crate::policy::limits::TenantState;
 use crate::pool::{PoolStats, UsageDelta};
 
 /// Bucket bounds (seconds) of the latency histograms: 100 µs … 30 s.
@@ -40,6 +41,8 @@ pub struct Telemetry {
     pub checkout_wait_seconds: Histogram,
     /// Opening and logging in a server connection.
     pub backend_connect_seconds: Histogram,
+    /// Statements sqlparser could not parse that were forwarded (policy `open`).
+    pub policy_unparsed: Counter,
 }
 
 /// The HELP text of every metric.
@@ -56,11 +59,19 @@ fn describe() {
     describe_counter!("pgweir_client_logins_total", "Client logins, by result.");
     describe_counter!(
         "pgweir_policy_refusals_total",
-        "Statements and connections refused by a tenant's SQL policy or limits, by tenant and rule."
+        "Statements and connections refused by a tenant's SQL policy or limits, by rule."
     );
     describe_counter!(
         "pgweir_policy_unparsed_total",
-        "Statements sqlparser could not parse that were forwarded (policy \"open\"), by tenant."
+        "Statements sqlparser could not parse that were forwarded (policy \"open\")."
+    );
+    describe_counter!(
+        "pgweir_tenant_policy_refusals_total",
+        "Refusals by SQL policy or limits of one tenant, by rule (while tenants are within max_pool_series)."
+    );
+    describe_counter!(
+        "pgweir_tenant_policy_unparsed_total",
+        "Unparsable statements forwarded for one tenant (while tenants are within max_pool_series)."
     );
     describe_counter!(
         "pgweir_policy_cache_total",
@@ -205,25 +216,17 @@ impl Telemetry {
             pause_seconds: h("pgweir_pause_seconds"),
             checkout_wait_seconds: h("pgweir_checkout_wait_seconds"),
             backend_connect_seconds: h("pgweir_backend_connect_seconds"),
+            policy_unparsed: c("pgweir_policy_unparsed_total"),
             handle,
             recorder,
         }
     }
 
-    /// Counts a statement refused by SQL policy or a limit.
-    pub fn policy_refused(&self, tenant: &str, rule: &'static str) {
-        let tenant = tenant.to_owned();
+    /// Counts a statement or connection refused by SQL policy or a limit, by rule (a fixed set: bounded
+    /// cardinality). Per-tenant counts come from the tenants' states at each scrape (see [`Telemetry::render`]).
+    pub fn policy_refused(&self, rule: &'static str) {
         metrics::with_local_recorder(&self.recorder, || {
-            counter!("pgweir_policy_refusals_total", "tenant" => tenant, "rule" => rule)
-                .increment(1)
-        });
-    }
-
-    /// Counts a statement forwarded although sqlparser could not parse it (policy `open`).
-    pub fn policy_unparsed(&self, tenant: &str) {
-        let tenant = tenant.to_owned();
-        metrics::with_local_recorder(&self.recorder, || {
-            counter!("pgweir_policy_unparsed_total", "tenant" => tenant).increment(1)
+            counter!("pgweir_policy_refusals_total", "rule" => rule).increment(1)
         });
     }
 
@@ -251,6 +254,7 @@ impl Telemetry {
         &self,
         pools: &[PoolStats],
         tenants: &[(String, UsageDelta)],
+        policy: &[(String, std::sync::Arc<TenantState>)],
         clients: usize,
         paused: usize,
         max_series: usize,
@@ -274,6 +278,19 @@ impl Telemetry {
                     counter!("pgweir_tenant_transactions_total", &[t()]).absolute(u.transactions);
                     counter!("pgweir_tenant_bytes_received_total", &[t()]).absolute(u.bytes_in);
                     counter!("pgweir_tenant_bytes_sent_total", &[t()]).absolute(u.bytes_out);
+                }
+            }
+            if policy.len() <= max_series {
+                for (tenant, state) in policy {
+                    let (by_rule, unparsed) = state.refusal_counts();
+                    for (rule, n) in by_rule {
+                        counter!("pgweir_tenant_policy_refusals_total", "tenant" => tenant.clone(), "rule" => rule)
+                            .absolute(n);
+                    }
+                    if unparsed > 0 {
+                        counter!("pgweir_tenant_policy_unparsed_total", "tenant" => tenant.clone())
+                            .absolute(unparsed);
+                    }
                 }
             }
             gauge!("pgweir_client_connections").set(clients as f64);

@@ -176,6 +176,30 @@ pub fn backend_client_config(
     Ok(Some(Arc::new(cfg)))
 }
 
+/// A tokio-postgres connector for pgweir's own connections to a backend cluster (storage sampling): `cfg` gets
+/// the SSL mode of `mode`, and the connector encrypts as the data path does (`require`: encrypted, certificate not
+/// checked; `verify-full`: checked against `ca_file`).
+pub fn postgres_connector(
+    cfg: &mut tokio_postgres::Config,
+    mode: BackendTls,
+    ca_file: Option<&Path>,
+) -> anyhow::Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    let client = match backend_client_config(mode, ca_file)? {
+        Some(c) => {
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            c
+        }
+        None => {
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            // Never used: the connection is not encrypted.
+            backend_client_config(BackendTls::Require, None)?.context("a require config")?
+        }
+    };
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(
+        Arc::unwrap_or_clone(client),
+    ))
+}
+
 /// `sslmode=require` semantics: encrypted, certificate not checked.
 #[derive(Debug)]
 struct NoVerify(Arc<rustls::crypto::CryptoProvider>);

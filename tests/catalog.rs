@@ -39,6 +39,26 @@ async fn migrations_apply_once_and_a_newer_catalog_is_refused() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(plans, ["enterprise", "free", "pro", "team"]);
+    // The tiers: free is one database of 100 MB, pro ten databases of 10 GB, team unlimited databases of 100 GB.
+    let tiers: Vec<(String, i32, Option<i64>)> = a
+        .query(
+            "SELECT name, max_branches, (spec->>'storage_bytes')::bigint FROM pgweir.plans ORDER BY name",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        tiers,
+        [
+            ("enterprise".into(), i32::MAX, None),
+            ("free".into(), 0, Some(100 << 20)),
+            ("pro".into(), 9, Some(10 << 30)),
+            ("team".into(), i32::MAX, Some(100 << 30)),
+        ]
+    );
     a.batch_execute(
         "INSERT INTO pgweir.clusters (name, host, port, admin_user) VALUES ('c1', '127.0.0.1', 5432, 'postgres')",
     )
@@ -108,18 +128,19 @@ async fn tenant_changes_are_announced() {
     ] {
         admin.batch_execute(sql).await.unwrap();
     }
-    // Tenant insert, user insert, update, delete: every one names the tenant.
+    // The cluster insert reloads everything ("*"); tenant insert, user insert, update, delete each name the
+    // tenant.
     let mut got = Vec::new();
-    while got.len() < 4 {
+    while got.len() < 5 {
         let n = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .expect("a notification")
             .expect("the listener is alive");
         got.push(n);
     }
-    assert!(got
-        .iter()
-        .all(|(channel, payload)| channel == TENANT_CHANNEL && payload == "acme"));
+    assert!(got.iter().all(|(channel, _)| channel == TENANT_CHANNEL));
+    let payloads: Vec<&str> = got.iter().map(|(_, p)| p.as_str()).collect();
+    assert_eq!(payloads, ["*", "acme", "acme", "acme", "acme"]);
 }
 
 /// Usage flushes are written exactly once (a retry of a flush whose commit answer was lost adds nothing), and a

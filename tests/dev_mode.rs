@@ -124,17 +124,19 @@ fn dev_mode_serves_psql_and_keeps_data_across_runs() {
     let admin = free_port();
 
     let (proc, url) = start_dev(&data_dir, port, admin);
-    assert_eq!(psql(&url, "select current_database()"), "tenant_demo_main");
+    assert!(psql(&url, "select current_database()").starts_with("pgweir_db_"));
     assert_eq!(http_get(admin, "/healthz"), "ok\n");
     assert!(http_get(admin, "/metrics").contains("pgweir_client_logins_total{result=\"ok\"} "));
     // The README's session: a tenant created with the token, reached with the connection string it returns.
-    let (status, body) = http(admin, "PUT", "/v1/tenants/my-app", "{}");
+    let (status, body) = http(admin, "PUT", "/v1/tenants/my-app", r#"{"plan": "team"}"#);
     assert_eq!(status, 201, "{body}");
     let created: serde_json::Value = serde_json::from_str(&body).unwrap();
     let app_url = created["connection_string"].as_str().unwrap();
+    let (_, body) = http(admin, "GET", "/v1/tenants/my-app", "");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         psql(app_url, "select current_database()"),
-        "tenant_my_app_main"
+        view["backend"]["database"].as_str().unwrap()
     );
     assert_eq!(
         psql(&format!("{url}?sslmode=require"), "select 'tls'"),

@@ -103,6 +103,7 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
     let body = proxy.telemetry.render(
         &proxy.pools.stats(),
         &tenants,
+        &proxy.tenant_states.all(),
         proxy.clients_connected(),
         proxy.pools.paused(),
         max_series,

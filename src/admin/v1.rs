@@ -86,7 +86,7 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("put", "/v1/tokens/{name}", "Create or replace an API token: {\"scope\": \"admin\"|\"read\"}; the token is in the answer, once (admin)."),
     ("delete", "/v1/tokens/{name}", "Revoke an API token (admin)."),
     ("get", "/v1/clusters", "Clusters with their tenant count and health (read)."),
-    ("put", "/v1/clusters/{name}", "Register or update a backend cluster (admin)."),
+    ("put", "/v1/clusters/{name}", "Register or update a backend cluster: {host, port?, admin_user, admin_password?, capacity?, max_active_transactions?} (admin)."),
     ("post", "/v1/clusters/{name}/drain", "Drain a cluster: no new tenants are placed on it; {\"draining\": false} undoes it (admin)."),
     ("get", "/v1/tenants", "List tenants, paged: ?after=<id>&limit=<1..1000> (read)."),
     ("put", "/v1/tenants/{id}", "Create a tenant (idempotent: the same body again is the same tenant, another body is 409) (admin)."),
@@ -341,6 +341,23 @@ async fn put_cluster(
             None
         }
     };
+    let max_active = match body.remove("max_active_transactions") {
+        None => None,
+        Some(Value::Number(n)) => match n.as_i64().and_then(|c| i32::try_from(c).ok()) {
+            Some(c) if c >= 0 => Some(c),
+            _ => {
+                problems.push((
+                    "max_active_transactions".into(),
+                    "must be 0 (no cap) or a positive number".into(),
+                ));
+                None
+            }
+        },
+        Some(_) => {
+            problems.push(("max_active_transactions".into(), "must be a number".into()));
+            None
+        }
+    };
     for k in body.keys() {
         problems.push((k.clone(), "unknown field".into()));
     }
@@ -356,7 +373,7 @@ async fn put_cluster(
     };
     let result = control
         .catalog
-        .put_cluster(&admin, capacity.unwrap_or(100))
+        .put_cluster(&admin, capacity.unwrap_or(100), max_active)
         .await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
     control
@@ -366,14 +383,15 @@ async fn put_cluster(
             "cluster.put",
             &name,
             outcome,
-            json!({"host": admin.host, "port": admin.port}),
+            json!({"host": admin.host, "port": admin.port, "max_active_transactions": max_active}),
         )
         .await;
     match result {
         Ok(()) => (
             StatusCode::OK,
             Json(
-                json!({"name": name, "host": admin.host, "port": admin.port, "capacity": capacity}),
+                json!({"name": name, "host": admin.host, "port": admin.port, "capacity": capacity,
+                       "max_active_transactions": max_active}),
             ),
         )
             .into_response(),
@@ -396,6 +414,11 @@ fn tenant_json(
     let mut v = serde_json::to_value(t).expect("a tenant serializes");
     let o = v.as_object_mut().expect("an object");
     o.insert("endpoint".into(), json!(t.id));
+    // Opaque physical names (operators look them up here; the tenant never needs them).
+    o.insert(
+        "backend".into(),
+        json!({"database": t.backend_database, "role": t.backend_role}),
+    );
     o.insert(
         "connection_string".into(),
         json!(format!(
@@ -829,9 +852,9 @@ async fn list_clusters(State(proxy): State<Arc<Proxy>>, headers: HeaderMap) -> R
         Err(e) => return internal(e),
     };
     let mut out = Vec::new();
-    for (name, host, port, capacity, draining, tenants) in clusters {
+    for c in clusters {
         // Healthy: its provisioning login answers within a few seconds.
-        let healthy = match control.catalog.cluster_admin(&name).await {
+        let healthy = match control.catalog.cluster_admin(&c.name).await {
             Ok(Some(admin)) => tokio::time::timeout(std::time::Duration::from_secs(3), async {
                 match admin.connect().await {
                     Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
@@ -842,10 +865,9 @@ async fn list_clusters(State(proxy): State<Arc<Proxy>>, headers: HeaderMap) -> R
             .unwrap_or(false),
             _ => false,
         };
-        out.push(json!({
-            "name": name, "host": host, "port": port, "capacity": capacity,
-            "draining": draining, "tenants": tenants, "healthy": healthy,
-        }));
+        let mut v = json!(c);
+        v["healthy"] = json!(healthy);
+        out.push(v);
     }
     Json(json!({"clusters": out})).into_response()
 }
@@ -1183,6 +1205,7 @@ fn branch_json(
         )),
     );
     o.insert("endpoint".into(), json!(endpoint));
+    o.insert("backend_database".into(), json!(b.backend_database));
     o.insert("size_bytes".into(), json!(size));
     v
 }

@@ -32,24 +32,6 @@ const STALE_AFTER_SECS: f64 = 15.0;
 /// large databases); smaller ones with `WAL_LOG` (block by block through the WAL, no checkpoint).
 pub const FILE_COPY_FROM_BYTES: i64 = 64 << 20;
 
-/// The physical database of branch `branch` of `tenant`: `tenant_<id>__<branch>` (`-` → `_`), or, when that would
-/// pass PostgreSQL's 63-byte limit, a shortened name with a hash of the full one. Ids and branch names contain no
-/// `--` and do not end or start with `-`, so `__` appears exactly once and splits the name unambiguously; and
-/// tenants' own databases (`tenant_<id>_main`) never contain `__`.
-pub fn branch_database(tenant: &str, branch: &str) -> String {
-    let full = format!(
-        "tenant_{}__{}",
-        tenant.replace('-', "_"),
-        branch.replace('-', "_")
-    );
-    if full.len() <= 63 {
-        return full;
-    }
-    let h = crate::auth::scram::sha256(full.as_bytes());
-    let tag: String = h[..6].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}_{tag}", &full[..50])
-}
-
 /// The temporary database a reset copies into before it swaps it in.
 fn reset_database(branch_db: &str) -> String {
     let h = crate::auth::scram::sha256(branch_db.as_bytes());
@@ -256,10 +238,14 @@ pub async fn start_create(
     let max = plan.map_or(i32::MAX, |p| p.max_branches);
     let have = list(control, tenant).await?.len();
     if have >= usize::try_from(max).unwrap_or(0) {
-        return Err(StartError::Conflict(format!(
-            "the tenant's plan \"{}\" allows {max} branches",
-            t.plan
-        )));
+        return Err(StartError::Conflict(if max == 0 {
+            format!(
+                "the tenant's plan \"{}\" allows 1 database and no branches",
+                t.plan
+            )
+        } else {
+            format!("the tenant's plan \"{}\" allows {max} branches", t.plan)
+        }));
     }
     let request = json!({
         "name": req.name, "parent": req.parent, "expires_at": req.expires_at,
@@ -267,7 +253,7 @@ pub async fn start_create(
         "terminate_other_sessions": req.terminate_other_sessions,
         "strategy": req.strategy,
     });
-    let db = branch_database(tenant, &req.name);
+    let db = super::provision::new_database_name();
     let parent = (req.parent != "main").then(|| req.parent.clone());
     let (tenant_s, name, expires) = (tenant.to_owned(), req.name.clone(), req.expires_at.clone());
     let instance = control.instance.clone();
@@ -703,7 +689,9 @@ async fn create(
     let (cluster, role, main) = placement(control, &op.tenant).await?;
     let parent = op.request["parent"].as_str().unwrap_or("main");
     let source = database_of(control, &op.tenant, parent, &main).await?;
-    let target = branch_database(&op.tenant, &op.branch);
+    let target = branch_database_of_row(control, op)
+        .await?
+        .ok_or_else(|| format!("branch \"{}\" is gone", op.branch))?;
     let admin = cluster_client(control, &cluster).await?;
     let size = database_size(&admin, &source).await?;
     // A leftover of an interrupted attempt — never a database the catalog knows as someone else's.
@@ -880,9 +868,10 @@ async fn claimed_elsewhere(
 async fn undo_create(control: &Control, op: &Operation) -> Result<(), String> {
     let (cluster, _, _) = placement(control, &op.tenant).await?;
     let admin = cluster_client(control, &cluster).await?;
-    let db = branch_database(&op.tenant, &op.branch);
-    if !claimed_elsewhere(control, &db, &op.tenant, &op.branch).await? {
-        drop_database(&admin, &db).await?;
+    if let Some(db) = branch_database_of_row(control, op).await? {
+        if !claimed_elsewhere(control, &db, &op.tenant, &op.branch).await? {
+            drop_database(&admin, &db).await?;
+        }
     }
     delete_branch_row(control, &op.tenant, &op.branch)
         .await
@@ -1020,22 +1009,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn branch_databases_are_distinct_and_fit() {
-        assert_eq!(branch_database("shop", "dev"), "tenant_shop__dev");
-        assert_eq!(branch_database("my-shop", "pr-1"), "tenant_my_shop__pr_1");
-        // Dashes cannot make two pairs collide, nor a branch take a tenant's own database name.
-        assert_ne!(branch_database("x", "b-y"), branch_database("x-b", "y"));
-        assert_ne!(
-            branch_database("a", "c-main"),
-            crate::catalog::provision::backend_names("a-b-c").0
-        );
-        let long = branch_database(&"a".repeat(40), &"b".repeat(40));
-        assert!(long.len() <= 63, "{long}");
-        assert_ne!(
-            long,
-            branch_database(&"a".repeat(40), &format!("{}c", "b".repeat(39)))
-        );
-        assert!(reset_database("tenant_shop_b_dev").len() <= 63);
+    fn physical_names_are_opaque_distinct_and_fit() {
+        use crate::catalog::provision::{new_database_name, new_role_name};
+        let (a, b, r) = (new_database_name(), new_database_name(), new_role_name());
+        assert_ne!(a, b);
+        for name in [&a, &b, &r] {
+            assert!(name.len() <= 63, "{name}");
+            assert!(
+                name.bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'),
+                "{name}"
+            );
+        }
+        assert!(a.starts_with("pgweir_db_") && r.starts_with("pgweir_role_"));
+        assert!(reset_database(&a).len() <= 63);
+        assert_ne!(reset_database(&a), reset_database(&b));
         assert!(valid_branch_name("pr-12"));
         for bad in ["", "-a", "a-", "a--b", "A", "a_b", &"x".repeat(41)] {
             assert!(!valid_branch_name(bad), "{bad}");

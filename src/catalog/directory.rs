@@ -58,7 +58,7 @@ pub struct CatalogDirectory {
 
 const TENANT_SQL: &str = "
 SELECT t.id, t.database, t.backend_database, t.backend_role, t.backend_password_enc,
-       c.name, c.host, c.port, c.tls, p.pool_size, t.plan, p.spec, t.read_only
+       c.name, c.host, c.port, c.tls, p.pool_size, t.plan, p.spec, t.read_only, c.max_active_transactions
   FROM pgweir.tenants t
   JOIN pgweir.clusters c ON c.name = t.cluster
   JOIN pgweir.plans p ON p.name = t.plan
@@ -201,7 +201,7 @@ impl CatalogDirectory {
                     port: u16::try_from(port).unwrap_or(5432),
                     tls,
                     ca_file: None,
-                    max_active_transactions: 0,
+                    max_active_transactions: usize::try_from(r.get::<_, i32>(13)).unwrap_or(0),
                 }),
                 backend_database: Some(r.get(2)),
                 backend_user: Some(r.get(3)),

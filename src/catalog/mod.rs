@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("migrations/0003_branches.sql")),
     (4, include_str!("migrations/0004_plan_specs.sql")),
     (5, include_str!("migrations/0005_read_only.sql")),
+    (6, include_str!("migrations/0006_plan_tiers.sql")),
 ];
 
 /// The catalog version this binary reads and writes.

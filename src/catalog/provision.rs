@@ -18,15 +18,21 @@ pub struct ClusterAdmin {
     pub password: Option<String>,
 }
 
-/// The names of a tenant's objects on its cluster: `tenant_<id>_main` and `tenant_<id>_owner` (`-` becomes `_`;
-/// tenant ids have no `_`, so the mapping is one to one). Ids are at most 40 characters, so names stay under
-/// PostgreSQL's 63.
-pub fn backend_names(tenant: &str) -> (String, String) {
-    let base = tenant.replace('-', "_");
-    (
-        format!("tenant_{base}_main"),
-        format!("tenant_{base}_owner"),
-    )
+/// A new physical database name: `pgweir_db_` and 16 random hex digits. Every role on a cluster can list
+/// `pg_database`, `pg_roles` and `pg_stat_activity`, so physical names say nothing about the tenant or branch they
+/// serve; the catalog records which is which (`tenants.backend_database`, `branches.backend_database`).
+pub fn new_database_name() -> String {
+    format!("pgweir_db_{}", random_hex())
+}
+
+/// A new physical role name: `pgweir_role_` and 16 random hex digits (see [`new_database_name`]).
+pub fn new_role_name() -> String {
+    format!("pgweir_role_{}", random_hex())
+}
+
+fn random_hex() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::thread_rng().gen::<u64>())
 }
 
 impl ClusterAdmin {

@@ -49,6 +49,20 @@ pub struct TenantRow {
     pub created_at: String,
 }
 
+/// A registered cluster as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterRow {
+    pub name: String,
+    pub host: String,
+    pub port: i32,
+    /// Tenants it takes (placement).
+    pub capacity: i32,
+    pub draining: bool,
+    pub tenants: i64,
+    /// Active transactions over all its tenants at once (0: no cap); shared by plan weight when reached.
+    pub max_active_transactions: i32,
+}
+
 /// A plan as the API shows and edits it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PlanRow {
@@ -166,11 +180,12 @@ impl Catalog {
             .is_ok()
     }
 
-    /// Registers (or updates) a cluster.
+    /// Registers (or updates) a cluster. `max_active_transactions` None keeps what it was (0 for a new one).
     pub async fn put_cluster(
         &self,
         admin: &ClusterAdmin,
         capacity: i32,
+        max_active_transactions: Option<i32>,
     ) -> Result<(), tokio_postgres::Error> {
         let sealed = admin
             .password
@@ -185,11 +200,13 @@ impl Catalog {
         self.with(move |c| {
             Box::pin(async move {
                 c.execute(
-                    "INSERT INTO pgweir.clusters (name, host, port, admin_user, admin_password_enc, capacity)
-                     VALUES ($1, $2, $3, $4, $5, $6)
+                    "INSERT INTO pgweir.clusters (name, host, port, admin_user, admin_password_enc, capacity,
+                         max_active_transactions)
+                     VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7, 0))
                      ON CONFLICT (name) DO UPDATE SET host = $2, port = $3, admin_user = $4,
-                         admin_password_enc = COALESCE($5, pgweir.clusters.admin_password_enc), capacity = $6",
-                    &[&name, &host, &port, &user, &sealed, &capacity],
+                         admin_password_enc = COALESCE($5, pgweir.clusters.admin_password_enc), capacity = $6,
+                         max_active_transactions = COALESCE($7, pgweir.clusters.max_active_transactions)",
+                    &[&name, &host, &port, &user, &sealed, &capacity, &max_active_transactions],
                 )
                 .await
                 .map(|_| ())
@@ -198,23 +215,30 @@ impl Catalog {
         .await
     }
 
-    /// Every cluster: (name, host, port, capacity, draining, tenants on it).
-    pub async fn clusters(
-        &self,
-    ) -> Result<Vec<(String, String, i32, i32, bool, i64)>, tokio_postgres::Error> {
+    /// Every cluster, with the number of tenants on it.
+    pub async fn clusters(&self) -> Result<Vec<ClusterRow>, tokio_postgres::Error> {
         self.with(|c| {
             Box::pin(async move {
                 let rows = c
                     .query(
                         "SELECT c.name, c.host, c.port, c.capacity, c.draining,
-                                (SELECT count(*) FROM pgweir.tenants t WHERE t.cluster = c.name)
+                                (SELECT count(*) FROM pgweir.tenants t WHERE t.cluster = c.name),
+                                c.max_active_transactions
                            FROM pgweir.clusters c ORDER BY c.name",
                         &[],
                     )
                     .await?;
                 Ok(rows
                     .iter()
-                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+                    .map(|r| ClusterRow {
+                        name: r.get(0),
+                        host: r.get(1),
+                        port: r.get(2),
+                        capacity: r.get(3),
+                        draining: r.get(4),
+                        tenants: r.get(5),
+                        max_active_transactions: r.get(6),
+                    })
                     .collect())
             })
         })

@@ -7,7 +7,7 @@
 use serde_json::Value;
 
 use super::control::Control;
-use super::provision::{self, backend_names};
+use super::provision;
 use super::store::TenantRow;
 use crate::auth::scram::ScramVerifier;
 
@@ -127,7 +127,8 @@ pub async fn create(
     let tenant = match existing {
         Some(t) => t,
         None => {
-            let (backend_db, backend_role) = backend_names(id);
+            let (backend_db, backend_role) =
+                (provision::new_database_name(), provision::new_role_name());
             let password = req.password.clone().unwrap_or_else(random_password);
             let scram = ScramVerifier::generate(&password, 4096).to_string();
             // A password the caller chose is not shown back.

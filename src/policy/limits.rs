@@ -30,6 +30,8 @@ pub struct TenantState {
     month_asked: AtomicBool,
     /// Refusals by rule, and the latest few (for the admin API).
     refusals: Mutex<RefusalLog>,
+    /// Unparsable statements forwarded (policy `open`).
+    unparsed: AtomicU64,
     /// Per-statement statistics by fingerprint.
     statements: Mutex<std::collections::HashMap<Arc<str>, StatementStats>>,
 }
@@ -90,6 +92,7 @@ impl TenantState {
             month: AtomicU32::new(0),
             month_asked: AtomicBool::new(false),
             refusals: Mutex::new(RefusalLog::default()),
+            unparsed: AtomicU64::new(0),
             statements: Mutex::new(Default::default()),
         }
     }
@@ -156,6 +159,20 @@ impl TenantState {
             log.recent.pop_front();
         }
         log.recent.push_back((now, rule, fingerprint));
+    }
+
+    /// Counts an unparsable statement forwarded under the `open` policy.
+    pub fn count_unparsed(&self) {
+        self.unparsed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refusals by rule and unparsable statements forwarded, for `/metrics`.
+    pub fn refusal_counts(&self) -> (Vec<(&'static str, u64)>, u64) {
+        let log = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            log.by_rule.iter().map(|(r, n)| (*r, *n)).collect(),
+            self.unparsed.load(Ordering::Relaxed),
+        )
     }
 
     pub fn refusal_log(&self) -> RefusalLog {

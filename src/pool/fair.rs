@@ -10,13 +10,15 @@
 //! its grant arrives hands the grant on.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
 /// One cluster's share of active transactions.
 pub struct FairShare {
-    capacity: usize,
+    /// Active transactions at once; 0: no limit (checkouts take no permit).
+    capacity: AtomicUsize,
     state: Mutex<State>,
 }
 
@@ -53,13 +55,28 @@ impl Drop for FairPermit {
 impl FairShare {
     pub fn new(capacity: usize) -> Arc<FairShare> {
         Arc::new(FairShare {
-            capacity: capacity.max(1),
+            capacity: AtomicUsize::new(capacity),
             state: Mutex::new(State::default()),
         })
     }
 
+    /// The limit (0: none).
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limit: checkouts in flight keep their permits, and a larger limit (or none) admits waiters at
+    /// once. (Checkouts made while there was no limit hold no permit and are not counted against a new one.)
+    pub fn set_capacity(self: &Arc<Self>, capacity: usize) {
+        let mut st = self.lock();
+        if self.capacity.swap(capacity, Ordering::Relaxed) != capacity {
+            self.dispatch(&mut st);
+        }
+    }
+
+    fn has_room(&self, st: &State) -> bool {
+        let cap = self.capacity();
+        cap == 0 || st.in_use < cap
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -87,7 +104,7 @@ impl FairShare {
         tenant: &str,
         weight: u32,
     ) -> Option<FairPermit> {
-        if st.in_use >= self.capacity || st.waiting > 0 {
+        if !self.has_room(st) || st.waiting > 0 {
             return None;
         }
         st.in_use += 1;
@@ -119,7 +136,13 @@ impl FairShare {
     /// A permit came back: grant it to the fairest waiter, or free it.
     fn release(self: &Arc<Self>) {
         let mut st = self.lock();
-        loop {
+        st.in_use -= 1;
+        self.dispatch(&mut st);
+    }
+
+    /// Grants permits to the fairest waiters while there is room.
+    fn dispatch(self: &Arc<Self>, st: &mut State) {
+        while self.has_room(st) {
             let vtime = st.vtime;
             // The tenant whose next grant would start first.
             let next = st
@@ -129,7 +152,6 @@ impl FairShare {
                 .map(|(t, q)| (q.finish.max(vtime), t.clone()))
                 .min_by(|a, b| a.0.total_cmp(&b.0));
             let Some((_, tenant)) = next else {
-                st.in_use -= 1;
                 // Forget idle tenants' tags once nobody waits (they would only grow the map).
                 if st.waiting == 0 && st.in_use == 0 {
                     st.tenants.clear();
@@ -146,16 +168,15 @@ impl FairShare {
                 continue;
             };
             st.waiting -= 1;
-            Self::charge(&mut st, &tenant, weight);
+            st.in_use += 1;
+            Self::charge(st, &tenant, weight);
             let permit = FairPermit {
                 share: Some(self.clone()),
             };
-            match tx.send(permit) {
-                Ok(()) => return,
-                Err(mut p) => {
-                    // The waiter gave up: its permit must not release (we are still granting it); try the next.
-                    p.share = None;
-                }
+            if let Err(mut p) = tx.send(permit) {
+                // The waiter gave up: its permit must not release (we hold the lock); take the grant back.
+                p.share = None;
+                st.in_use -= 1;
             }
         }
     }
@@ -170,6 +191,26 @@ impl FairShare {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_changed_limit_admits_waiters_and_zero_lifts_it() {
+        let share = FairShare::new(1);
+        let held = share.try_acquire("a", 1).unwrap();
+        let waiter = {
+            let s = share.clone();
+            tokio::spawn(async move { s.acquire("b", 1).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(share.load(), (1, 1));
+        share.set_capacity(2);
+        let second = waiter.await.unwrap().expect("admitted by the larger limit");
+        assert_eq!(share.load(), (2, 0));
+        assert!(share.try_acquire("c", 1).is_none(), "the limit is 2");
+        share.set_capacity(0);
+        assert!(share.try_acquire("c", 1).is_some(), "no limit");
+        drop((held, second));
+        assert_eq!(share.load(), (0, 0));
+    }
 
     #[tokio::test]
     async fn waiters_are_served_by_weight_and_a_small_tenant_is_not_starved() {

@@ -390,8 +390,7 @@ impl Pool {
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 let fair = match &self.fair {
-                    None => None,
-                    Some(f) => {
+                    Some(f) if f.capacity() > 0 => {
                         match f.try_acquire(&self.tenant, self.weight.load(Ordering::Relaxed)) {
                             Some(p) => Some(p),
                             None => {
@@ -406,6 +405,7 @@ impl Pool {
                             }
                         }
                     }
+                    _ => None,
                 };
                 self.waits.record(Duration::ZERO);
                 let slot = Slot {
@@ -485,8 +485,7 @@ impl Pool {
         started: Instant,
     ) -> Result<Checkout, CheckoutError> {
         let fair = match &self.fair {
-            None => None,
-            Some(f) => {
+            Some(f) if f.capacity() > 0 => {
                 let left = self.cfg.checkout_timeout.saturating_sub(started.elapsed());
                 let waiting = Counted::new(&self.waiting);
                 let weight = self.weight.load(Ordering::Relaxed);
@@ -497,6 +496,7 @@ impl Pool {
                     _ => return Err(CheckoutError::Timeout(self.cfg.checkout_timeout)),
                 }
             }
+            _ => None,
         };
         let waited = started.elapsed();
         self.waits.record(waited);
@@ -1007,19 +1007,28 @@ impl Pools {
         )
     }
 
-    /// The fair share of a cluster that limits its active transactions (a new share when the limit changed).
+    /// The fair share of a cluster's active transactions, with the cluster's current limit (0: none). Every pool
+    /// of the cluster uses the same share, so a changed limit reaches them all.
     fn fair_share(&self, cluster: &crate::tenant::Cluster) -> Option<Arc<FairShare>> {
-        if cluster.max_active_transactions == 0 {
-            return None;
-        }
-        let mut e = self
+        let share = self
             .fair
             .entry(cluster.name.clone())
-            .or_insert_with(|| FairShare::new(cluster.max_active_transactions));
-        if e.capacity() != cluster.max_active_transactions {
-            *e = FairShare::new(cluster.max_active_transactions);
+            .or_insert_with(|| FairShare::new(cluster.max_active_transactions))
+            .clone();
+        if share.capacity() != cluster.max_active_transactions {
+            share.set_capacity(cluster.max_active_transactions);
         }
-        Some(e.clone())
+        Some(share)
+    }
+
+    /// Brings a cluster's limit of active transactions up to date (a reload or a catalog change), for the pools
+    /// that exist already.
+    pub fn follow_cluster(&self, cluster: &crate::tenant::Cluster) {
+        if let Some(share) = self.fair.get(&cluster.name) {
+            if share.capacity() != cluster.max_active_transactions {
+                share.set_capacity(cluster.max_active_transactions);
+            }
+        }
     }
 
     /// The traffic gate of a backend database.

@@ -778,7 +778,8 @@ fn admit(p: Policy<'_>, tag: u8, f: &[u8], rate: RateState) -> Admission {
             }
             None => {
                 if facts.classes & crate::policy::class::UNPARSED != 0 {
-                    p.telemetry.policy_unparsed(p.tenant);
+                    p.telemetry.policy_unparsed.increment(1);
+                    p.state.count_unparsed();
                     tracing::debug!(
                         tenant = %p.tenant,
                         fingerprint = %facts.fingerprint,
@@ -843,7 +844,7 @@ fn refuse(
     seq: u64,
     out: &mut BytesMut,
 ) {
-    p.telemetry.policy_refused(p.tenant, r.rule);
+    p.telemetry.policy_refused(r.rule);
     queue_refusal(shared, r.to_error(), seq);
     match tag {
         b'Q' | b'F' => {

@@ -246,20 +246,22 @@ async fn login(
         );
     for (k, v) in settings {
         if let Some(r) = tenant.plan.policy.setting(&k, Some(&v)) {
-            proxy.telemetry.policy_refused(&tenant.id, r.rule);
+            proxy.telemetry.policy_refused(r.rule);
+            proxy
+                .tenant_states
+                .state(&tenant.id, &tenant.plan, tenant.read_only)
+                .refused(r.rule, format!("(startup parameter {k})"));
             fail!(PgError::fatal(r.code, r.message));
         }
     }
-    let slot = match proxy
+    let state = proxy
         .tenant_states
-        .state(&tenant.id, &tenant.plan, tenant.read_only)
-        .connect()
-    {
+        .state(&tenant.id, &tenant.plan, tenant.read_only);
+    let slot = match state.connect() {
         Some(s) => s,
         None => {
-            proxy
-                .telemetry
-                .policy_refused(&tenant.id, "max-connections");
+            proxy.telemetry.policy_refused("max-connections");
+            state.refused("max-connections", "(connection)".into());
             fail!(PgError::fatal(
                 sqlstate::TOO_MANY_CONNECTIONS,
                 format!(

@@ -42,13 +42,13 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
     out
 }
 
-async fn scrape(env: &Env) -> BTreeMap<String, f64> {
+pub async fn scrape(env: &Env) -> BTreeMap<String, f64> {
     let (status, body) = get(env.admin, "/metrics").await;
     assert_eq!(status, 200);
     parse_metrics(&body)
 }
 
-fn value(m: &BTreeMap<String, f64>, series: &str) -> f64 {
+pub fn value(m: &BTreeMap<String, f64>, series: &str) -> f64 {
     m.get(series).copied().unwrap_or(0.0)
 }
 

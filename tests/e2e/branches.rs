@@ -86,6 +86,29 @@ fn branches_are_cut_reset_and_deleted_under_load_without_failures() {
     pgbench_init(&libpq, 1);
     let run = pgbench_spawn(&["-n", "-c", "8", "-j", "2", "-T", "20"], &libpq);
     rt.block_on(async {
+        // The free plan is one database: no branch. This test's free plan allows 3.
+        let (s, v) = call(
+            env.admin,
+            "POST",
+            "/v1/tenants/shop/branches",
+            Some(ADMIN),
+            Some(r#"{"name": "b0"}"#),
+        )
+        .await;
+        assert_eq!(s, 409, "{v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("allows 1 database"),
+            "{v}"
+        );
+        let (s, v) = call(
+            env.admin,
+            "PUT",
+            "/v1/plans/free",
+            Some(ADMIN),
+            Some(r#"{"max_branches": 3}"#),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
         tokio::time::sleep(Duration::from_millis(500)).await;
         // Create two branches under load.
         let mut cuts = Vec::new();
@@ -229,7 +252,12 @@ fn branches_are_cut_reset_and_deleted_under_load_without_failures() {
         .await;
         assert_eq!(s, 200, "{v}");
         let at_cut = {
-            let direct = env.cluster.connect("tenant_shop_main").await.unwrap();
+            let (_, t) = call(env.admin, "GET", "/v1/tenants/shop", Some(READER), None).await;
+            let direct = env
+                .cluster
+                .connect(t["backend"]["database"].as_str().unwrap())
+                .await
+                .unwrap();
             fingerprint(&direct).await
         };
         let (s, v) = call(
@@ -349,11 +377,11 @@ fn branches_are_cut_reset_and_deleted_under_load_without_failures() {
 
         // An operation whose instance died (its heartbeat stopped) is finished by housekeeping: nothing is left.
         let su = env.cluster.connect("postgres").await.unwrap();
-        su.batch_execute("CREATE DATABASE tenant_shop__ghost").await.unwrap();
+        su.batch_execute("CREATE DATABASE pgweir_db_0000000000000001").await.unwrap();
         let control = env.cluster.connect("control").await.unwrap();
         control
             .batch_execute(
-                "INSERT INTO pgweir.branches (tenant, name, backend_database, state) VALUES ('shop', 'ghost', 'tenant_shop__ghost', 'creating');
+                "INSERT INTO pgweir.branches (tenant, name, backend_database, state) VALUES ('shop', 'ghost', 'pgweir_db_0000000000000001', 'creating');
                  INSERT INTO pgweir.operations (id, tenant, kind, branch, request, status, instance, heartbeat_at)
                  VALUES ('op_ghost', 'shop', 'branch.create', 'ghost', '{\"name\": \"ghost\", \"parent\": \"main\"}', 'running', 'gone', now() - interval '1 minute')",
             )
@@ -363,7 +391,7 @@ fn branches_are_cut_reset_and_deleted_under_load_without_failures() {
         assert_eq!(done["status"], "failed", "{done}");
         assert!(done["error"].as_str().unwrap().contains("interrupted"), "{done}");
         let left: i64 = su
-            .query_one("select count(*) from pg_database where datname = 'tenant_shop__ghost'", &[])
+            .query_one("select count(*) from pg_database where datname = 'pgweir_db_0000000000000001'", &[])
             .await
             .unwrap()
             .get(0);

@@ -199,7 +199,16 @@ fn tenants_are_provisioned_used_and_deleted() {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(db, "tenant_shop_main");
+        // Physical names are opaque: nothing in pg_database or pg_roles tells which tenant they serve.
+        let (pdb, prole) = (
+            created["backend"]["database"].as_str().unwrap().to_owned(),
+            created["backend"]["role"].as_str().unwrap().to_owned(),
+        );
+        assert_eq!(db, pdb);
+        assert!(pdb.starts_with("pgweir_db_") && !pdb.contains("shop"), "{pdb}");
+        assert!(prole.starts_with("pgweir_role_") && !prole.contains("shop"), "{prole}");
+        let user: String = client.query_one("select current_user", &[]).await.unwrap().get(0);
+        assert_eq!(user, prole);
         client
             .batch_execute("create table orders(id int); insert into orders values (1)")
             .await
@@ -252,7 +261,7 @@ fn tenants_are_provisioned_used_and_deleted() {
         let (s, pools) = call(env.admin, "GET", "/v1/tenants/shop/pools", Some(READER), None).await;
         assert_eq!(s, 200);
         let pool = &pools["pools"][0];
-        assert_eq!(pool["pool"], "local/tenant_shop_main@tenant_shop_owner", "{pools}");
+        assert_eq!(pool["pool"], format!("local/{pdb}@{prole}"), "{pools}");
         assert!(pool["sv_total"].as_u64().unwrap() >= 1, "{pools}");
         assert!(pool["cl_active"].as_u64().unwrap() >= 1, "the open session counts: {pools}");
         assert_eq!(pool["cl_waiting"], 0, "{pools}");
@@ -267,15 +276,15 @@ fn tenants_are_provisioned_used_and_deleted() {
         let su = env.cluster.connect("postgres").await.unwrap();
         let row = su
             .query_one(
-                "select rolsuper, rolcreatedb, rolcreaterole, rolconnlimit from pg_roles where rolname = 'tenant_shop_owner'",
-                &[],
+                "select rolsuper, rolcreatedb, rolcreaterole, rolconnlimit from pg_roles where rolname = $1",
+                &[&prole],
             )
             .await
             .unwrap();
         assert_eq!((row.get::<_, bool>(0), row.get::<_, bool>(1), row.get::<_, bool>(2)), (false, false, false));
         assert_eq!(row.get::<_, i32>(3), 20, "the free plan's connection limit");
         let public_connect: bool = su
-            .query_one("select has_database_privilege('public', 'tenant_shop_main', 'CONNECT')", &[])
+            .query_one("select has_database_privilege('public', $1, 'CONNECT')", &[&pdb])
             .await
             .unwrap()
             .get(0);
@@ -285,7 +294,7 @@ fn tenants_are_provisioned_used_and_deleted() {
         let (s, changed) = call(env.admin, "PATCH", "/v1/tenants/shop", Some(ADMIN), Some(r#"{"plan": "pro"}"#)).await;
         assert_eq!((s, changed["plan"].as_str()), (200, Some("pro")), "{changed}");
         let limit: i32 = su
-            .query_one("select rolconnlimit from pg_roles where rolname = 'tenant_shop_owner'", &[])
+            .query_one("select rolconnlimit from pg_roles where rolname = $1", &[&prole])
             .await
             .unwrap()
             .get(0);
@@ -329,7 +338,7 @@ fn tenants_are_provisioned_used_and_deleted() {
         let err = connect_url(&url).await.expect_err("a deleted tenant refuses logins");
         assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
         let dbs: i64 = su
-            .query_one("select count(*) from pg_database where datname = 'tenant_shop_main'", &[])
+            .query_one("select count(*) from pg_database where datname = $1", &[&pdb])
             .await
             .unwrap()
             .get(0);
@@ -352,7 +361,7 @@ fn tenants_are_provisioned_used_and_deleted() {
         loop {
             let (s, metrics) = http(env.admin, "GET", "/metrics", None, None).await;
             assert_eq!(s, 200);
-            if !metrics.contains("tenant_shop_main") && env.proxy.pools.stats().iter().all(|p| p.tenant != "shop") {
+            if !metrics.contains(&pdb) && env.proxy.pools.stats().iter().all(|p| p.tenant != "shop") {
                 break;
             }
             assert!(Instant::now() < deadline, "pools of a deleted tenant are dropped:\n{metrics}");
@@ -539,18 +548,21 @@ fn interrupted_provisioning_is_finished_or_cleaned_up_and_clusters_drain() {
         let (s, clusters) = call(env.admin, "GET", "/v1/clusters", Some(READER), None).await;
         assert_eq!(s, 200);
         assert_eq!(clusters["clusters"][0]["healthy"], false, "{clusters}");
+        let mut names = std::collections::HashMap::new();
         for id in ["half", "gone"] {
             let (s, body) = call(env.admin, "PUT", &format!("/v1/tenants/{id}"), Some(ADMIN), Some("{}")).await;
             assert_eq!((s, body["state"].as_str()), (502, Some("failed")), "{body}");
+            let backend = |k: &str| body["backend"][k].as_str().unwrap().to_owned();
+            names.insert(id, (backend("database"), backend("role")));
         }
         // What an attempt interrupted after its first steps leaves behind on the cluster.
         let su = env.cluster.connect("postgres").await.unwrap();
         for sql in [
-            "CREATE ROLE tenant_half_owner LOGIN PASSWORD 'stale'",
-            "CREATE ROLE tenant_gone_owner LOGIN PASSWORD 'stale'",
-            "CREATE DATABASE tenant_gone_main OWNER tenant_gone_owner",
+            format!("CREATE ROLE {} LOGIN PASSWORD 'stale'", names["half"].1),
+            format!("CREATE ROLE {} LOGIN PASSWORD 'stale'", names["gone"].1),
+            format!("CREATE DATABASE {} OWNER {}", names["gone"].0, names["gone"].1),
         ] {
-            su.batch_execute(sql).await.unwrap();
+            su.batch_execute(&sql).await.unwrap();
         }
         register_cluster(&env, "local", env.cluster.port()).await;
         let (_, clusters) = call(env.admin, "GET", "/v1/clusters", Some(READER), None).await;
@@ -564,14 +576,14 @@ fn interrupted_provisioning_is_finished_or_cleaned_up_and_clusters_drain() {
             .await
             .expect("the finished tenant accepts its owner");
         let db: String = client.query_one("select current_database()", &[]).await.unwrap().get(0);
-        assert_eq!(db, "tenant_half_main");
+        assert_eq!(db, names["half"].0);
         // Deleting "gone" removes what the interrupted attempt left.
         let (s, _) = call(env.admin, "DELETE", "/v1/tenants/gone", Some(ADMIN), None).await;
         assert_eq!(s, 204);
         let left: Vec<String> = su
             .query(
-                "select rolname::text from pg_roles where rolname like 'tenant\\_%'
-                 union all select datname::text from pg_database where datname like 'tenant\\_%' order by 1",
+                "select rolname::text from pg_roles where rolname like 'pgweir\\_%'
+                 union all select datname::text from pg_database where datname like 'pgweir\\_%' order by 1",
                 &[],
             )
             .await
@@ -579,7 +591,9 @@ fn interrupted_provisioning_is_finished_or_cleaned_up_and_clusters_drain() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        assert_eq!(left, ["tenant_half_main", "tenant_half_owner"], "nothing orphaned");
+        let mut want = vec![names["half"].0.clone(), names["half"].1.clone()];
+        want.sort();
+        assert_eq!(left, want, "nothing orphaned");
 
         // A draining cluster takes no new tenants; undoing the drain lets them in again.
         let (s, _) = call(env.admin, "POST", "/v1/clusters/local/drain", Some(ADMIN), Some("{}")).await;

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
+use serde_json::json;
 
 /// Tenants on the acme backend with plans of their own: `strict` (transaction mode, closed policy, DDL refused),
 /// `ro` (read-only), `rate` (1 query per second, burst 5, 300 ms wait), `capped` (2 connections).
@@ -158,6 +159,26 @@ fn isolation_rules_hold_over_simple_and_extended_protocol() {
         open.batch_execute("DO $$BEGIN PERFORM 1; END$$")
             .await
             .unwrap();
+        // Counted: by rule for the process, by tenant and rule per tenant.
+        let m = crate::admin::scrape(&env).await;
+        let v = |series: &str| crate::admin::value(&m, series);
+        assert_eq!(
+            v("pgweir_policy_refusals_total{rule=\"alter-system\"}"),
+            2.0
+        );
+        assert_eq!(
+            v("pgweir_tenant_policy_refusals_total{tenant=\"strict\",rule=\"alter-system\"}"),
+            1.0
+        );
+        assert_eq!(
+            v("pgweir_tenant_policy_refusals_total{tenant=\"acme\",rule=\"function\"}"),
+            5.0,
+            "two simple, two extended, one in a transaction"
+        );
+        assert_eq!(
+            v("pgweir_tenant_policy_unparsed_total{tenant=\"acme\"}"),
+            1.0
+        );
     });
     // psql shows the rule; startup options are checked too.
     let err = psql_err(&url(&env, "acme"), "COPY (SELECT 1) TO PROGRAM 'cat'");
@@ -575,11 +596,13 @@ fn the_monthly_quota_survives_a_restart() {
     });
 }
 
-/// Over its storage quota a tenant is read-only (reads keep working); back under it, writable again.
+/// Over its storage quota a tenant is read-only (reads keep working); back under it, writable again. The cluster
+/// is reached over TLS (verify-full): the sampler connects the way the data path does.
 #[test]
 fn a_tenant_over_its_storage_quota_is_read_only() {
     let alice = user_toml("alice", ALICE_PASSWORD, false);
     let env = Env::with(Setup {
+        backend_tls: Some("verify-full"),
         proxy: "storage_check_interval = \"200ms\"".into(),
         extra_config: acme_tenant(
             "small",
@@ -708,9 +731,11 @@ fn the_tenant_role_itself_cannot_do_what_the_policy_refuses() {
     runtime().block_on(async {
         add_tokens(&env).await;
         register_cluster(&env, "local", env.cluster.port()).await;
+        let mut urls = Vec::new();
         for id in ["one", "two"] {
             let (s, body) = call(env.admin, "PUT", &format!("/v1/tenants/{id}"), Some(ADMIN), Some("{}")).await;
             assert_eq!(s, 201, "{body}");
+            urls.push(body["connection_string"].as_str().unwrap().to_owned());
         }
         let tenant = |id: &str| {
             let t = env.proxy.directory.get(id).expect("the tenant is known");
@@ -759,5 +784,51 @@ fn the_tenant_role_itself_cannot_do_what_the_policy_refuses() {
         // Another tenant's database is closed to it.
         let e = env.connect(&direct(&other_db)).await.unwrap_err();
         assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e}");
+        // What every role can list names no tenant: physical names are opaque.
+        let names: Vec<String> = c
+            .query(
+                "select datname::text from pg_database union all select rolname::text from pg_roles",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(names.contains(&other_db), "{names:?}");
+        assert!(names.iter().all(|n| !n.contains("one") && !n.contains("two")), "{names:?}");
+
+        // A catalog cluster's cap on active transactions, set through the API, reaches the data plane.
+        let cap = |n: u32| {
+            json!({
+                "host": "127.0.0.1", "port": env.cluster.port(), "admin_user": "postgres",
+                "max_active_transactions": n,
+            })
+            .to_string()
+        };
+        let (s, body) = call(env.admin, "PUT", "/v1/clusters/local", Some(ADMIN), Some(&cap(1))).await;
+        assert_eq!(s, 200, "{body}");
+        let (_, list) = call(env.admin, "GET", "/v1/clusters", Some(ADMIN), None).await;
+        assert_eq!(list["clusters"][0]["max_active_transactions"], 1, "{list}");
+        let capped = |n: usize| env.proxy.directory.get("two").is_some_and(|t| t.cluster.max_active_transactions == n);
+        assert!(wait_until_async(Duration::from_secs(10), || async { capped(1) }).await);
+        let (a, b) = (
+            crate::control::connect_url(&urls[0]).await.unwrap(),
+            crate::control::connect_url(&urls[1]).await.unwrap(),
+        );
+        a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(500), b.simple_query("SELECT 2")).await;
+        assert!(waited.is_err(), "another tenant's transaction waits while the cluster's one slot is taken");
+        a.batch_execute("COMMIT").await.unwrap();
+        b.simple_query("SELECT 3").await.expect("then it runs");
+        let (s, body) = call(env.admin, "PUT", "/v1/clusters/local", Some(ADMIN), Some(&cap(0))).await;
+        assert_eq!(s, 200, "{body}");
+        assert!(wait_until_async(Duration::from_secs(10), || async { capped(0) }).await);
+        a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), b.batch_execute("BEGIN; SELECT 2; COMMIT"))
+            .await
+            .expect("no cap: both run at once")
+            .unwrap();
+        a.batch_execute("COMMIT").await.unwrap();
     });
 }
