@@ -628,6 +628,9 @@ impl LocalCluster {
         let mut settings: Vec<(String, String)> = vec![
             ("listen_addresses".into(), self.spec.listen.clone()),
             ("unix_socket_directories".into(), String::new()),
+            // Prepared transactions outlive the session (and the pooled connection) that made them, holding
+            // locks; no tenant gets them (the PostgreSQL default, stated).
+            ("max_prepared_transactions".into(), "0".into()),
         ];
         if self.temp_root.is_some() {
             for (k, v) in [

@@ -211,6 +211,9 @@ struct Shared<'a> {
     rows: AtomicU64,
 }
 
+/// Named statements remembered per session for statistics when there is no rewriter (beyond: not attributed).
+const MAX_NAMED_STATS: usize = 1000;
+
 /// The text of the stand-in for a refused statement: not SQL, so the server answers it with a syntax error at
 /// once (before any statement runs, whatever the transaction state), which the server→client side recognises by
 /// this process's random marker and replaces with the refusal. The server handles the error as its own — aborted
@@ -474,6 +477,11 @@ where
     let mut batch_stmt: Option<Arc<crate::policy::Facts>> = None;
     // The batch has an Execute (only executed statements count in the statistics).
     let mut batch_exec = false;
+    // Without the rewriter (session mode), the client's named statements by name, for the statistics of the
+    // Binds that use them.
+    let named_stats = policy.is_some() && !rewrite;
+    let mut named: std::collections::HashMap<Vec<u8>, Arc<crate::policy::Facts>> =
+        Default::default();
     loop {
         let mut replaced = false;
         let mut wait = false;
@@ -485,6 +493,7 @@ where
                     || (txn && (tag == b'Q' || tag == b'P'))
                     || (rewrite && matches!(tag, b'P' | b'B' | b'D' | b'C'))
                     || (policy.is_some() && matches!(tag, b'Q' | b'P' | b'F' | b'E'))
+                    || (named_stats && matches!(tag, b'B' | b'C'))
             },
             |tag, frame| -> Result<Verdict, FrameError> {
                 // One lock of the rewriter per statement message, held for both of its uses below.
@@ -523,13 +532,45 @@ where
                         Admission::Go(Some(facts)) if tag == b'Q' => {
                             shared.lock_stmts().push_back((seq, facts, shared.now_us()))
                         }
-                        Admission::Go(facts @ Some(_)) if tag == b'P' => batch_stmt = facts,
+                        Admission::Go(facts @ Some(_)) if tag == b'P' => {
+                            if let (true, Some((name, _)), Some(facts)) =
+                                (named_stats, cstr(body(f)), &facts)
+                            {
+                                if !name.is_empty()
+                                    && (named.len() < MAX_NAMED_STATS || named.contains_key(name))
+                                {
+                                    named.insert(name.to_vec(), facts.clone());
+                                }
+                            }
+                            batch_stmt = facts;
+                        }
                         Admission::Go(_) => {}
                     }
                 }
                 if let (Some(p), Some(rw), Some(f), b'B') = (policy, &rw, frame, tag) {
                     if let Some(text) = rw.bound_text(body(f)) {
                         batch_stmt = Some(p.classifier.facts(text));
+                    }
+                }
+                if let (true, Some(f)) = (named_stats, frame) {
+                    match tag {
+                        // Bind: portal name, then statement name.
+                        b'B' => {
+                            if let Some((_, rest)) = cstr(body(f)) {
+                                if let Some((name, _)) = cstr(rest).filter(|(n, _)| !n.is_empty()) {
+                                    if let Some(facts) = named.get(name) {
+                                        batch_stmt = Some(facts.clone());
+                                    }
+                                }
+                            }
+                        }
+                        // Close of a statement ('S'), not of a portal.
+                        b'C' if body(f).first() == Some(&b'S') => {
+                            if let Some((name, _)) = cstr(&body(f)[1..]) {
+                                named.remove(name);
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 match tag {

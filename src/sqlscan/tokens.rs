@@ -161,7 +161,11 @@ pub fn fingerprint_and_literals(sql: &str, max: usize) -> (String, bool) {
             out.truncate(out.len() - 1);
             continue;
         }
-        let space = !(out.is_empty() || piece == "," || piece == ")" || out.ends_with('('));
+        // Written as people write SQL: `t.a`, `x::int`, `f(a, b)`.
+        let space = !(out.is_empty()
+            || matches!(piece, "," | ")" | "." | ":")
+            || out.ends_with(['(', '.'])
+            || out.ends_with("::"));
         if out.len() + usize::from(space) + piece.len() > max {
             out.push('…');
             break;
@@ -221,5 +225,9 @@ mod tests {
             "select * from t where a = ? and b in (?) and c = ?"
         );
         assert_eq!(fingerprint("select aaa bbb", 10), "select aaa…");
+        assert_eq!(
+            fingerprint("SELECT t.a::int, $1 :: text FROM s.t", 100),
+            "select t.a::int, ?::text from s.t"
+        );
     }
 }

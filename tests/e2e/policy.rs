@@ -439,6 +439,19 @@ fn catalog_plans_are_edited_through_the_api_and_followed_by_running_sessions() {
         assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e}");
         let rows = c.query("SELECT 1 + $1::int", &[&1i32]).await.unwrap();
         assert_eq!(rows[0].get::<_, i32>(0), 2);
+        // Session mode (asked for by this client): a named statement prepared once, executed in later requests.
+        let session = env
+            .connect(&format!(
+                "{}?sslmode=disable&options=pool_mode%3Dsession",
+                created["connection_string"].as_str().unwrap()
+            ))
+            .await
+            .unwrap();
+        let twice = session.prepare("SELECT 2 * $1::int").await.unwrap();
+        for i in 0..3 {
+            let row = session.query_one(&twice, &[&i]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), 2 * i);
+        }
 
         // Read-only from now on: the open session follows.
         let (s, body) = call(
@@ -500,6 +513,11 @@ fn catalog_plans_are_edited_through_the_api_and_followed_by_running_sessions() {
             .unwrap_or_else(|| panic!("the prepared statement is listed: {view}"));
         assert_eq!(sum["calls"], 1, "{sum}");
         assert_eq!(sum["rows"], 1, "{sum}");
+        let named = top
+            .iter()
+            .find(|t| t["statement"].as_str().unwrap_or("").starts_with("select ? * ?"))
+            .unwrap_or_else(|| panic!("the session-mode named statement is listed: {view}"));
+        assert_eq!((named["calls"].as_u64(), named["rows"].as_u64()), (Some(3), Some(3)), "{named}");
         let selects = top
             .iter()
             .find(|t| t["statement"] == "select ?")
@@ -781,6 +799,10 @@ fn the_tenant_role_itself_cannot_do_what_the_policy_refuses() {
             .await
             .unwrap_err();
         assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{}", message(&e));
+        // No prepared transactions (they would outlive the session and hold locks on a pooled server).
+        let e = c.batch_execute("BEGIN; PREPARE TRANSACTION 'held'").await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("55000"), "{}", message(&e));
+        c.batch_execute("ROLLBACK").await.unwrap();
         // Another tenant's database is closed to it.
         let e = env.connect(&direct(&other_db)).await.unwrap_err();
         assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e}");
