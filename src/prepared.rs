@@ -102,11 +102,50 @@ impl Registry {
     }
 }
 
+/// A client's statements by name; the map is allocated with the first one (most idle clients have none, and the
+/// session's future stays smaller).
+#[derive(Debug, Default)]
+struct NameMap(Option<Box<Names>>);
+
+type Names = HashMap<Box<[u8]>, Arc<Statement>>;
+
+impl NameMap {
+    fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
+        self.0.as_ref()?.get(name)
+    }
+
+    fn insert(&mut self, name: Box<[u8]>, stmt: Arc<Statement>) -> Option<Arc<Statement>> {
+        self.0
+            .get_or_insert_with(Default::default)
+            .insert(name, stmt)
+    }
+
+    /// Inserts unless the name is taken.
+    fn insert_new(&mut self, name: Box<[u8]>, stmt: Arc<Statement>) {
+        self.0
+            .get_or_insert_with(Default::default)
+            .entry(name)
+            .or_insert(stmt);
+    }
+
+    fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        self.0.as_mut()?.remove(name)
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// One client's named statements.
 #[derive(Debug)]
 pub struct ClientStatements {
     registry: Arc<Registry>,
-    by_name: HashMap<Box<[u8]>, Arc<Statement>>,
+    by_name: NameMap,
     /// The client's search_path (empty: the server's default), part of what identifies a statement.
     search_path: Vec<u8>,
 }
@@ -115,7 +154,7 @@ impl ClientStatements {
     pub fn new(registry: Arc<Registry>) -> Self {
         ClientStatements {
             registry,
-            by_name: HashMap::new(),
+            by_name: NameMap::default(),
             search_path: Vec::new(),
         }
     }
@@ -173,7 +212,7 @@ impl ClientStatements {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
+        self.by_name.len() == 0
     }
 }
 
@@ -535,7 +574,7 @@ impl<'a> Rewriter<'a> {
             }
             Undo::ClientClose { name, prev } => {
                 if let Some(p) = prev {
-                    self.client.by_name.entry(name).or_insert(p);
+                    self.client.by_name.insert_new(name, p);
                 }
             }
             Undo::Evict { id, tick } => {

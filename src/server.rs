@@ -378,10 +378,9 @@ impl Server {
             match slots.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let proxy = proxy.clone();
-                    tokio::spawn(async move {
-                        crate::session::serve(proxy, tcp, peer).await;
-                        drop(permit);
-                    });
+                    // The session's future is the task (no wrapper around it: every byte of the task stays as
+                    // long as the client does).
+                    tokio::spawn(crate::session::serve(proxy, tcp, peer, permit));
                 }
                 Err(_) => {
                     proxy.telemetry.clients_refused.increment(1);

@@ -81,6 +81,8 @@ fn startup_settings(startup: &StartupParams) -> Result<Settings, PgError> {
             set(&mut out, &k.to_ascii_lowercase(), v);
         }
     }
+    // Kept for the whole session: no spare capacity.
+    out.shrink_to_fit();
     Ok(out)
 }
 
@@ -115,9 +117,9 @@ pub(super) async fn run(
     proxy: &Arc<Proxy>,
     stream: &mut ClientStream,
     s: Box<Session>,
-    peer: SocketAddr,
+    peer: &SocketAddr,
 ) -> bool {
-    let Some(mut c) = Box::pin(attach(proxy, stream, *s, peer)).await else {
+    let Some(mut c) = Box::pin(attach(proxy, stream, super::unbox(s), *peer)).await else {
         return false;
     };
     let mut buf = BytesMut::new();
