@@ -939,8 +939,8 @@ fn check_query_timeout(shared: &Shared<'_>) {
     let Some(limit) = shared.limits.query_timeout else {
         return;
     };
-    let since = shared.busy_since_us.load(Ordering::Relaxed);
-    if since == 0 || shared.timed_out.load(Ordering::Relaxed) {
+    let since = shared.busy_since_us.load(Ordering::SeqCst);
+    if since == 0 || shared.timed_out.load(Ordering::SeqCst) {
         return;
     }
     let busy = shared
@@ -953,7 +953,20 @@ fn check_query_timeout(shared: &Shared<'_>) {
     let Some(t) = shared.cancel.clone() else {
         return;
     };
-    shared.timed_out.store(true, Ordering::Relaxed);
+    // Once per request: `timed_out` stays set until the request's ReadyForQuery. The request may have ended
+    // between the reads above and here (its ReadyForQuery resets both): then nothing is cancelled, or the cancel
+    // would hit the next request.
+    if shared
+        .timed_out
+        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        return;
+    }
+    if shared.busy_since_us.load(Ordering::SeqCst) != since {
+        shared.timed_out.store(false, Ordering::SeqCst);
+        return;
+    }
     shared.cancel_sent.store(true, Ordering::Relaxed);
     tokio::spawn(async move {
         if let Err(e) = crate::backend::send_cancel(&t.host, t.port, t.pid, &t.secret).await {
@@ -1141,12 +1154,12 @@ where
                             shared
                                 .idle_since_ms
                                 .store(now_us / 1000 + 1, Ordering::Relaxed);
-                            shared.busy_since_us.store(0, Ordering::Relaxed);
+                            shared.busy_since_us.store(0, Ordering::SeqCst);
                         } else {
                             // The next request's time starts now.
-                            shared.busy_since_us.store(now_us, Ordering::Relaxed);
+                            shared.busy_since_us.store(now_us, Ordering::SeqCst);
                         }
-                        shared.timed_out.store(false, Ordering::Relaxed);
+                        shared.timed_out.store(false, Ordering::SeqCst);
                         if status == b'I' && transaction_finished(shared, ready) {
                             return Ok(Verdict::Last);
                         }
@@ -1213,7 +1226,8 @@ where
             )
             .encode(&mut out);
             buf.advance(scan.forward + total);
-            shared.timed_out.store(false, Ordering::Relaxed);
+            // `timed_out` stays set until the ReadyForQuery: a check between this error and it must not send a
+            // second cancel (it would hit the client's next statement).
             continue;
         }
         if let Some(edit) = edit {
