@@ -544,10 +544,15 @@ async fn read_idle(
     }
 }
 
+/// The first read buffer of a request.
+const READ_BUFFER: usize = 1024;
+
 /// The next bytes of a client (a plain connection holds no buffer until it is readable).
 async fn read_some(stream: &mut ClientStream, buf: &mut BytesMut) -> IdleRead {
     stream.readable().await;
-    buf.reserve(512);
+    // Not 512: the allocator's 512-byte pages hold every idle session's future, and a short-lived buffer among
+    // them would keep those pages from being returned after a burst.
+    buf.reserve(READ_BUFFER);
     match stream.read_buf(buf).await {
         Ok(0) | Err(_) => IdleRead::Closed,
         Ok(_) => IdleRead::Data,
