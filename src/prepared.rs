@@ -182,7 +182,8 @@ impl ClientStatements {
             match tag {
                 b'P' => {
                     let (name, rest) = cstr(&frame[5..])?;
-                    if name.is_empty() {
+                    // Unnamed, or a name in use (the server must answer: 42P05).
+                    if name.is_empty() || self.by_name.get(name).is_some() {
                         return None;
                     }
                     let stmt = self.registry.intern(rest, &self.search_path);
@@ -331,6 +332,11 @@ impl<'a> Rewriter<'a> {
             run_start,
             pending: VecDeque::new(),
         }
+    }
+
+    /// Has the client a statement of this name? (A Parse of it fails with 42P05, as on Postgres.)
+    pub fn client_has(&self, name: &[u8]) -> bool {
+        self.client.by_name.get(name).is_some()
     }
 
     /// The statement text of the client's named statement that a Bind body names (for statistics).

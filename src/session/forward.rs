@@ -547,6 +547,30 @@ where
                         Admission::Go(_) => {}
                     }
                 }
+                // A Parse of a named statement the client has: Postgres answers 42P05 and keeps the statement.
+                if let (Some(rw), Some(f), b'P') = (&rw, frame, tag) {
+                    if let Some((name, _)) = cstr(body(f)).filter(|(n, _)| !n.is_empty()) {
+                        if rw.client_has(name) {
+                            let e = crate::wire::PgError::error(
+                                crate::wire::error::sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                                format!(
+                                    "prepared statement \"{}\" already exists",
+                                    String::from_utf8_lossy(name)
+                                ),
+                            );
+                            queue_refusal(shared, e, seq);
+                            shared.batch_open.store(true, Ordering::Relaxed);
+                            refused_parse(
+                                b"pgweir_refused",
+                                refusal_marker(),
+                                &[0, 0],
+                                &mut rewritten,
+                            );
+                            replaced = true;
+                            return Ok(Verdict::Stop);
+                        }
+                    }
+                }
                 if let (Some(p), Some(rw), Some(f), b'B') = (policy, &rw, frame, tag) {
                     if let Some(text) = rw.bound_text(body(f)) {
                         batch_stmt = Some(p.classifier.facts(text));

@@ -33,6 +33,7 @@ pub mod sqlstate {
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     pub const QUERY_CANCELED: &str = "57014";
+    pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";

@@ -575,6 +575,18 @@ fn named_statement_pipelines_reply_exactly_as_postgres() {
             ext::execute("", &mut b);
             ext::sync(&mut b);
             v.push((1, b.split()));
+            // 7. A Parse of a name in use fails with 42P05 and the statement stays as it was; in a batch of Parses
+            //    only, too.
+            ext::parse("t2", "select 70", &mut b);
+            ext::bind("", "t2", &[], &mut b);
+            ext::execute("", &mut b);
+            ext::sync(&mut b);
+            ext::parse("t2", "select 71", &mut b);
+            ext::sync(&mut b);
+            ext::bind("", "t2", &[], &mut b);
+            ext::execute("", &mut b);
+            ext::sync(&mut b);
+            v.push((3, b.split()));
             v
         };
         let mut direct = Raw::connect_direct(&env).await;
@@ -600,6 +612,21 @@ fn named_statement_pipelines_reply_exactly_as_postgres() {
                 )
             };
             assert_eq!(got, want, "step {step}");
+            if step == 8 {
+                assert_eq!(
+                    want,
+                    [
+                        "E 42P05",
+                        "Z I",
+                        "E 42P05",
+                        "Z I",
+                        "2",
+                        "D [Some(\"7\")]",
+                        "C SELECT 1",
+                        "Z I"
+                    ]
+                );
+            }
             if step == 1 {
                 assert_eq!(
                     want,
