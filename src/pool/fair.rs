@@ -68,6 +68,9 @@ impl FairShare {
     /// Changes the limit: checkouts in flight keep their permits, and a larger limit (or none) admits waiters at
     /// once. (Checkouts made while there was no limit hold no permit and are not counted against a new one.)
     pub fn set_capacity(self: &Arc<Self>, capacity: usize) {
+        if self.capacity() == capacity {
+            return;
+        }
         let mut st = self.lock();
         if self.capacity.swap(capacity, Ordering::Relaxed) != capacity {
             self.dispatch(&mut st);

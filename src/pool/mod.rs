@@ -1015,9 +1015,7 @@ impl Pools {
             .entry(cluster.name.clone())
             .or_insert_with(|| FairShare::new(cluster.max_active_transactions))
             .clone();
-        if share.capacity() != cluster.max_active_transactions {
-            share.set_capacity(cluster.max_active_transactions);
-        }
+        share.set_capacity(cluster.max_active_transactions);
         Some(share)
     }
 
@@ -1025,9 +1023,7 @@ impl Pools {
     /// that exist already.
     pub fn follow_cluster(&self, cluster: &crate::tenant::Cluster) {
         if let Some(share) = self.fair.get(&cluster.name) {
-            if share.capacity() != cluster.max_active_transactions {
-                share.set_capacity(cluster.max_active_transactions);
-            }
+            share.set_capacity(cluster.max_active_transactions);
         }
     }
 

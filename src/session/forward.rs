@@ -558,14 +558,7 @@ where
                                     String::from_utf8_lossy(name)
                                 ),
                             );
-                            queue_refusal(shared, e, seq);
-                            shared.batch_open.store(true, Ordering::Relaxed);
-                            refused_parse(
-                                b"pgweir_refused",
-                                refusal_marker(),
-                                &[0, 0],
-                                &mut rewritten,
-                            );
+                            fail_parse(shared, e, seq, &mut rewritten);
                             replaced = true;
                             return Ok(Verdict::Stop);
                         }
@@ -653,11 +646,10 @@ where
                                         if let Some(reason) = shared.record_effects(sql) {
                                             // Refused at Parse, as Postgres fails a Parse: the statement does
                                             // not exist (the rewriter never learns of it).
-                                            queue_refusal(shared, unmovable_refusal(reason), seq);
-                                            refused_parse(
-                                                b"pgweir_refused",
-                                                refusal_marker(),
-                                                &[0, 0],
+                                            fail_parse(
+                                                shared,
+                                                unmovable_refusal(reason),
+                                                seq,
                                                 &mut rewritten,
                                             );
                                             replaced = true;
@@ -910,18 +902,23 @@ fn refuse(
     out: &mut BytesMut,
 ) {
     p.telemetry.policy_refused(r.rule);
-    queue_refusal(shared, r.to_error(), seq);
     match tag {
         b'Q' | b'F' => {
+            queue_refusal(shared, r.to_error(), seq);
             shared.requests.fetch_add(1, Ordering::Relaxed);
             shared.syncs_since_start.store(0, Ordering::Relaxed);
             crate::wire::msg::query(refusal_marker(), out);
         }
-        _ => {
-            shared.batch_open.store(true, Ordering::Relaxed);
-            refused_parse(b"pgweir_refused", refusal_marker(), &[0, 0], out);
-        }
+        _ => fail_parse(shared, r.to_error(), seq, out),
     }
+}
+
+/// Fails an extended-protocol message with `error` as Postgres fails a Parse: a stand-in Parse the server rejects
+/// at once (it then skips the batch until Sync, and no statement is made), whose error becomes `error`.
+fn fail_parse(shared: &Shared<'_>, error: crate::wire::PgError, seq: u64, out: &mut BytesMut) {
+    queue_refusal(shared, error, seq);
+    shared.batch_open.store(true, Ordering::Relaxed);
+    refused_parse(b"pgweir_refused", refusal_marker(), &[0, 0], out);
 }
 
 /// The error for a statement that would pin the client under `unmovable_session_state = "refuse"`.

@@ -260,19 +260,16 @@ async fn login(
                 .into_iter()
                 .flatten(),
         );
-    for (k, v) in settings {
-        if let Some(r) = tenant.plan.policy.setting(&k, Some(&v)) {
-            proxy.telemetry.policy_refused(r.rule);
-            proxy
-                .tenant_states
-                .state(&tenant.id, &tenant.plan, tenant.read_only)
-                .refused(r.rule, format!("(startup parameter {k})"));
-            fail!(PgError::fatal(r.code, r.message));
-        }
-    }
     let state = proxy
         .tenant_states
         .state(&tenant.id, &tenant.plan, tenant.read_only);
+    for (k, v) in settings {
+        if let Some(r) = tenant.plan.policy.setting(&k, Some(&v)) {
+            proxy.telemetry.policy_refused(r.rule);
+            state.refused(r.rule, format!("(startup parameter {k})"));
+            fail!(PgError::fatal(r.code, r.message));
+        }
+    }
     let slot = match state.connect() {
         Some(s) => s,
         None => {
