@@ -30,18 +30,19 @@ type Key = Box<[u8]>;
 
 /// Bytes of statement text and verdicts the classification cache may hold.
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
-/// Slots of the seen-once table (8 bytes each).
+/// Slots of the seen table (8 bytes each).
 const SEEN_SLOTS: usize = 16 * 1024;
 /// Longer texts are classified every time rather than cached (they are rarely repeated verbatim).
 const CACHE_MAX_TEXT: usize = 64 * 1024;
 
 /// The statement cache: text → [`Facts`], shared by all tenants (facts do not depend on the tenant).
 pub struct Classifier {
-    cache: moka::sync::Cache<Key, Arc<Facts>>,
-    /// Hashes of texts with literals seen once (their facts were found by fingerprint), direct-mapped: seen again,
-    /// the text is cached as it is. A collision only affects what is cached, never a verdict.
+    cache: moka::sync::Cache<Key, Arc<Facts>, foldhash::quality::RandomState>,
+    /// Hashes of recent texts, direct-mapped: the last text seen in each slot. A text whose slot holds its hash may
+    /// be cached as it is (its exact entry is looked up); a text with literals seen a second time is cached as it
+    /// is. A collision only affects what is looked up and cached, never a verdict.
     seen: Box<[std::sync::atomic::AtomicU64]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::quality::RandomState,
     pub hits: metrics::Counter,
     pub misses: metrics::Counter,
 }
@@ -60,7 +61,7 @@ impl Classifier {
                 .weigher(|k: &Key, v: &Arc<Facts>| {
                     (k.len() + v.weight() + 64).try_into().unwrap_or(u32::MAX)
                 })
-                .build(),
+                .build_with_hasher(Default::default()),
             seen: (0..SEEN_SLOTS).map(|_| Default::default()).collect(),
             hasher: Default::default(),
             hits,
@@ -74,23 +75,43 @@ impl Classifier {
     /// fingerprint (literals removed, PostgreSQL-exact tokens) behind a NUL byte, which no client text contains,
     /// for facts that do not ([`Facts::literal_independent`]): a query repeated with other literal values is
     /// lexed again but not parsed again.
+    ///
+    /// A text is looked up as it is only when its slot of the seen table holds its hash: the one-off texts of
+    /// queries built with their values (most texts, under such a load) cost one cache lookup, by fingerprint.
     pub fn facts(&self, sql: &[u8]) -> Arc<Facts> {
-        if let Some(f) = self.cache.get(sql) {
-            self.hits.increment(1);
-            return f;
+        use std::hash::BuildHasher;
+        use std::sync::atomic::Ordering::Relaxed;
+        let h = self.hasher.hash_one(sql) | 1;
+        let slot = &self.seen[(h as usize) % self.seen.len()];
+        if slot.load(Relaxed) == h {
+            if let Some(f) = self.cache.get(sql) {
+                self.hits.increment(1);
+                return f;
+            }
         }
         let Ok(text) = std::str::from_utf8(sql) else {
             self.misses.increment(1);
             return Arc::new(Facts::not_utf8());
         };
-        let (fingerprint, literals) = crate::sqlscan::fingerprint_and_literals(text, usize::MAX);
-        let mut key = String::with_capacity(fingerprint.len() + 1);
-        key.push('\0');
-        key.push_str(&fingerprint);
-        let cached = self
-            .cache
-            .get(key.as_bytes())
-            .filter(|f| f.literal_independent);
+        // The fingerprint key is built in a buffer of the thread's: no allocation when it is found.
+        thread_local! {
+            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        let (cached, literals, key) = KEY.with_borrow_mut(|key| {
+            key.clear();
+            key.push('\0');
+            let literals = crate::sqlscan::fingerprint_into(text, usize::MAX, key);
+            let cached = self
+                .cache
+                .get(key.as_bytes())
+                .filter(|f| f.literal_independent);
+            // Kept for the miss below only (rare); a buffer that grew large is not kept.
+            let owned: Option<Key> = cached.is_none().then(|| key.as_bytes().into());
+            if key.capacity() > CACHE_MAX_TEXT {
+                *key = String::new();
+            }
+            (cached, literals, owned)
+        });
         let facts = match cached {
             Some(f) => {
                 self.hits.increment(1);
@@ -99,8 +120,10 @@ impl Classifier {
             None => {
                 self.misses.increment(1);
                 let facts = Arc::new(classify::analyze(text));
-                if facts.literal_independent && sql.len() <= CACHE_MAX_TEXT {
-                    self.cache.insert(key.into_bytes().into(), facts.clone());
+                if let (true, true, Some(key)) =
+                    (facts.literal_independent, sql.len() <= CACHE_MAX_TEXT, key)
+                {
+                    self.cache.insert(key, facts.clone());
                 }
                 facts
             }
@@ -108,12 +131,8 @@ impl Classifier {
         // The exact text too when its facts depend on its literals, when it has none (a driver's statement, sent
         // verbatim again and again), or when it comes a second time (constant literals): not the one-off texts of
         // queries built with their values, which would only crowd the cache.
-        let exact = !facts.literal_independent || !literals || {
-            use std::hash::BuildHasher;
-            let h = self.hasher.hash_one(sql) | 1;
-            let slot = &self.seen[(h as usize) % self.seen.len()];
-            slot.swap(h, std::sync::atomic::Ordering::Relaxed) == h
-        };
+        let seen_before = slot.swap(h, Relaxed) == h;
+        let exact = !facts.literal_independent || !literals || seen_before;
         if exact && sql.len() <= CACHE_MAX_TEXT {
             self.cache.insert(sql.into(), facts.clone());
         }

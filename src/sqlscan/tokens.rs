@@ -146,6 +146,13 @@ pub fn fingerprint(sql: &str, max: usize) -> String {
 /// what drivers send again and again verbatim.
 pub fn fingerprint_and_literals(sql: &str, max: usize) -> (String, bool) {
     let mut out = String::with_capacity(sql.len().min(max) + 4);
+    let literals = fingerprint_into(sql, max, &mut out);
+    (out, literals)
+}
+
+/// [`fingerprint_and_literals`], appending the fingerprint to `out` (whatever it holds already stays in front).
+pub fn fingerprint_into(sql: &str, max: usize, out: &mut String) -> bool {
+    let base = out.len();
     let mut prev_placeholder = false;
     let mut literals = false;
     for t in Lexer::new(sql) {
@@ -162,11 +169,11 @@ pub fn fingerprint_and_literals(sql: &str, max: usize) -> (String, bool) {
             continue;
         }
         // Written as people write SQL: `t.a`, `x::int`, `f(a, b)`.
-        let space = !(out.is_empty()
+        let space = !(out.len() == base
             || matches!(piece, "," | ")" | "." | ":")
             || out.ends_with(['(', '.'])
             || out.ends_with("::"));
-        if out.len() + usize::from(space) + piece.len() > max {
+        if out.len() - base + usize::from(space) + piece.len() > max {
             out.push('…');
             break;
         }
@@ -184,7 +191,7 @@ pub fn fingerprint_and_literals(sql: &str, max: usize) -> (String, bool) {
             prev_placeholder = false;
         }
     }
-    (out, literals)
+    literals
 }
 
 #[cfg(test)]
