@@ -15,12 +15,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use dashmap::DashMap;
 use rand::Rng;
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Notify;
 
-/// Where a cancel must go.
+/// Where a cancel must go (cheap to clone: a slot is linked to one for every transaction).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
-    pub host: String,
+    pub host: Arc<str>,
     pub port: u16,
     pub pid: i32,
     pub secret: Bytes,
@@ -41,29 +41,81 @@ pub enum SlotState {
 /// The per-client cancel slot.
 #[derive(Debug, Default)]
 pub struct CancelSlot {
-    state: Mutex<SlotState>,
-    /// Woken when a cancel arrives for a waiting request.
-    pub cancelled: Notify,
+    inner: std::sync::Mutex<Inner>,
+    /// Woken when a cancel arrives for a waiting request, and when a cancel being forwarded has been delivered.
+    /// Waiters re-check the state: a wakeup may be stale.
+    wake: Notify,
     /// A cancel was forwarded to the linked server (see `take_forwarded`).
     forwarded: AtomicBool,
 }
 
+#[derive(Debug, Default)]
+struct Inner {
+    state: SlotState,
+    /// A cancel for the linked server is being forwarded: the state may not change until it is delivered.
+    forwarding: bool,
+}
+
 impl CancelSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every update leaves the state whole: a panic elsewhere cannot leave it half-written.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `f` to the state once no cancel is being forwarded (at once, without waiting, in the usual case).
+    async fn update<R>(&self, mut f: impl FnMut(&mut SlotState) -> R) -> R {
+        {
+            let mut g = self.lock();
+            if !g.forwarding {
+                return f(&mut g.state);
+            }
+        }
+        loop {
+            // Registered before the flag is read again: the end of the forwarding is not missed.
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            {
+                let mut g = self.lock();
+                if !g.forwarding {
+                    return f(&mut g.state);
+                }
+            }
+            woken.await;
+        }
+    }
+
     /// Sets the slot. Waits while a cancel for the previous state is being forwarded.
     pub async fn set(&self, state: SlotState) {
-        *self.state.lock().await = state;
+        let mut state = Some(state);
+        self.update(|s| {
+            if let Some(new) = state.take() {
+                *s = new;
+            }
+        })
+        .await
     }
 
     /// Links the slot to `target` unless a cancel arrived while waiting (then the flag is reset and false returned),
     /// in one step, so that no cancel falls between the check and the link.
     pub async fn link_unless_cancelled(&self, target: CancelTarget) -> bool {
-        let mut s = self.state.lock().await;
-        if let SlotState::Waiting { cancelled: true } = &*s {
-            *s = SlotState::Waiting { cancelled: false };
-            return false;
-        }
-        *s = SlotState::Linked(target);
-        true
+        let mut target = Some(target);
+        self.update(|s| {
+            if let SlotState::Waiting { cancelled: true } = s {
+                *s = SlotState::Waiting { cancelled: false };
+                return false;
+            }
+            if let Some(t) = target.take() {
+                *s = SlotState::Linked(t);
+            }
+            true
+        })
+        .await
+    }
+
+    /// Completes when a cancel may have arrived for the waiting request (see [`CancelSlot::take_cancelled`]).
+    pub async fn woken(&self) {
+        self.wake.notified().await
     }
 
     /// True if a cancel was forwarded to a server since the last call. The backend may act on a cancel late (it
@@ -75,11 +127,21 @@ impl CancelSlot {
 
     /// True if a cancel arrived while waiting; resets the flag.
     pub async fn take_cancelled(&self) -> bool {
-        let mut s = self.state.lock().await;
-        if let SlotState::Waiting { cancelled } = &mut *s {
-            return std::mem::take(cancelled);
-        }
-        false
+        self.update(|s| match s {
+            SlotState::Waiting { cancelled } => std::mem::take(cancelled),
+            _ => false,
+        })
+        .await
+    }
+}
+
+/// While alive, a cancel is being forwarded for its slot; dropped, it lets the slot change again.
+struct Forwarding<'a>(&'a CancelSlot);
+
+impl Drop for Forwarding<'_> {
+    fn drop(&mut self) {
+        self.0.lock().forwarding = false;
+        self.0.wake.notify_waiters();
     }
 }
 
@@ -121,8 +183,11 @@ impl CancelRegistry {
     pub fn register(self: &Arc<Self>, pid: i32, state: SlotState) -> CancelKey {
         let mut rng = rand::thread_rng();
         let slot = Arc::new(CancelSlot {
-            state: Mutex::new(state),
-            cancelled: Notify::new(),
+            inner: std::sync::Mutex::new(Inner {
+                state,
+                forwarding: false,
+            }),
+            wake: Notify::new(),
             forwarded: AtomicBool::new(false),
         });
         loop {
@@ -156,21 +221,33 @@ impl CancelRegistry {
         let Some(slot) = self.lookup(pid, secret) else {
             return CancelOutcome::UnknownKey;
         };
-        let mut state = slot.state.lock().await;
-        match &mut *state {
-            SlotState::Idle => CancelOutcome::Idle,
-            SlotState::Waiting { cancelled } => {
-                *cancelled = true;
-                slot.cancelled.notify_one();
-                CancelOutcome::MarkedWaiting
+        let target = {
+            let mut g = slot.lock();
+            if g.forwarding {
+                // Another cancel for the same request is on its way: this one adds nothing.
+                return CancelOutcome::Forwarded;
             }
-            SlotState::Linked(target) => {
-                slot.forwarded.store(true, Ordering::Relaxed);
-                match forward(target.clone()).await {
-                    Ok(()) => CancelOutcome::Forwarded,
-                    Err(e) => CancelOutcome::ForwardFailed(e.to_string()),
+            match &mut g.state {
+                SlotState::Idle => return CancelOutcome::Idle,
+                SlotState::Waiting { cancelled } => {
+                    *cancelled = true;
+                    drop(g);
+                    slot.wake.notify_one();
+                    return CancelOutcome::MarkedWaiting;
+                }
+                SlotState::Linked(target) => {
+                    let target = target.clone();
+                    g.forwarding = true;
+                    target
                 }
             }
+        };
+        // Ends the forwarding however this future ends (delivered, failed, or dropped).
+        let _forwarding = Forwarding(&slot);
+        slot.forwarded.store(true, Ordering::Relaxed);
+        match forward(target).await {
+            Ok(()) => CancelOutcome::Forwarded,
+            Err(e) => CancelOutcome::ForwardFailed(e.to_string()),
         }
     }
 

@@ -100,7 +100,14 @@ impl TenantState {
     /// Records one executed request of a statement fingerprint.
     pub fn record_statement(&self, fingerprint: &Arc<str>, micros: u64, rows: u64) {
         let mut m = self.statements.lock().unwrap_or_else(|p| p.into_inner());
-        let key = if m.contains_key(fingerprint) || m.len() < MAX_STATEMENTS {
+        // The usual case, a statement already counted: one lookup.
+        if let Some(e) = m.get_mut(fingerprint) {
+            e.calls += 1;
+            e.total_us += micros;
+            e.rows += rows;
+            return;
+        }
+        let key = if m.len() < MAX_STATEMENTS {
             fingerprint.clone()
         } else {
             Arc::from(OTHER_STATEMENTS)

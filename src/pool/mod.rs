@@ -586,11 +586,12 @@ impl Pool {
 
     fn put_idle(&self, mut conn: Box<ServerConn>) {
         // Unread bytes on a connection about to idle mean it is not where pgweir thinks it is: never reuse it.
-        if conn.created.elapsed() >= self.cfg.max_lifetime || !conn.buf.is_empty() {
+        let now = Instant::now();
+        if now.duration_since(conn.created) >= self.cfg.max_lifetime || !conn.buf.is_empty() {
             self.close(conn);
             return;
         }
-        conn.idle_since = Instant::now();
+        conn.idle_since = now;
         self.idle().push_back(conn);
     }
 
@@ -763,6 +764,16 @@ fn is_quiet(conn: &mut ServerConn) -> bool {
 pub enum CheckoutFuture<'a> {
     Ready(Option<Checkout>),
     Wait(std::pin::Pin<Box<dyn Future<Output = Result<Checkout, CheckoutError>> + Send + 'a>>),
+}
+
+impl CheckoutFuture<'_> {
+    /// The connection, when the checkout needed no wait.
+    pub fn take_ready(&mut self) -> Option<Checkout> {
+        match self {
+            CheckoutFuture::Ready(c) => c.take(),
+            CheckoutFuture::Wait(_) => None,
+        }
+    }
 }
 
 impl Future for CheckoutFuture<'_> {

@@ -206,7 +206,7 @@ struct Shared<'a> {
     refusals: Mutex<std::collections::VecDeque<(u64, bytes::Bytes)>>,
     refusals_pending: AtomicBool,
     /// Statement statistics: (request number, statement facts, µs since `started` when it went to the server).
-    stmt_pending: Mutex<std::collections::VecDeque<(u64, Arc<crate::policy::Facts>, u64)>>,
+    stmt_pending: Mutex<Fifo<(u64, Arc<crate::policy::Facts>, u64)>>,
     /// Rows reported by CommandComplete since the last ReadyForQuery.
     rows: AtomicU64,
 }
@@ -267,10 +267,7 @@ impl<'r> Shared<'r> {
         None
     }
 
-    fn lock_stmts(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, Arc<crate::policy::Facts>, u64)>>
-    {
+    fn lock_stmts(&self) -> std::sync::MutexGuard<'_, Fifo<(u64, Arc<crate::policy::Facts>, u64)>> {
         self.stmt_pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -285,6 +282,43 @@ impl<'r> Shared<'r> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(e);
+    }
+}
+
+/// A first-in first-out queue that holds its first element inline: most requests have one statement pending, and
+/// a queue per request should not cost an allocation.
+#[derive(Debug)]
+pub struct Fifo<T> {
+    first: Option<T>,
+    rest: std::collections::VecDeque<T>,
+}
+
+impl<T> Default for Fifo<T> {
+    fn default() -> Self {
+        Fifo {
+            first: None,
+            rest: Default::default(),
+        }
+    }
+}
+
+impl<T> Fifo<T> {
+    pub fn push_back(&mut self, v: T) {
+        if self.first.is_none() {
+            self.first = Some(v);
+        } else {
+            self.rest.push_back(v);
+        }
+    }
+
+    pub fn front(&self) -> Option<&T> {
+        self.first.as_ref()
+    }
+
+    pub fn pop_front(&mut self) -> Option<T> {
+        let v = self.first.take();
+        self.first = self.rest.pop_front();
+        v
     }
 }
 

@@ -236,8 +236,10 @@ async fn attach(
         .connections
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     info!(%peer, tenant = %s.tenant, user = %s.user, mode = "transaction", "client attached");
+    let mut statements = ClientStatements::new(pool.statements().clone());
+    statements.set_search_path(get(&desired, "search_path"));
     Some(Client {
-        statements: ClientStatements::new(pool.statements().clone()),
+        statements,
         tenant: s.tenant,
         pool,
         key,
@@ -296,12 +298,13 @@ impl Client {
                 false => Next::Stop,
             };
         }
-        if let Err(e) = Box::pin(sync(checkout.conn(), &c.desired)).await {
-            warn!(tenant = %c.tenant, error = %e, "could not move session settings to a server connection");
-            send_error(stream, &e).await;
-            return Next::Stop;
+        if checkout.conn_ref().applied != c.desired {
+            if let Err(e) = Box::pin(sync(checkout.conn(), &c.desired)).await {
+                warn!(tenant = %c.tenant, error = %e, "could not move session settings to a server connection");
+                send_error(stream, &e).await;
+                return Next::Stop;
+            }
         }
-        c.statements.set_search_path(get(&c.desired, "search_path"));
         let telemetry = &proxy.telemetry;
         c.pool
             .usage
@@ -314,14 +317,15 @@ impl Client {
         let mut counted_pin = None;
         let mut cancel_forwarded = false;
         loop {
-            let run = Box::pin(forward::run(
+            // Not boxed on its own: this future is (it exists only during a transaction).
+            let run = forward::run(
                 stream,
                 buf,
                 checkout.conn(),
                 limits,
                 mode,
                 statements_for(&mut c.statements, per_server),
-            ));
+            );
             let end = proxy.lifecycle.unless_terminated(run).await;
             let Some(end) = end else {
                 // Shutdown ran out of time: the server connection is closed (the backend rolls the transaction
@@ -343,6 +347,9 @@ impl Client {
                     set(&mut checkout.conn().applied, &name, value);
                 }
             }
+            if !end.reported.is_empty() {
+                c.statements.set_search_path(get(&c.desired, "search_path"));
+            }
             if !matches!(end.reason, EndReason::TransactionEnd) || !end.server_clean {
                 Box::pin(finish(stream, &c.tenant, &end, checkout)).await;
                 return Next::Stop;
@@ -357,8 +364,12 @@ impl Client {
                 ))
                 .await
                 {
-                    Ok(true) => pins.set_unknown(),
-                    Ok(false) => {}
+                    Ok(pinned) => {
+                        if pinned {
+                            pins.set_unknown();
+                        }
+                        c.statements.set_search_path(get(&c.desired, "search_path"));
+                    }
                     Err(e) => {
                         warn!(tenant = %c.tenant, error = %e, "could not read back session settings");
                         send_error(stream, &e).await;
@@ -584,10 +595,15 @@ async fn wait_for_server(
 ) -> Option<Result<Checkout, crate::pool::CheckoutError>> {
     key.slot.set(SlotState::Waiting { cancelled: false }).await;
     let mut wait = pool.checkout(pool.no_params(), true);
+    if let Some(c) = wait.take_ready() {
+        // A cancel that came meanwhile is seen when the slot is linked.
+        return Some(Ok(c));
+    }
     loop {
         tokio::select! {
+            biased;
             c = &mut wait => break Some(c),
-            _ = key.slot.cancelled.notified() => {
+            _ = key.slot.woken() => {
                 if key.slot.take_cancelled().await {
                     break None;
                 }
