@@ -61,12 +61,6 @@ fn init_tracing() {
         .init();
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-}
-
 /// mimalloc: small per-allocation overhead and little fragmentation, which is most of what an idle client costs
 /// besides its session state.
 #[global_allocator]
@@ -133,17 +127,20 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
-                rt.block_on(async {
-                    let (directory, control) =
-                        pgweir::catalog::control::directory_for(&cfg).await?;
-                    let server =
-                        pgweir::server::Server::bind_with_control(cfg, directory, control).await?;
-                    server.proxy().set_config_path(config.clone());
-                    server.run(pgweir::server::shutdown_signal()).await;
-                    anyhow::Ok(())
-                })
-            });
+            let result = pgweir::server::runtime(cfg.proxy.worker_threads)
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        let (directory, control) =
+                            pgweir::catalog::control::directory_for(&cfg).await?;
+                        let server =
+                            pgweir::server::Server::bind_with_control(cfg, directory, control)
+                                .await?;
+                        server.proxy().set_config_path(config.clone());
+                        server.run(pgweir::server::shutdown_signal()).await;
+                        anyhow::Ok(())
+                    })
+                });
             report(result)
         }
         Command::Dev {
@@ -152,13 +149,16 @@ fn main() -> ExitCode {
             admin_listen,
         } => {
             init_tracing();
-            let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
-                rt.block_on(pgweir::dev::run(pgweir::dev::DevOptions {
-                    data_dir,
-                    listen,
-                    admin_listen,
-                }))
-            });
+            // Several threads: the embedded cluster is started and stopped on one of them (`block_in_place`).
+            let result = pgweir::server::runtime(0)
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(pgweir::dev::run(pgweir::dev::DevOptions {
+                        data_dir,
+                        listen,
+                        admin_listen,
+                    }))
+                });
             report(result)
         }
     }

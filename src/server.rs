@@ -111,6 +111,19 @@ impl Lifecycle {
     }
 }
 
+/// The runtime for `workers` session threads (`proxy.worker_threads`): 1 is a single event loop on the thread that
+/// runs it, 0 one worker per CPU.
+pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if workers > 1 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().build()
+}
+
 async fn wait_flag(flag: &AtomicBool, notify: &tokio::sync::Notify) {
     let notified = notify.notified();
     tokio::pin!(notified);

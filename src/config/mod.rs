@@ -148,6 +148,10 @@ pub struct ProxyConfig {
     /// Zero-downtime restart: a running pgweir answers on this Unix socket with its listening sockets; a new one
     /// started with the same config takes them over, and the old one drains (see `docs/OPERATIONS.md`).
     pub handover_socket: Option<PathBuf>,
+    /// Threads that run the sessions. 1 (the default): one event loop, as PgBouncer runs; the least CPU per
+    /// transaction, which is what a pooler that shares its cores with Postgres should spend. N > 1: a
+    /// multi-threaded runtime with N workers, for a host where pgweir has cores of its own. 0: one worker per CPU.
+    pub worker_threads: usize,
 }
 
 /// See [`ProxyConfig::unmovable_session_state`].
@@ -177,6 +181,7 @@ impl Default for ProxyConfig {
             storage_check_interval: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             handover_socket: None,
+            worker_threads: 1,
         }
     }
 }
@@ -459,6 +464,9 @@ impl Config {
     /// Every semantic problem of an already parsed config.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
+        if self.proxy.worker_threads > 1024 {
+            p.push("proxy.worker_threads must be at most 1024 (0: one per CPU)".into());
+        }
         if self.proxy.max_client_connections == 0 {
             p.push("proxy.max_client_connections must be at least 1".into());
         }

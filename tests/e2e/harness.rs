@@ -55,11 +55,8 @@ impl Instance {
         let (tx, rx) = tokio::sync::oneshot::channel::<Stop>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
+            // As `pgweir serve` runs it (one event loop unless the config says otherwise).
+            let rt = pgweir::server::runtime(cfg.proxy.worker_threads).unwrap();
             rt.block_on(async move {
                 let (directory, control) = pgweir::catalog::control::directory_for(&cfg)
                     .await
