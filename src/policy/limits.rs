@@ -254,8 +254,9 @@ impl TenantState {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// Asks for `n` query tokens (a request may hold several queries) under `plan`.
-    pub fn rate(&self, plan: &Plan, n: u32, now: Instant) -> Rate {
+    /// Asks for `n` query tokens (a request may hold several queries) under `plan`; `now` is read only when the
+    /// plan limits the rate.
+    pub fn rate(&self, plan: &Plan, n: u32, now: impl FnOnce() -> Instant) -> Rate {
         let throttled = plan.over_quota == super::plan::OverQuota::Throttle
             && plan
                 .monthly_queries
@@ -277,6 +278,7 @@ impl TenantState {
         let Some(qps) = qps.filter(|q| *q > 0) else {
             return Rate::Now;
         };
+        let now = now();
         let interval = Duration::from_secs(1) / qps;
         let tolerance = interval * (burst - 1);
         let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
@@ -380,24 +382,24 @@ mod tests {
         let t = with_rate(10, 5, 250);
         let now = Instant::now();
         for _ in 0..5 {
-            assert_eq!(t.with_plan(|p| t.rate(p, 1, now)), Rate::Now);
+            assert_eq!(t.with_plan(|p| t.rate(p, 1, || now)), Rate::Now);
         }
         // 100 ms apart after the burst: the next two wait 100 and 200 ms, the one after would wait 300 > 250.
         assert_eq!(
-            t.with_plan(|p| t.rate(p, 1, now)),
+            t.with_plan(|p| t.rate(p, 1, || now)),
             Rate::After(Duration::from_millis(100))
         );
         assert_eq!(
-            t.with_plan(|p| t.rate(p, 1, now)),
+            t.with_plan(|p| t.rate(p, 1, || now)),
             Rate::After(Duration::from_millis(200))
         );
         assert_eq!(
-            t.with_plan(|p| t.rate(p, 1, now)),
+            t.with_plan(|p| t.rate(p, 1, || now)),
             Rate::Refuse(Duration::from_millis(250))
         );
         // Time refills the bucket.
         let later = now + Duration::from_secs(2);
-        assert_eq!(t.with_plan(|p| t.rate(p, 1, later)), Rate::Now);
+        assert_eq!(t.with_plan(|p| t.rate(p, 1, || later)), Rate::Now);
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub struct End {
     /// Bytes read from the client, and from the server for the client, during the run.
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// When the last ReadyForQuery came, in µs after the run's `started` (0: none came).
+    pub last_ready_us: u64,
 }
 
 /// Bounds of a forwarding run.
@@ -163,6 +165,8 @@ struct Shared<'a> {
     mode: Mode,
     limits: Limits<'a>,
     started: Instant,
+    /// `now_us` of the last ReadyForQuery.
+    last_ready_us: AtomicU64,
     /// Milliseconds after `started` (+1) since when every request is answered and the client has sent nothing;
     /// 0 while something is outstanding.
     idle_since_ms: AtomicU64,
@@ -324,6 +328,8 @@ impl<T> Fifo<T> {
 
 /// Forwards between `client` and `conn` until one side leaves, or (transaction mode) a transaction ends.
 /// `client_buf` holds client bytes read but not yet forwarded; it is scanned before anything is read.
+///
+/// `started` is the time the run's timings count from (the caller's start of the transaction, or now).
 pub async fn run(
     client: &mut ClientStream,
     client_buf: &mut BytesMut,
@@ -331,6 +337,7 @@ pub async fn run(
     limits: Limits<'_>,
     mode: Mode,
     statements: Option<Statements<'_>>,
+    started: Instant,
 ) -> End {
     let max_message = limits.max_message;
     let cancel = limits.query_timeout.map(|_| conn.cancel_target());
@@ -346,7 +353,8 @@ pub async fn run(
     let shared = Shared {
         mode,
         limits,
-        started: Instant::now(),
+        started,
+        last_ready_us: AtomicU64::new(0),
         idle_since_ms: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         ready: AtomicU64::new(0),
@@ -431,6 +439,7 @@ pub async fn run(
             .load(Ordering::Relaxed)
             .saturating_sub(pumps_client_left as u64),
         bytes_out: shared.bytes_out.load(Ordering::Relaxed),
+        last_ready_us: shared.last_ready_us.load(Ordering::Relaxed),
     }
 }
 
@@ -519,6 +528,8 @@ where
     loop {
         let mut replaced = false;
         let mut wait = false;
+        // `now_us` when a statement of this scan was stamped (0: none was): the request's start too.
+        let mut stamp = 0;
         let mut rate_wait: Option<(Duration, bool)> = None;
         let scan = scanner.scan(
             buf,
@@ -564,7 +575,8 @@ where
                             return Ok(Verdict::Stop);
                         }
                         Admission::Go(Some(facts)) if tag == b'Q' => {
-                            shared.lock_stmts().push_back((seq, facts, shared.now_us()))
+                            stamp = shared.now_us();
+                            shared.lock_stmts().push_back((seq, facts, stamp))
                         }
                         Admission::Go(facts @ Some(_)) if tag == b'P' => {
                             if let (true, Some((name, _)), Some(facts)) =
@@ -630,7 +642,8 @@ where
                         if let (Some(facts), true) =
                             (batch_stmt.take(), std::mem::take(&mut batch_exec))
                         {
-                            shared.lock_stmts().push_back((seq, facts, shared.now_us()));
+                            stamp = shared.now_us();
+                            shared.lock_stmts().push_back((seq, facts, stamp));
                         }
                     }
                     _ => {}
@@ -745,9 +758,8 @@ where
             if shared.requests.load(Ordering::Relaxed) > shared.ready.load(Ordering::Relaxed)
                 && shared.busy_since_us.load(Ordering::Relaxed) == 0
             {
-                shared
-                    .busy_since_us
-                    .store(shared.now_us(), Ordering::Relaxed);
+                let now = if stamp != 0 { stamp } else { shared.now_us() };
+                shared.busy_since_us.store(now, Ordering::Relaxed);
             }
         }
         if let Some((d, granted)) = rate_wait {
@@ -827,7 +839,7 @@ fn admit(p: Policy<'_>, tag: u8, f: &[u8], rate: RateState) -> Admission {
                     {
                         return Admission::Refuse(quota_refusal(p, plan));
                     }
-                    match p.state.rate(plan, 1, Instant::now()) {
+                    match p.state.rate(plan, 1, Instant::now) {
                         Rate::Now => {}
                         Rate::After(d) => return Admission::Wait(d, true),
                         Rate::Refuse(d) => return Admission::Wait(d, false),
@@ -1184,6 +1196,7 @@ where
                         let status = f.get(5).copied().unwrap_or(b'I');
                         shared.tx_status.store(status, Ordering::Relaxed);
                         let now_us = shared.now_us();
+                        shared.last_ready_us.store(now_us, Ordering::Relaxed);
                         if let Some(p) = shared.limits.policy {
                             let rows = shared.rows.swap(0, Ordering::Relaxed);
                             let mut q = shared.lock_stmts();

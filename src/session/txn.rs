@@ -316,6 +316,8 @@ impl Client {
         let mut pins = Pins::default();
         let mut counted_pin = None;
         let mut cancel_forwarded = false;
+        // Until the last ReadyForQuery of the transaction (the runs count from `started`).
+        let mut duration_us = 0;
         loop {
             // Not boxed on its own: this future is (it exists only during a transaction).
             let run = forward::run(
@@ -325,6 +327,7 @@ impl Client {
                 limits,
                 mode,
                 statements_for(&mut c.statements, per_server),
+                started,
             );
             let end = proxy.lifecycle.unless_terminated(run).await;
             let Some(end) = end else {
@@ -336,6 +339,7 @@ impl Client {
                 return Next::Stop;
             };
             count_run(&c.pool, &end);
+            duration_us = duration_us.max(end.last_ready_us);
             // Unlinked while pgweir runs its own queries on the connection.
             c.key.slot.set(SlotState::Idle).await;
             cancel_forwarded |= c.key.slot.take_forwarded() | end.cancel_sent;
@@ -408,7 +412,7 @@ impl Client {
         drop(counted_pin);
         telemetry
             .transaction_seconds
-            .record(started.elapsed().as_secs_f64());
+            .record(duration_us as f64 / 1e6);
         if cancel_forwarded {
             // The backend may hold the cancel pending and act on the next query it runs: let that be pgweir's own
             // (it may fail with 57014; that is the point), not another client's.
