@@ -2,8 +2,9 @@
 # pgweir as an extra target of ../shared/bench/peers.sh: writes a config from the BENCH_* variables and runs the
 # release binary in the foreground. Clients log in as bench/bench to database bench (auth = $BENCH_AUTH).
 # PGWEIR_POOL_MODE=session|transaction (default transaction, as the harness runs every pooler).
-# PGWEIR_SQL_POLICY=false turns SQL policy off (to measure what it costs); BENCH_WORKERS sets proxy.worker_threads
-# (default 1: one event loop; 0: one worker per CPU).
+# PGWEIR_SQL_POLICY=false turns SQL policy off (to measure what it costs); PGWEIR_WORKERS sets proxy.worker_threads
+# (default 1, pgweir's default: one event loop; 0: one worker per CPU). The harness's BENCH_WORKERS (threads for
+# multi-threaded poolers, nproc by default) is not used: pgweir runs as configured by default.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin="${PGWEIR_BIN:-$here/target/release/pgweir}"
@@ -21,7 +22,7 @@ listen = "127.0.0.1:$BENCH_LISTEN_PORT"
 default_tenant = "bench"
 max_client_connections = 20000
 sql_policy = ${PGWEIR_SQL_POLICY:-true}
-worker_threads = ${BENCH_WORKERS:-1}
+worker_threads = ${PGWEIR_WORKERS:-1}
 
 [pool]
 max_size = $BENCH_POOL_SIZE
