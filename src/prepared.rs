@@ -222,6 +222,9 @@ impl ClientStatements {
 pub struct ServerStatements {
     used: HashMap<u64, u64>,
     tick: u64,
+    /// The reply queue of the runs on this connection, kept between them (empty): a run over the extended protocol
+    /// then queues without allocating.
+    queue: VecDeque<Pending>,
 }
 
 impl ServerStatements {
@@ -315,6 +318,19 @@ pub struct Rewriter<'a> {
     pending: VecDeque<Pending>,
 }
 
+/// Largest reply queue a server connection keeps for its next run.
+const KEPT_QUEUE: usize = 64;
+
+impl Drop for Rewriter<'_> {
+    fn drop(&mut self) {
+        let mut queue = std::mem::take(&mut self.pending);
+        if queue.capacity() <= KEPT_QUEUE {
+            queue.clear();
+            self.server.queue = queue;
+        }
+    }
+}
+
 /// Why a message could not be rewritten: it is malformed (the server will say so; it is forwarded as it is).
 type Malformed = ();
 
@@ -325,12 +341,13 @@ impl<'a> Rewriter<'a> {
         cap: usize,
     ) -> Self {
         let run_start = server.tick + 1;
+        let pending = std::mem::take(&mut server.queue);
         Rewriter {
             client,
             server,
             cap: cap.max(1),
             run_start,
-            pending: VecDeque::new(),
+            pending,
         }
     }
 
@@ -762,7 +779,10 @@ mod tests {
         assert_eq!(m[1], ('B', m[0].1.clone()));
         assert_eq!(rw.server_reply(), Reply::Drop);
         rw.server_ready(1);
+        drop(rw);
         assert_eq!(s2.len(), 1);
+        // The run's reply queue stays with the connection, empty, for the next run.
+        assert!(s2.queue.is_empty() && s2.queue.capacity() > 0);
     }
 
     #[test]

@@ -467,7 +467,10 @@ impl Pumps<'_, '_> {
         SR: AsyncRead + Unpin,
         SW: AsyncWrite + Unpin,
     {
+        // Biased: no random draw per wakeup. Neither pump starves the other: each returns only at the end of the
+        // run, and tokio's cooperative budget makes a busy one yield.
         tokio::select! {
+            biased;
             r = client_to_server(cr, sw, self.client_buf, self.c_scan, self.shared) => r,
             r = server_to_client(sr, cw, self.server_buf, self.s_scan, self.params, self.reported, self.shared) => r,
         }

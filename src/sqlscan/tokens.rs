@@ -180,10 +180,10 @@ pub fn fingerprint_into(sql: &str, max: usize, out: &mut String) -> bool {
         if space {
             out.push(' ');
         }
+        let at = out.len();
+        out.push_str(piece);
         if t.kind == Kind::Ident {
-            out.extend(piece.chars().map(|c| c.to_ascii_lowercase()));
-        } else {
-            out.push_str(piece);
+            out[at..].make_ascii_lowercase();
         }
         if placeholder {
             prev_placeholder = true;
