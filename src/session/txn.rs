@@ -285,6 +285,15 @@ impl Client {
                 };
             }
         };
+        // Before linking: a cancel that comes while pgweir moves the settings must not cancel pgweir's own query
+        // (the slot still says `Waiting`, so it is answered as a cancel of a request that reached no server).
+        if checkout.conn_ref().applied != c.desired {
+            if let Err(e) = Box::pin(sync(checkout.conn(), &c.desired)).await {
+                warn!(tenant = %c.tenant, error = %e, "could not move session settings to a server connection");
+                send_error(stream, &e).await;
+                return Next::Stop;
+            }
+        }
         // Linking and a cancel that arrived meanwhile exclude each other.
         if !c
             .key
@@ -297,13 +306,6 @@ impl Client {
                 true => Next::Idle,
                 false => Next::Stop,
             };
-        }
-        if checkout.conn_ref().applied != c.desired {
-            if let Err(e) = Box::pin(sync(checkout.conn(), &c.desired)).await {
-                warn!(tenant = %c.tenant, error = %e, "could not move session settings to a server connection");
-                send_error(stream, &e).await;
-                return Next::Stop;
-            }
         }
         let telemetry = &proxy.telemetry;
         c.pool
