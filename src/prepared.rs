@@ -167,6 +167,11 @@ impl ClientStatements {
         }
     }
 
+    /// Has the client a statement of this name?
+    pub fn has(&self, name: &[u8]) -> bool {
+        self.by_name.get(name).is_some()
+    }
+
     /// Answers a batch of named Parse messages and a Sync at the start of `buf` without a server connection, when
     /// every statement in it was already accepted by a server: ParseComplete for each and ReadyForQuery ('I') go
     /// to `out`. Returns how many bytes of `buf` it answered; None (and nothing changed) otherwise.
@@ -183,7 +188,7 @@ impl ClientStatements {
                 b'P' => {
                     let (name, rest) = cstr(&frame[5..])?;
                     // Unnamed, or a name in use (the server must answer: 42P05).
-                    if name.is_empty() || self.by_name.get(name).is_some() {
+                    if name.is_empty() || self.has(name) {
                         return None;
                     }
                     let stmt = self.registry.intern(rest, &self.search_path);
@@ -353,7 +358,7 @@ impl<'a> Rewriter<'a> {
 
     /// Has the client a statement of this name? (A Parse of it fails with 42P05, as on Postgres.)
     pub fn client_has(&self, name: &[u8]) -> bool {
-        self.client.by_name.get(name).is_some()
+        self.client.has(name)
     }
 
     /// The statement text of the client's named statement that a Bind body names (for statistics).

@@ -515,7 +515,7 @@ impl Proxy {
             let mut databases: Vec<String> = t.branches.values().cloned().collect();
             databases.push(db.clone());
             let mut cfg = tokio_postgres::Config::new();
-            cfg.host(&t.cluster.host)
+            cfg.host(&*t.cluster.host)
                 .port(t.cluster.port)
                 .user(user)
                 .dbname(db)

@@ -45,8 +45,6 @@ pub struct ServerConn {
     pub applied: Vec<(String, String)>,
     /// The cluster it is connected to (where cancel requests for it go).
     pub cluster: Arc<crate::tenant::Cluster>,
-    /// The cluster's host, shared by the cancel targets of this connection.
-    cancel_host: Arc<str>,
     /// Transaction mode: the named statements pgweir prepared on this connection.
     pub prepared: crate::prepared::ServerStatements,
     pub created: Instant,
@@ -62,7 +60,7 @@ impl ServerConn {
     /// Where a cancel request for this connection must go.
     pub fn cancel_target(&self) -> crate::cancel::CancelTarget {
         crate::cancel::CancelTarget {
-            host: self.cancel_host.clone(),
+            host: self.cluster.host.clone(),
             port: self.cluster.port,
             pid: self.pid,
             secret: self.secret.clone(),
@@ -285,7 +283,6 @@ async fn connect_inner(
     Ok(ServerConn {
         stream,
         cluster: target.cluster.clone(),
-        cancel_host: Arc::from(target.cluster.host.as_str()),
         pid,
         secret,
         params: conn_params,

@@ -63,7 +63,7 @@ impl CancelSlot {
     }
 
     /// Applies `f` to the state once no cancel is being forwarded (at once, without waiting, in the usual case).
-    async fn update<R>(&self, mut f: impl FnMut(&mut SlotState) -> R) -> R {
+    async fn update<R>(&self, f: impl FnOnce(&mut SlotState) -> R) -> R {
         {
             let mut g = self.lock();
             if !g.forwarding {
@@ -87,27 +87,18 @@ impl CancelSlot {
 
     /// Sets the slot. Waits while a cancel for the previous state is being forwarded.
     pub async fn set(&self, state: SlotState) {
-        let mut state = Some(state);
-        self.update(|s| {
-            if let Some(new) = state.take() {
-                *s = new;
-            }
-        })
-        .await
+        self.update(|s| *s = state).await
     }
 
     /// Links the slot to `target` unless a cancel arrived while waiting (then the flag is reset and false returned),
     /// in one step, so that no cancel falls between the check and the link.
     pub async fn link_unless_cancelled(&self, target: CancelTarget) -> bool {
-        let mut target = Some(target);
         self.update(|s| {
             if let SlotState::Waiting { cancelled: true } = s {
                 *s = SlotState::Waiting { cancelled: false };
                 return false;
             }
-            if let Some(t) = target.take() {
-                *s = SlotState::Linked(t);
-            }
+            *s = SlotState::Linked(target);
             true
         })
         .await

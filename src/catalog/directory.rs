@@ -197,7 +197,7 @@ impl CatalogDirectory {
                 database: r.get(1),
                 cluster: Arc::new(Cluster {
                     name: r.get(5),
-                    host: r.get(6),
+                    host: r.get::<_, String>(6).into(),
                     port: u16::try_from(port).unwrap_or(5432),
                     tls,
                     ca_file: None,

@@ -353,9 +353,6 @@ impl Client {
                     set(&mut checkout.conn().applied, &name, value);
                 }
             }
-            if !end.reported.is_empty() {
-                c.statements.set_search_path(get(&c.desired, "search_path"));
-            }
             if !matches!(end.reason, EndReason::TransactionEnd) || !end.server_clean {
                 Box::pin(finish(stream, &c.tenant, &end, checkout)).await;
                 return Next::Stop;
@@ -370,18 +367,18 @@ impl Client {
                 ))
                 .await
                 {
-                    Ok(pinned) => {
-                        if pinned {
-                            pins.set_unknown();
-                        }
-                        c.statements.set_search_path(get(&c.desired, "search_path"));
-                    }
+                    Ok(true) => pins.set_unknown(),
+                    Ok(false) => {}
                     Err(e) => {
                         warn!(tenant = %c.tenant, error = %e, "could not read back session settings");
                         send_error(stream, &e).await;
                         return Next::Stop;
                     }
                 }
+            }
+            if !end.reported.is_empty() || !end.effects.is_empty() {
+                // The settings may have changed: the statements follow the search_path.
+                c.statements.set_search_path(get(&c.desired, "search_path"));
             }
             if released {
                 // Statements that may have released what pinned the client: ask the server what is left.

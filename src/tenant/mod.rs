@@ -14,7 +14,8 @@ use crate::config::{AuthMethod, BackendTls, Config, PoolConfig, PoolMode};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
     pub name: String,
-    pub host: String,
+    /// Shared with the cancel target of every server connection to it.
+    pub host: Arc<str>,
     pub port: u16,
     pub tls: BackendTls,
     pub ca_file: Option<PathBuf>,
@@ -203,7 +204,7 @@ impl StaticDirectory {
                     name.as_str(),
                     Arc::new(Cluster {
                         name: name.clone(),
-                        host: c.host.clone(),
+                        host: c.host.as_str().into(),
                         port: c.port,
                         tls: c.tls,
                         ca_file: c.ca_file.clone(),
