@@ -1231,7 +1231,12 @@ async fn database_sizes(
             &[&dbs],
         )
         .await
-        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        // A database dropped meanwhile (a branch being deleted) has no size: NULL, and it is left out.
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get::<_, Option<i64>>(1).ok()??)))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
