@@ -420,6 +420,11 @@ pub async fn run(
             let _ = set_branch_state(&control, &op.tenant, &op.branch, "ready").await;
         }
     }
+    // Before the operation reads as finished: this instance routes to what it made (other instances follow the
+    // catalog's notification), as tenant operations do.
+    if let Err(e) = control.directory.reload(&op.tenant).await {
+        tracing::warn!(op = %op.id, tenant = %op.tenant, error = %e, "could not reload the tenant after an operation");
+    }
     let result = outcome.as_ref().ok().cloned();
     let error = outcome.err();
     if let Err(e) = finish(&control, &op.id, result, error).await {
