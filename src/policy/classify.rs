@@ -87,6 +87,10 @@ pub struct Facts {
     /// whose literal content matters, nothing unparsed. Such facts are cached by fingerprint, so a query repeated
     /// with other literal values is not parsed again.
     pub literal_independent: bool,
+    /// [`sqlscan::may_have_effects`] of the text analyzed. False means that no text with these facts can change
+    /// session state: the non-literal tokens, where every effect is named, are the same for all texts that share
+    /// a fingerprint (case aside), so the session need not scan each one again.
+    pub may_have_effects: bool,
 }
 
 impl Facts {
@@ -98,6 +102,7 @@ impl Facts {
             findings: Box::new([]),
             fingerprint: "(not UTF-8)".into(),
             literal_independent: false,
+            may_have_effects: true,
         }
     }
 
@@ -154,6 +159,7 @@ pub fn analyze(sql: &str) -> Facts {
         findings: findings.into_boxed_slice(),
         fingerprint: sqlscan::fingerprint(sql, FINGERPRINT_MAX).into(),
         literal_independent,
+        may_have_effects: sqlscan::may_have_effects(sql.as_bytes()),
     }
 }
 

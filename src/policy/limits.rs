@@ -33,7 +33,8 @@ pub struct TenantState {
     /// Unparsable statements forwarded (policy `open`).
     unparsed: AtomicU64,
     /// Per-statement statistics by fingerprint.
-    statements: Mutex<std::collections::HashMap<Arc<str>, StatementStats>>,
+    statements:
+        Mutex<std::collections::HashMap<Arc<str>, StatementStats, foldhash::quality::RandomState>>,
 }
 
 /// Calls, time and rows of one statement fingerprint (like pg_stat_statements, across the proxy).

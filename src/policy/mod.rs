@@ -35,8 +35,59 @@ const SEEN_SLOTS: usize = 16 * 1024;
 /// Longer texts are classified every time rather than cached (they are rarely repeated verbatim).
 const CACHE_MAX_TEXT: usize = 64 * 1024;
 
+/// Slots of each thread's front cache (direct-mapped).
+const LOCAL_SLOTS: usize = 256;
+/// Longer keys are not kept in the front cache.
+const LOCAL_MAX_KEY: usize = 2048;
+
+/// One entry of a thread's front cache: a key of the shared cache and its facts.
+struct LocalEntry {
+    classifier: u64,
+    hash: u64,
+    key: Box<[u8]>,
+    facts: Arc<Facts>,
+}
+
+thread_local! {
+    /// The front cache of this thread: the keys it looked up last, one per slot. A hit costs a slot read and a
+    /// comparison, no shared-cache bookkeeping (moka records each read and reads the clock). Entries are
+    /// copies of shared-cache entries, whose facts never change (they are a function of the key).
+    static LOCAL: std::cell::RefCell<Vec<Option<LocalEntry>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Looks `key` (hash `h`) up in this thread's front cache.
+fn local_get(classifier: u64, h: u64, key: &[u8]) -> Option<Arc<Facts>> {
+    LOCAL.with_borrow(|slots| {
+        let e = slots.get((h as usize) % LOCAL_SLOTS)?.as_ref()?;
+        (e.hash == h && e.classifier == classifier && *e.key == *key).then(|| e.facts.clone())
+    })
+}
+
+/// Keeps `key` → `facts` in this thread's front cache (replacing what its slot held).
+fn local_put(classifier: u64, h: u64, key: &[u8], facts: &Arc<Facts>) {
+    if key.len() > LOCAL_MAX_KEY {
+        return;
+    }
+    LOCAL.with_borrow_mut(|slots| {
+        if slots.is_empty() {
+            slots.resize_with(LOCAL_SLOTS, || None);
+        }
+        slots[(h as usize) % LOCAL_SLOTS] = Some(LocalEntry {
+            classifier,
+            hash: h,
+            key: key.into(),
+            facts: facts.clone(),
+        });
+    })
+}
+
 /// The statement cache: text → [`Facts`], shared by all tenants (facts do not depend on the tenant).
+///
+/// In front of it, each thread keeps the entries it used last ([`LOCAL_SLOTS`], direct-mapped): a hot statement
+/// (the few shapes an application sends again and again) is found there.
 pub struct Classifier {
+    /// Tells this classifier's entries in the threads' front caches from another's (tests make several).
+    id: u64,
     cache: moka::sync::Cache<Key, Arc<Facts>, foldhash::quality::RandomState>,
     /// Hashes of recent texts, direct-mapped: the last text seen in each slot. A text whose slot holds its hash may
     /// be cached as it is (its exact entry is looked up); a text with literals seen a second time is cached as it
@@ -55,7 +106,9 @@ impl Default for Classifier {
 
 impl Classifier {
     pub fn new(hits: metrics::Counter, misses: metrics::Counter) -> Classifier {
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Classifier {
+            id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             cache: moka::sync::Cache::builder()
                 .max_capacity(CACHE_BYTES)
                 .weigher(|k: &Key, v: &Arc<Facts>| {
@@ -82,10 +135,15 @@ impl Classifier {
         use std::hash::BuildHasher;
         use std::sync::atomic::Ordering::Relaxed;
         let h = self.hasher.hash_one(sql) | 1;
+        if let Some(f) = local_get(self.id, h, sql) {
+            self.hits.increment(1);
+            return f;
+        }
         let slot = &self.seen[(h as usize) % self.seen.len()];
         if slot.load(Relaxed) == h {
             if let Some(f) = self.cache.get(sql) {
                 self.hits.increment(1);
+                local_put(self.id, h, sql, &f);
                 return f;
             }
         }
@@ -101,12 +159,17 @@ impl Classifier {
             key.clear();
             key.push('\0');
             let literals = crate::sqlscan::fingerprint_into(text, usize::MAX, key);
-            let cached = self
-                .cache
-                .get(key.as_bytes())
-                .filter(|f| f.literal_independent);
+            let kh = self.hasher.hash_one(key.as_bytes()) | 1;
+            let cached = local_get(self.id, kh, key.as_bytes()).or_else(|| {
+                let f = self
+                    .cache
+                    .get(key.as_bytes())
+                    .filter(|f| f.literal_independent)?;
+                local_put(self.id, kh, key.as_bytes(), &f);
+                Some(f)
+            });
             // Kept for the miss below only (rare); a buffer that grew large is not kept.
-            let owned: Option<Key> = cached.is_none().then(|| key.as_bytes().into());
+            let owned: Option<(u64, Key)> = cached.is_none().then(|| (kh, key.as_bytes().into()));
             if key.capacity() > CACHE_MAX_TEXT {
                 *key = String::new();
             }
@@ -120,9 +183,10 @@ impl Classifier {
             None => {
                 self.misses.increment(1);
                 let facts = Arc::new(classify::analyze(text));
-                if let (true, true, Some(key)) =
+                if let (true, true, Some((kh, key))) =
                     (facts.literal_independent, sql.len() <= CACHE_MAX_TEXT, key)
                 {
+                    local_put(self.id, kh, &key, &facts);
                     self.cache.insert(key, facts.clone());
                 }
                 facts
@@ -134,6 +198,7 @@ impl Classifier {
         let seen_before = slot.swap(h, Relaxed) == h;
         let exact = !facts.literal_independent || !literals || seen_before;
         if exact && sql.len() <= CACHE_MAX_TEXT {
+            local_put(self.id, h, sql, &facts);
             self.cache.insert(sql.into(), facts.clone());
         }
         facts

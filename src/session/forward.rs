@@ -544,6 +544,8 @@ where
                     || (named_stats && matches!(tag, b'B' | b'C'))
             },
             |tag, frame| -> Result<Verdict, FrameError> {
+                // The policy's facts of this Query or Parse say its text cannot change session state.
+                let mut no_effects = false;
                 // One lock of the rewriter per statement message, held for both of its uses below.
                 let mut rw = match (rewrite, frame, tag) {
                     (true, Some(_), b'P' | b'B' | b'D' | b'C') => shared.rewriter(),
@@ -578,10 +580,12 @@ where
                             return Ok(Verdict::Stop);
                         }
                         Admission::Go(Some(facts)) if tag == b'Q' => {
+                            no_effects = !facts.may_have_effects;
                             stamp = shared.now_us();
                             shared.lock_stmts().push_back((seq, facts, stamp))
                         }
                         Admission::Go(facts @ Some(_)) if tag == b'P' => {
+                            no_effects = facts.as_ref().is_some_and(|f| !f.may_have_effects);
                             if let (true, Some((name, _)), Some(facts)) =
                                 (named_stats, cstr(body(f)), &facts)
                             {
@@ -656,7 +660,7 @@ where
                     b'Q' => {
                         shared.requests.fetch_add(1, Ordering::Relaxed);
                         shared.syncs_since_start.store(0, Ordering::Relaxed);
-                        if let Some(f) = frame {
+                        if let (Some(f), false) = (frame, no_effects) {
                             let sql = body(f);
                             if let Some(reason) =
                                 shared.record_effects(sql.strip_suffix(&[0]).unwrap_or(sql))
@@ -692,7 +696,7 @@ where
                                     if !name.is_empty() && !rewrite {
                                         shared.push(Effect::Pin(sqlscan::PinReason::Other));
                                     }
-                                    if let Some((sql, _)) = cstr(rest) {
+                                    if let (Some((sql, _)), false) = (cstr(rest), no_effects) {
                                         if let Some(reason) = shared.record_effects(sql) {
                                             // Refused at Parse, as Postgres fails a Parse: the statement does
                                             // not exist (the rewriter never learns of it).

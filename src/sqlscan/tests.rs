@@ -1170,6 +1170,30 @@ proptest! {
         prop_assert_eq!(has_session_effects(&spaced), !effects.is_empty());
     }
 
+    /// The session reads "cannot change session state" off the facts cached for a fingerprint, which the prefilter
+    /// found for the first text with it: any text with the same fingerprint (other literals, spacing, comments,
+    /// keyword case) must then have no effect either.
+    #[test]
+    fn texts_sharing_a_fingerprint_share_the_prefilter_verdict(
+        parts in prop::collection::vec((0usize..WORDS.len(), 0usize..LITERALS.len(), 0usize..LITERALS.len(), any::<bool>(), 0usize..SEPARATORS.len()), 0..30)
+    ) {
+        let (mut a, mut b) = (String::new(), String::new());
+        for (word, lit_a, lit_b, is_literal, sep) in parts {
+            if is_literal {
+                a.push_str(LITERALS[lit_a]);
+                b.push_str(LITERALS[lit_b]);
+            } else {
+                a.push_str(WORDS[word]);
+                b.push_str(&WORDS[word].to_uppercase());
+            }
+            a.push(' ');
+            b.push_str(SEPARATORS[sep]);
+        }
+        if fingerprint(&a, usize::MAX) == fingerprint(&b, usize::MAX) && !super::may_have_effects(a.as_bytes()) {
+            prop_assert!(session_effects(&b).is_empty(), "{a} / {b}");
+        }
+    }
+
     /// Token ranges tile the input exactly, apart from whitespace and comments, and fall on character boundaries.
     #[test]
     fn tokens_cover_the_input_in_order(sql in any::<String>()) {
@@ -1181,6 +1205,80 @@ proptest! {
         }
     }
 }
+
+/// Whole non-literal tokens for [`texts_sharing_a_fingerprint_share_the_prefilter_verdict`].
+const WORDS: &[&str] = &[
+    ";",
+    "(",
+    ")",
+    ",",
+    ".",
+    "=",
+    "*",
+    "SET",
+    "LOCAL",
+    "SESSION",
+    "TIME",
+    "ZONE",
+    "TO",
+    "DEFAULT",
+    "RESET",
+    "ALL",
+    "LISTEN",
+    "UNLISTEN",
+    "SELECT",
+    "INTO",
+    "TEMP",
+    "CREATE",
+    "TABLE",
+    "FUNCTION",
+    "BEGIN",
+    "ATOMIC",
+    "CASE",
+    "END",
+    "ON",
+    "COMMIT",
+    "DROP",
+    "pg_temp",
+    "set_config",
+    "pg_advisory_lock",
+    "false",
+    "NULL",
+    "x",
+    "EXPLAIN",
+    "ROLE",
+    "DECLARE",
+    "WITH",
+    "HOLD",
+    "FOR",
+    "update",
+    "t",
+    "where",
+    "offset",
+    "DISCARD",
+    "PREPARE",
+    "DEALLOCATE",
+    "LOAD",
+    "U&\"\\0073et_config\"",
+    "pg_settings",
+    "dblink_connect",
+    "CLOSE",
+];
+/// Literals, some holding trigger words, for the same test.
+const LITERALS: &[&str] = &[
+    "'a'",
+    "'set x = 1'",
+    "'set_config'",
+    "42",
+    "1.5e3",
+    "$$ listen x $$",
+    "$1",
+    "E'temp'",
+    "U&'advisory'",
+    "$q$ pg_settings $q$",
+];
+/// What separates tokens in the second text of that test.
+const SEPARATORS: &[&str] = &[" ", "\n", "\t", " /* set */ ", " -- reset\n", "\r\n"];
 
 /// The byte-level prefilter lets common DML through without a lex: first keywords count only where a statement can
 /// start, and column names that merely contain a trigger word do not count.
