@@ -73,6 +73,8 @@ pub struct Lifecycle {
     drain: tokio::sync::Notify,
     terminating: AtomicBool,
     terminate: tokio::sync::Notify,
+    /// The sessions' [`Watch`]es, woken at each phase.
+    watches: std::sync::Mutex<Watches>,
 }
 
 impl Lifecycle {
@@ -102,12 +104,119 @@ impl Lifecycle {
     fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.drain.notify_waiters();
+        self.wake_watches();
     }
 
     fn start_terminating(&self) {
         self.start_draining();
         self.terminating.store(true, Ordering::SeqCst);
         self.terminate.notify_waiters();
+        self.wake_watches();
+    }
+
+    fn wake_watches(&self) {
+        let w = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        for waker in w.slots.iter().flatten() {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// A watch for one session's task (see [`Watch`]).
+    pub fn watch(&self) -> Watch<'_> {
+        Watch {
+            lifecycle: self,
+            registered: None,
+        }
+    }
+}
+
+/// The tasks [`Watch`]es registered: their wakers, and the free slots.
+#[derive(Default)]
+struct Watches {
+    slots: Vec<Option<std::task::Waker>>,
+    free: Vec<usize>,
+}
+
+/// A session's view of the [`Lifecycle`]: its task's waker is registered with the lifecycle once (at the first
+/// wait), and each wait after that is a flag read. The `Notify` waits of [`Lifecycle::drained`] and
+/// [`Lifecycle::terminated`] take the notifier's lock at every poll: on a transaction's hot path, that is a lock
+/// per wakeup.
+pub struct Watch<'a> {
+    lifecycle: &'a Lifecycle,
+    /// The slot and the waker registered in it.
+    registered: Option<(usize, std::task::Waker)>,
+}
+
+impl Watch<'_> {
+    /// Resolves once draining has begun.
+    pub async fn drained(&mut self) {
+        std::future::poll_fn(|cx| self.poll_flag(cx, |l| &l.draining)).await
+    }
+
+    /// Resolves once terminating has begun.
+    pub async fn terminated(&mut self) {
+        std::future::poll_fn(|cx| self.poll_flag(cx, |l| &l.terminating)).await
+    }
+
+    /// Runs `work` to its end, unless terminating begins first (None: `work` was dropped).
+    pub async fn unless_terminated<F: Future>(&mut self, work: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            out = work => Some(out),
+            _ = self.terminated() => None,
+        }
+    }
+
+    fn poll_flag(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        flag: impl Fn(&Lifecycle) -> &AtomicBool,
+    ) -> std::task::Poll<()> {
+        if flag(self.lifecycle).load(Ordering::SeqCst) {
+            return std::task::Poll::Ready(());
+        }
+        if !matches!(&self.registered, Some((_, w)) if w.will_wake(cx.waker())) {
+            self.register(cx.waker());
+            // Registered before the flag is read again: a phase that began in between is seen here.
+            if flag(self.lifecycle).load(Ordering::SeqCst) {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    }
+
+    fn register(&mut self, waker: &std::task::Waker) {
+        let mut w = self
+            .lifecycle
+            .watches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let slot = match &self.registered {
+            Some((slot, _)) => *slot,
+            None => match w.free.pop() {
+                Some(slot) => slot,
+                None => {
+                    w.slots.push(None);
+                    w.slots.len() - 1
+                }
+            },
+        };
+        w.slots[slot] = Some(waker.clone());
+        self.registered = Some((slot, waker.clone()));
+    }
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        if let Some((slot, _)) = self.registered.take() {
+            let mut w = self
+                .lifecycle
+                .watches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            w.slots[slot] = None;
+            w.free.push(slot);
+        }
     }
 }
 

@@ -123,13 +123,14 @@ pub(super) async fn run(
         return false;
     };
     let mut buf = BytesMut::new();
+    let mut watch = proxy.lifecycle.watch();
     loop {
         // Idle: no server connection until the client sends something.
         if buf.is_empty() {
             let read = match proxy.cfg.proxy.client_idle_timeout {
                 // Small enough to live in this future: no allocation per idle wait.
-                t if t.is_zero() => read_idle(stream, &mut buf, &proxy.lifecycle).await,
-                t => Box::pin(read_idle_within(stream, &mut buf, t, &proxy.lifecycle)).await,
+                t if t.is_zero() => read_idle(stream, &mut buf, &mut watch).await,
+                t => Box::pin(read_idle_within(stream, &mut buf, t, &mut watch)).await,
             };
             match read {
                 IdleRead::Data => {}
@@ -151,7 +152,7 @@ pub(super) async fn run(
         if buf[0] == b'X' {
             return true;
         }
-        match Box::pin(c.transaction(proxy, stream, &mut buf)).await {
+        match Box::pin(c.transaction(proxy, stream, &mut buf, &mut watch)).await {
             Next::Idle => {}
             Next::Stop => return false,
         }
@@ -256,6 +257,7 @@ impl Client {
         proxy: &Arc<Proxy>,
         stream: &mut ClientStream,
         buf: &mut BytesMut,
+        watch: &mut crate::server::Watch<'_>,
     ) -> Next {
         let c = self;
         let per_server = c.pool.config().max_prepared_statements;
@@ -331,7 +333,7 @@ impl Client {
                 statements_for(&mut c.statements, per_server),
                 started,
             );
-            let end = proxy.lifecycle.unless_terminated(run).await;
+            let end = watch.unless_terminated(run).await;
             let Some(end) = end else {
                 // Shutdown ran out of time: the server connection is closed (the backend rolls the transaction
                 // back) and the client is told.
@@ -541,7 +543,7 @@ enum IdleRead {
 async fn read_idle(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
-    lifecycle: &crate::server::Lifecycle,
+    watch: &mut crate::server::Watch<'_>,
 ) -> IdleRead {
     // A shutdown ends an idle session (the client is told 57P01) — after a moment in which a request already on
     // its way (a client that has just logged in, or was about to send) is still served. Reads are cancel-safe
@@ -549,7 +551,7 @@ async fn read_idle(
     tokio::select! {
         biased;
         r = read_some(stream, buf) => r,
-        _ = lifecycle.drained() => {
+        _ = watch.drained() => {
             match Box::pin(tokio::time::timeout(DRAIN_GRACE, read_some(stream, buf))).await {
                 Ok(r) => r,
                 Err(_) => IdleRead::Stopping,
@@ -578,9 +580,9 @@ async fn read_idle_within(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
     timeout: std::time::Duration,
-    lifecycle: &crate::server::Lifecycle,
+    watch: &mut crate::server::Watch<'_>,
 ) -> IdleRead {
-    tokio::time::timeout(timeout, read_idle(stream, buf, lifecycle))
+    tokio::time::timeout(timeout, read_idle(stream, buf, watch))
         .await
         .unwrap_or(IdleRead::TimedOut)
 }
