@@ -153,25 +153,22 @@ impl Classifier {
         };
         // The fingerprint key is built in a buffer of the thread's: no allocation when it is found.
         thread_local! {
-            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+            static KEY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let (cached, literals, key) = KEY.with_borrow_mut(|key| {
             key.clear();
-            key.push('\0');
-            let literals = crate::sqlscan::fingerprint_into(text, usize::MAX, key);
-            let kh = self.hasher.hash_one(key.as_bytes()) | 1;
-            let cached = local_get(self.id, kh, key.as_bytes()).or_else(|| {
-                let f = self
-                    .cache
-                    .get(key.as_bytes())
-                    .filter(|f| f.literal_independent)?;
-                local_put(self.id, kh, key.as_bytes(), &f);
+            key.push(0);
+            let literals = crate::sqlscan::fingerprint_bytes(text, usize::MAX, key);
+            let kh = self.hasher.hash_one(&key[..]) | 1;
+            let cached = local_get(self.id, kh, &key[..]).or_else(|| {
+                let f = self.cache.get(&key[..]).filter(|f| f.literal_independent)?;
+                local_put(self.id, kh, &key[..], &f);
                 Some(f)
             });
             // Kept for the miss below only (rare); a buffer that grew large is not kept.
-            let owned: Option<(u64, Key)> = cached.is_none().then(|| (kh, key.as_bytes().into()));
+            let owned: Option<(u64, Key)> = cached.is_none().then(|| (kh, key[..].into()));
             if key.capacity() > CACHE_MAX_TEXT {
-                *key = String::new();
+                *key = Vec::new();
             }
             (cached, literals, owned)
         });

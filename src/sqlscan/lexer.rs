@@ -49,16 +49,46 @@ pub(super) struct Lexer<'a> {
     pos: usize,
 }
 
+/// Byte classes, one bit each (a table lookup per byte in the scanning loops).
+const SPACE: u8 = 1;
+const IDENT_START: u8 = 2;
+const IDENT_CONT: u8 = 4;
+/// What a numeric literal runs on with: letters, digits, `_` and `.`.
+const NUMBER_CONT: u8 = 8;
+
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        let start = c.is_ascii_alphabetic() || c == b'_' || c >= 0x80;
+        if matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
+            t[b] |= SPACE;
+        }
+        if start {
+            t[b] |= IDENT_START;
+        }
+        if start || c.is_ascii_digit() || c == b'$' {
+            t[b] |= IDENT_CONT;
+        }
+        if c.is_ascii_alphanumeric() || c == b'_' || c == b'.' {
+            t[b] |= NUMBER_CONT;
+        }
+        b += 1;
+    }
+    t
+};
+
 fn is_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+    CLASS[b as usize] & SPACE != 0
 }
 
 fn is_ident_start(b: u8) -> bool {
-    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
+    CLASS[b as usize] & IDENT_START != 0
 }
 
 fn is_ident_cont(b: u8) -> bool {
-    is_ident_start(b) || b.is_ascii_digit() || b == b'$'
+    CLASS[b as usize] & IDENT_CONT != 0
 }
 
 /// Characters of a dollar-quote tag after the first: like an identifier, but no `$`.
@@ -244,7 +274,12 @@ impl Iterator for Lexer<'_> {
     fn next(&mut self) -> Option<Token> {
         let s = self.sql.as_bytes();
         loop {
-            let start = self.pos;
+            // Whitespace: a table lookup per byte.
+            let mut start = self.pos;
+            while s.get(start).is_some_and(|&b| is_space(b)) {
+                start += 1;
+            }
+            self.pos = start;
             let c = *s.get(start)?;
             let n1 = s.get(start + 1).copied();
             let (kind, end) = match c {
@@ -278,15 +313,18 @@ impl Iterator for Lexer<'_> {
                 }
                 b'$' => self.dollar(start).unwrap_or((Kind::Punct(b'$'), start + 1)),
                 _ if is_ident_start(c) => {
-                    let len = s[start..].iter().take_while(|&&b| is_ident_cont(b)).count();
-                    (Kind::Ident, start + len)
+                    let mut end = start + 1;
+                    while s.get(end).is_some_and(|&b| is_ident_cont(b)) {
+                        end += 1;
+                    }
+                    (Kind::Ident, end)
                 }
                 _ if c.is_ascii_digit()
                     || (c == b'.' && n1.is_some_and(|d| d.is_ascii_digit())) =>
                 {
                     let len = s[start + 1..]
                         .iter()
-                        .take_while(|&&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+                        .take_while(|&&b| CLASS[b as usize] & NUMBER_CONT != 0)
                         .count();
                     (Kind::Number, start + 1 + len)
                 }

@@ -152,42 +152,57 @@ pub fn fingerprint_and_literals(sql: &str, max: usize) -> (String, bool) {
 
 /// [`fingerprint_and_literals`], appending the fingerprint to `out` (whatever it holds already stays in front).
 pub fn fingerprint_into(sql: &str, max: usize, out: &mut String) -> bool {
+    let mut bytes = std::mem::take(out).into_bytes();
+    let literals = fingerprint_bytes(sql, max, &mut bytes);
+    // Valid: whole tokens of `sql` (they end on ASCII bytes), ASCII and `…`.
+    *out = String::from_utf8(bytes)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    literals
+}
+
+/// [`fingerprint_into`] on bytes (the fingerprint is UTF-8): what the classification cache keys are built with.
+pub fn fingerprint_bytes(sql: &str, max: usize, out: &mut Vec<u8>) -> bool {
     let base = out.len();
     let mut prev_placeholder = false;
     let mut literals = false;
+    out.reserve(sql.len().min(max) + 8);
     for t in Lexer::new(sql) {
-        let text = &sql[t.start..t.end];
         let placeholder = matches!(
             t.kind,
             Kind::Str(_) | Kind::Dollar | Kind::Number | Kind::Param
         );
         literals |= placeholder && t.kind != Kind::Param;
-        let piece = if placeholder { "?" } else { text };
+        let piece: &[u8] = if placeholder {
+            b"?"
+        } else {
+            &sql.as_bytes()[t.start..t.end]
+        };
+        let written = &out[base..];
         // `IN (1, 2, 3)` and `IN (4, 5)` share a fingerprint.
-        if placeholder && prev_placeholder && out.ends_with("?,") {
-            out.truncate(out.len() - 1);
+        if placeholder && prev_placeholder && written.ends_with(b"?,") {
+            out.pop();
             continue;
         }
         // Written as people write SQL: `t.a`, `x::int`, `f(a, b)`.
-        let space = !(out.len() == base
-            || matches!(piece, "," | ")" | "." | ":")
-            || out.ends_with(['(', '.'])
-            || out.ends_with("::"));
-        if out.len() - base + usize::from(space) + piece.len() > max {
-            out.push('…');
+        let space = !(written.is_empty()
+            || matches!(t.kind, Kind::Punct(b',' | b')' | b'.' | b':'))
+            || matches!(written.last(), Some(b'(' | b'.'))
+            || written.ends_with(b"::"));
+        if written.len() + usize::from(space) + piece.len() > max {
+            out.extend_from_slice("…".as_bytes());
             break;
         }
         if space {
-            out.push(' ');
+            out.push(b' ');
         }
-        let at = out.len();
-        out.push_str(piece);
-        if t.kind == Kind::Ident {
-            out[at..].make_ascii_lowercase();
+        match t.kind {
+            Kind::Ident => out.extend(piece.iter().map(u8::to_ascii_lowercase)),
+            Kind::Punct(c) => out.push(c),
+            _ => out.extend_from_slice(piece),
         }
         if placeholder {
             prev_placeholder = true;
-        } else if piece != "," {
+        } else if t.kind != Kind::Punct(b',') {
             prev_placeholder = false;
         }
     }
