@@ -196,7 +196,11 @@ pub fn fingerprint_bytes(sql: &str, max: usize, out: &mut Vec<u8>) -> bool {
             out.push(b' ');
         }
         match t.kind {
-            Kind::Ident => out.extend(piece.iter().map(u8::to_ascii_lowercase)),
+            Kind::Ident => {
+                let at = out.len();
+                out.extend_from_slice(piece);
+                out[at..].make_ascii_lowercase();
+            }
             Kind::Punct(c) => out.push(c),
             _ => out.extend_from_slice(piece),
         }
