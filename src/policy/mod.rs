@@ -90,8 +90,8 @@ pub struct Classifier {
     id: u64,
     cache: moka::sync::Cache<Key, Arc<Facts>, foldhash::quality::RandomState>,
     /// Hashes of recent texts, direct-mapped: the last text seen in each slot. A text whose slot holds its hash may
-    /// be cached as it is (its exact entry is looked up); a text with literals seen a second time is cached as it
-    /// is. A collision only affects what is looked up and cached, never a verdict.
+    /// be cached as it is (its exact entry is looked up); a text with literals seen a second time is kept as it is
+    /// in the thread's front cache. A collision only affects what is looked up and cached, never a verdict.
     seen: Box<[std::sync::atomic::AtomicU64]>,
     hasher: foldhash::quality::RandomState,
     pub hits: metrics::Counter,
@@ -189,14 +189,18 @@ impl Classifier {
                 facts
             }
         };
-        // The exact text too when its facts depend on its literals, when it has none (a driver's statement, sent
-        // verbatim again and again), or when it comes a second time (constant literals): not the one-off texts of
-        // queries built with their values, which would only crowd the cache.
+        // The exact text too when its facts depend on its literals, or when it has none (a driver's statement,
+        // sent verbatim again and again); and in this thread's front cache when it comes a second time (constant
+        // literals: the fingerprint would give the same facts, the front cache saves the lexing). Not the one-off
+        // texts of queries built with their values, which would only crowd the cache: a text with random values
+        // comes a second time now and then too, and a shared-cache insert costs more than the lexing it saves.
         let seen_before = slot.swap(h, Relaxed) == h;
-        let exact = !facts.literal_independent || !literals || seen_before;
-        if exact && sql.len() <= CACHE_MAX_TEXT {
+        let shared = !facts.literal_independent || !literals;
+        if (shared || seen_before) && sql.len() <= CACHE_MAX_TEXT {
             local_put(self.id, h, sql, &facts);
-            self.cache.insert(sql.into(), facts.clone());
+            if shared {
+                self.cache.insert(sql.into(), facts.clone());
+            }
         }
         facts
     }
