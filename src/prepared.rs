@@ -148,6 +148,11 @@ pub struct ClientStatements {
     by_name: NameMap,
     /// The client's search_path (empty: the server's default), part of what identifies a statement.
     search_path: Vec<u8>,
+    /// The Parse body (text and parameter types) of the client's unnamed statement, if it has one: a Bind of it
+    /// in a later transaction may land on a server connection whose unnamed statement is another client's. The
+    /// buffer is kept between statements.
+    unnamed: Vec<u8>,
+    has_unnamed: bool,
 }
 
 impl ClientStatements {
@@ -156,6 +161,8 @@ impl ClientStatements {
             registry,
             by_name: NameMap::default(),
             search_path: Vec::new(),
+            unnamed: Vec::new(),
+            has_unnamed: false,
         }
     }
 
@@ -321,6 +328,9 @@ pub struct Rewriter<'a> {
     /// Statements used at or after this tick are in use by this run: not evicted.
     run_start: u64,
     pending: VecDeque<Pending>,
+    /// The server's unnamed statement is the client's (or both have none): set by the client's Parse or Close of
+    /// it in this run, or by pgweir's. Until then the server's may be another client's.
+    unnamed_in_sync: bool,
 }
 
 /// Largest reply queue a server connection keeps for its next run.
@@ -353,6 +363,7 @@ impl<'a> Rewriter<'a> {
             cap: cap.max(1),
             run_start,
             pending,
+            unnamed_in_sync: false,
         }
     }
 
@@ -419,6 +430,10 @@ impl<'a> Rewriter<'a> {
     fn parse(&mut self, body: &[u8], seq: u64, out: &mut BytesMut) -> Result<bool, Malformed> {
         let (name, rest) = cstr(body).ok_or(())?;
         if name.is_empty() {
+            self.client.unnamed.clear();
+            self.client.unnamed.extend_from_slice(rest);
+            self.client.has_unnamed = true;
+            self.unnamed_in_sync = true;
             self.queue(seq, Reply::Forward, Undo::Nothing);
             return Ok(false);
         }
@@ -456,6 +471,9 @@ impl<'a> Rewriter<'a> {
     fn bind(&mut self, body: &[u8], seq: u64, out: &mut BytesMut) -> Result<bool, Malformed> {
         let (portal, rest) = cstr(body).ok_or(())?;
         let (name, params) = cstr(rest).ok_or(())?;
+        if name.is_empty() {
+            return Ok(self.ensure_unnamed(b'B', body, seq, out));
+        }
         let Some(id) = self.ensure(name, seq, out) else {
             return Ok(false);
         };
@@ -476,6 +494,9 @@ impl<'a> Rewriter<'a> {
             return Ok(false);
         }
         let (name, _) = cstr(rest).ok_or(())?;
+        if name.is_empty() {
+            return Ok(self.ensure_unnamed(b'D', body, seq, out));
+        }
         let Some(id) = self.ensure(name, seq, out) else {
             return Ok(false);
         };
@@ -490,6 +511,10 @@ impl<'a> Rewriter<'a> {
     fn close(&mut self, body: &[u8], seq: u64, out: &mut BytesMut) -> Result<bool, Malformed> {
         let (&kind, rest) = body.split_first().ok_or(())?;
         let (name, _) = cstr(rest).ok_or(())?;
+        if kind == b'S' && name.is_empty() {
+            self.client.has_unnamed = false;
+            self.unnamed_in_sync = true;
+        }
         if kind != b'S' || name.is_empty() {
             self.queue(seq, Reply::Forward, Undo::Nothing);
             return Ok(false);
@@ -523,6 +548,30 @@ impl<'a> Rewriter<'a> {
             }
         }
         Some(stmt.id)
+    }
+
+    /// Before a Bind or Describe of the unnamed statement (message `tag` with `body`): unless the server's unnamed
+    /// statement is known to be the client's in this run, the client's is prepared again (or, if it has none, the
+    /// server's is closed, so that the server answers 26000 as Postgres would). Returns true when the message was
+    /// written to `out` after that, false when it is to be forwarded as it is.
+    fn ensure_unnamed(&mut self, tag: u8, body: &[u8], seq: u64, out: &mut BytesMut) -> bool {
+        if self.unnamed_in_sync {
+            return false;
+        }
+        self.unnamed_in_sync = true;
+        if self.client.has_unnamed {
+            out.put_u8(b'P');
+            out.put_u32((4 + 1 + self.client.unnamed.len()) as u32);
+            out.put_u8(0);
+            out.put_slice(&self.client.unnamed);
+        } else {
+            out.put_slice(&[b'C', 0, 0, 0, 6, b'S', 0]);
+        }
+        self.queue(seq, Reply::Drop, Undo::Nothing);
+        out.put_u8(tag);
+        out.put_u32((4 + body.len()) as u32);
+        out.put_slice(body);
+        true
     }
 
     /// Evicts least recently used statements (not used by this run) until one more fits.
@@ -740,9 +789,41 @@ mod tests {
         assert_eq!(rw.server_reply(), Reply::Forward);
         rw.server_ready(1);
         assert_eq!(reg.len(), 1);
-        // The unnamed statement and unknown names pass as they are.
-        assert!(!rw.client_message(b'B', &bind(""), 2, &mut out));
+        // Unknown names pass as they are.
         assert!(!rw.client_message(b'B', &bind("nope"), 2, &mut out));
+    }
+
+    /// The unnamed statement: within a run, after the client's Parse of it, Binds pass as they are; in a later run
+    /// (maybe another client's server connection) it is prepared again first, and a client without one has the
+    /// server's closed first (Postgres then answers 26000, as to that client directly).
+    #[test]
+    fn the_unnamed_statement_follows_its_client() {
+        let (_reg, mut c, mut s) = setup();
+        let mut out = BytesMut::new();
+        {
+            let mut rw = Rewriter::new(&mut c, &mut s, 10);
+            // No unnamed statement yet: the server's is closed before the Bind.
+            assert!(rw.client_message(b'B', &bind(""), 1, &mut out));
+            let m = messages(&out.split());
+            assert_eq!(m, [('C', String::new()), ('B', String::new())]);
+            assert_eq!(rw.server_reply(), Reply::Drop);
+            assert!(!rw.client_message(b'P', &parse("", "SELECT 7"), 1, &mut out));
+            assert!(!rw.client_message(b'B', &bind(""), 1, &mut out));
+            assert!(out.is_empty());
+            assert_eq!(rw.server_reply(), Reply::Forward);
+            rw.server_ready(1);
+        }
+        let mut other = ServerStatements::default();
+        let mut rw = Rewriter::new(&mut c, &mut other, 10);
+        assert!(rw.client_message(b'B', &bind(""), 2, &mut out));
+        let m = messages(&out.split());
+        assert_eq!(m, [('P', String::new()), ('B', String::new())]);
+        assert_eq!(rw.server_reply(), Reply::Drop);
+        // Once prepared in this run, the next Bind passes as it is.
+        assert!(!rw.client_message(b'B', &bind(""), 2, &mut out));
+        // The client closes it: the server's is gone too.
+        assert!(!rw.client_message(b'C', &[b'C', 0, 0, 0, 6, b'S', 0], 2, &mut out));
+        assert!(!rw.client_message(b'B', &bind(""), 2, &mut out));
     }
 
     #[test]

@@ -647,6 +647,58 @@ fn named_statement_pipelines_reply_exactly_as_postgres() {
     });
 }
 
+/// The unnamed statement stays its client's: a client may bind it in a later transaction without parsing it again
+/// (the protocol allows it), after another client parsed its own on the same, only server connection; and a client
+/// that never parsed one gets 26000, as from Postgres.
+#[test]
+fn the_unnamed_statement_is_each_clients_own() {
+    let env = tx_env(1);
+    runtime().block_on(async {
+        let mut a = Raw::connect_to(&env, "tx").await;
+        let mut b = Raw::connect_to(&env, "tx").await;
+        let mut c = Raw::connect_to(&env, "tx").await;
+        let mut m = BytesMut::new();
+        ext::parse("", "select 'a:' || $1::text", &mut m);
+        ext::sync(&mut m);
+        assert_eq!(exchange(&mut a, &m.split(), 1).await, ["1", "Z I"]);
+        ext::parse("", "select 'b:' || $1::text, 2", &mut m);
+        ext::bind("", "", &[Some("1")], &mut m);
+        ext::execute("", &mut m);
+        ext::sync(&mut m);
+        assert_eq!(
+            exchange(&mut b, &m.split(), 1).await,
+            ["1", "2", "D [Some(\"b:1\"), Some(\"2\")]", "C SELECT 1", "Z I"]
+        );
+        // a's own statement, not b's (the last one parsed on the server connection).
+        ext::bind("", "", &[Some("2")], &mut m);
+        ext::execute("", &mut m);
+        ext::sync(&mut m);
+        assert_eq!(
+            exchange(&mut a, &m.split(), 1).await,
+            ["2", "D [Some(\"a:2\")]", "C SELECT 1", "Z I"]
+        );
+        ext::describe(b'S', "", &mut m);
+        ext::sync(&mut m);
+        assert_eq!(exchange(&mut b, &m.split(), 1).await, ["t 1", "T 2", "Z I"]);
+        // c has none: the server's (b's) is not bound.
+        let mut none = BytesMut::new();
+        ext::bind("", "", &[], &mut none);
+        ext::execute("", &mut none);
+        ext::sync(&mut none);
+        assert_eq!(exchange(&mut c, &none, 1).await, ["E 26000", "Z I"]);
+        let mut direct = Raw::connect_direct(&env).await;
+        assert_eq!(exchange(&mut direct, &none, 1).await, ["E 26000", "Z I"]);
+        // b's is still there for b, in its next transaction.
+        ext::bind("", "", &[Some("3")], &mut m);
+        ext::execute("", &mut m);
+        ext::sync(&mut m);
+        assert_eq!(
+            exchange(&mut b, &m.split(), 1).await,
+            ["2", "D [Some(\"b:3\"), Some(\"2\")]", "C SELECT 1", "Z I"]
+        );
+    });
+}
+
 /// A statement prepared on one server connection, then described and executed on another.
 #[test]
 fn statements_move_to_other_server_connections() {
