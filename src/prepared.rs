@@ -220,6 +220,34 @@ impl ClientStatements {
         Some(pos)
     }
 
+    /// Answers a Query that is only `DEALLOCATE name` of one of the client's protocol statements, at the start of
+    /// `buf`, without a server connection: the server knows the statement under pgweir's name, which other clients
+    /// may share, so the client's name is dropped here, as Postgres would drop it. CommandComplete and
+    /// ReadyForQuery ('I') go to `out`; returns the bytes of `buf` answered, None (and nothing changed) otherwise.
+    /// Only between transactions (inside one, the server answers: 26000).
+    pub fn answer_deallocate(&mut self, buf: &[u8], out: &mut BytesMut) -> Option<usize> {
+        let (tag, total) = crate::wire::frame::header(buf, usize::MAX).ok()??;
+        if tag != b'Q' {
+            return None;
+        }
+        let sql = buf.get(5..total)?.strip_suffix(&[0])?;
+        // Cheap test first: most Queries are not this.
+        if !sql
+            .trim_ascii_start()
+            .get(..10)?
+            .eq_ignore_ascii_case(b"deallocate")
+        {
+            return None;
+        }
+        let name = crate::sqlscan::deallocate_name(std::str::from_utf8(sql).ok()?)?;
+        self.by_name.remove(name.as_bytes())?;
+        out.put_u8(b'C');
+        out.put_u32(4 + 11);
+        out.put_slice(b"DEALLOCATE\0");
+        out.put_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+        Some(total)
+    }
+
     pub fn len(&self) -> usize {
         self.by_name.len()
     }

@@ -265,7 +265,11 @@ impl Client {
         if per_server > 0 {
             // Preparing statements a server already accepted needs no server connection.
             let mut out = BytesMut::new();
-            if let Some(n) = c.statements.answer_parse_batch(buf, &mut out) {
+            let answered = c
+                .statements
+                .answer_parse_batch(buf, &mut out)
+                .or_else(|| c.statements.answer_deallocate(buf, &mut out));
+            if let Some(n) = answered {
                 if write_flush(stream, &out).await.is_err() {
                     return Next::Stop;
                 }

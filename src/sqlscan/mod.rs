@@ -31,8 +31,9 @@ mod tokens;
 use std::ops::ControlFlow;
 
 pub use tokens::{
-    called_functions, fingerprint, fingerprint_and_literals, fingerprint_bytes, fingerprint_into,
-    leading_words, name_value, statements, string_bodies, string_value, tokens, TokenKind,
+    called_functions, deallocate_name, fingerprint, fingerprint_and_literals, fingerprint_bytes,
+    fingerprint_into, leading_words, name_value, statements, string_bodies, string_value, tokens,
+    TokenKind,
 };
 
 use classify::{Raw, Stmt, VarName};

@@ -83,6 +83,31 @@ fn name_of(sql: &str, t: Token) -> Option<String> {
     }
 }
 
+/// The statement name when `sql` is exactly one `DEALLOCATE [PREPARE] name` (a `;` may follow): what a client that
+/// prepared `name` over the protocol may send to drop it (SQL and protocol statements share one namespace).
+/// `DEALLOCATE ALL` and anything else: None.
+pub fn deallocate_name(sql: &str) -> Option<String> {
+    let mut lx = Lexer::new(sql);
+    let is_kw =
+        |t: Token, w: &str| t.kind == Kind::Ident && sql[t.start..t.end].eq_ignore_ascii_case(w);
+    if !is_kw(lx.next()?, "deallocate") {
+        return None;
+    }
+    let mut t = lx.next()?;
+    if is_kw(t, "prepare") {
+        t = lx.next()?;
+    }
+    if is_kw(t, "all") {
+        return None;
+    }
+    let name = name_of(sql, t)?;
+    match lx.next() {
+        None => Some(name),
+        Some(p) if p.kind == Kind::Punct(b';') && lx.next().is_none() => Some(name),
+        Some(_) => None,
+    }
+}
+
 /// The name a single word or quoted word token's text stands for (unquoted folded to lower case); `None` if `text`
 /// is not exactly one such token or cannot be decoded.
 pub fn name_value(text: &str) -> Option<String> {
@@ -239,6 +264,24 @@ mod tests {
             |n| found.push(n.to_owned()),
         );
         assert_eq!(found, ["pg_read_file", "lo_import", "pg_ls_dir", "f"]);
+    }
+
+    #[test]
+    fn deallocate_names_are_read_as_postgres_does() {
+        assert_eq!(deallocate_name("DEALLOCATE s1").as_deref(), Some("s1"));
+        assert_eq!(
+            deallocate_name("deallocate prepare \"S 1\" ;").as_deref(),
+            Some("S 1")
+        );
+        assert_eq!(
+            deallocate_name(" DeAllocate  MyStmt -- c\n").as_deref(),
+            Some("mystmt")
+        );
+        assert_eq!(deallocate_name("DEALLOCATE ALL"), None);
+        assert_eq!(deallocate_name("DEALLOCATE PREPARE ALL"), None);
+        assert_eq!(deallocate_name("DEALLOCATE s1; SELECT 1"), None);
+        assert_eq!(deallocate_name("DEALLOCATE"), None);
+        assert_eq!(deallocate_name("SELECT 1"), None);
     }
 
     #[test]

@@ -307,6 +307,13 @@ pub mod ext {
         frame(b'S', &[], out);
     }
 
+    /// A simple Query.
+    pub fn query(sql: &str, out: &mut BytesMut) {
+        let mut b = Vec::new();
+        cstr(sql, &mut b);
+        frame(b'Q', &b, out);
+    }
+
     pub fn flush(out: &mut BytesMut) {
         frame(b'H', &[], out);
     }

@@ -667,7 +667,13 @@ fn the_unnamed_statement_is_each_clients_own() {
         ext::sync(&mut m);
         assert_eq!(
             exchange(&mut b, &m.split(), 1).await,
-            ["1", "2", "D [Some(\"b:1\"), Some(\"2\")]", "C SELECT 1", "Z I"]
+            [
+                "1",
+                "2",
+                "D [Some(\"b:1\"), Some(\"2\")]",
+                "C SELECT 1",
+                "Z I"
+            ]
         );
         // a's own statement, not b's (the last one parsed on the server connection).
         ext::bind("", "", &[Some("2")], &mut m);
@@ -695,6 +701,50 @@ fn the_unnamed_statement_is_each_clients_own() {
         assert_eq!(
             exchange(&mut b, &m.split(), 1).await,
             ["2", "D [Some(\"b:3\"), Some(\"2\")]", "C SELECT 1", "Z I"]
+        );
+    });
+}
+
+/// SQL `DEALLOCATE` of a statement prepared over the protocol (ActiveRecord drops its statements so) between
+/// transactions: answered as Postgres answers it, and the name is free again; the same statement text prepared by
+/// another client keeps working.
+#[test]
+fn sql_deallocate_drops_a_protocol_statement() {
+    let env = tx_env(1);
+    runtime().block_on(async {
+        let mut m = BytesMut::new();
+        ext::parse("a1", "select $1::int + 1", &mut m);
+        ext::sync(&mut m);
+        let prepare = m.split();
+        ext::query("DEALLOCATE a1", &mut m);
+        let deallocate = m.split();
+        ext::parse("a1", "select $1::int + 2", &mut m);
+        ext::bind("", "a1", &[Some("40")], &mut m);
+        ext::execute("", &mut m);
+        ext::sync(&mut m);
+        let again = m.split();
+        let mut direct = Raw::connect_direct(&env).await;
+        let mut proxied = Raw::connect_to(&env, "tx").await;
+        let mut other = Raw::connect_to(&env, "tx").await;
+        for raw in [&mut direct, &mut proxied, &mut other] {
+            assert_eq!(exchange(raw, &prepare, 1).await, ["1", "Z I"]);
+        }
+        for raw in [&mut direct, &mut proxied] {
+            assert_eq!(exchange(raw, &deallocate, 1).await, ["C DEALLOCATE", "Z I"]);
+            assert_eq!(
+                exchange(raw, &again, 1).await,
+                ["1", "2", "D [Some(\"42\")]", "C SELECT 1", "Z I"]
+            );
+            // Gone: a second DEALLOCATE fails as on Postgres.
+            ext::query("DEALLOCATE a1_gone", &mut m);
+            assert_eq!(exchange(raw, &m.split(), 1).await, ["E 26000", "Z I"]);
+        }
+        ext::bind("", "a1", &[Some("40")], &mut m);
+        ext::execute("", &mut m);
+        ext::sync(&mut m);
+        assert_eq!(
+            exchange(&mut other, &m.split(), 1).await,
+            ["2", "D [Some(\"41\")]", "C SELECT 1", "Z I"]
         );
     });
 }
