@@ -334,6 +334,13 @@ enum Undo {
         id: u64,
         tick: u64,
     },
+    /// A Parse or Close of the unnamed statement (the client's or pgweir's), the `gen`-th of the run: if it got
+    /// no reply, the server's unnamed statement is not known to be the client's, and the client has one if `had`
+    /// (a failed Parse leaves none; a skipped Close leaves it).
+    Unnamed {
+        gen: u64,
+        had: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -359,6 +366,8 @@ pub struct Rewriter<'a> {
     /// The server's unnamed statement is the client's (or both have none): set by the client's Parse or Close of
     /// it in this run, or by pgweir's. Until then the server's may be another client's.
     unnamed_in_sync: bool,
+    /// Parses and Closes of the unnamed statement queued in this run: only the last one's undo applies.
+    unnamed_gen: u64,
 }
 
 /// Largest reply queue a server connection keeps for its next run.
@@ -392,6 +401,7 @@ impl<'a> Rewriter<'a> {
             run_start,
             pending,
             unnamed_in_sync: false,
+            unnamed_gen: 0,
         }
     }
 
@@ -452,7 +462,9 @@ impl<'a> Rewriter<'a> {
             },
             _ => None,
         };
-        name.is_some_and(|n| !n.is_empty())
+        // A Bind or Describe of the unnamed statement waits too: an earlier Parse or Close of it may be skipped,
+        // and then the server's is not the client's.
+        name.is_some_and(|n| !n.is_empty() || matches!(tag, b'B' | b'D'))
     }
 
     fn parse(&mut self, body: &[u8], seq: u64, out: &mut BytesMut) -> Result<bool, Malformed> {
@@ -462,7 +474,12 @@ impl<'a> Rewriter<'a> {
             self.client.unnamed.extend_from_slice(rest);
             self.client.has_unnamed = true;
             self.unnamed_in_sync = true;
-            self.queue(seq, Reply::Forward, Undo::Nothing);
+            self.unnamed_gen += 1;
+            let undo = Undo::Unnamed {
+                gen: self.unnamed_gen,
+                had: false,
+            };
+            self.queue(seq, Reply::Forward, undo);
             return Ok(false);
         }
         let stmt = self.client.registry.intern(rest, &self.client.search_path);
@@ -540,8 +557,15 @@ impl<'a> Rewriter<'a> {
         let (&kind, rest) = body.split_first().ok_or(())?;
         let (name, _) = cstr(rest).ok_or(())?;
         if kind == b'S' && name.is_empty() {
+            self.unnamed_gen += 1;
+            let undo = Undo::Unnamed {
+                gen: self.unnamed_gen,
+                had: self.client.has_unnamed,
+            };
             self.client.has_unnamed = false;
             self.unnamed_in_sync = true;
+            self.queue(seq, Reply::Forward, undo);
+            return Ok(false);
         }
         if kind != b'S' || name.is_empty() {
             self.queue(seq, Reply::Forward, Undo::Nothing);
@@ -595,7 +619,12 @@ impl<'a> Rewriter<'a> {
         } else {
             out.put_slice(&[b'C', 0, 0, 0, 6, b'S', 0]);
         }
-        self.queue(seq, Reply::Drop, Undo::Nothing);
+        self.unnamed_gen += 1;
+        let undo = Undo::Unnamed {
+            gen: self.unnamed_gen,
+            had: self.client.has_unnamed,
+        };
+        self.queue(seq, Reply::Drop, undo);
         out.put_u8(tag);
         out.put_u32((4 + body.len()) as u32);
         out.put_slice(body);
@@ -684,6 +713,12 @@ impl<'a> Rewriter<'a> {
             }
             Undo::Evict { id, tick } => {
                 self.server.used.entry(id).or_insert(tick);
+            }
+            Undo::Unnamed { gen, had } => {
+                if gen == self.unnamed_gen {
+                    self.unnamed_in_sync = false;
+                    self.client.has_unnamed = had;
+                }
             }
         }
     }
@@ -849,6 +884,21 @@ mod tests {
         assert_eq!(rw.server_reply(), Reply::Drop);
         // Once prepared in this run, the next Bind passes as it is.
         assert!(!rw.client_message(b'B', &bind(""), 2, &mut out));
+        // A Parse of it that gets no reply (skipped after an error, or failed): a Bind in a later batch waits for
+        // that batch's end, and then the server's is not taken for the client's.
+        let mut out2 = BytesMut::new();
+        assert!(!rw.client_message(b'P', &parse("", "SELECT 8"), 3, &mut out2));
+        assert!(rw.must_wait(b'B', &bind(""), 4));
+        rw.server_ready(3);
+        assert!(!rw.must_wait(b'B', &bind(""), 4));
+        assert!(rw.client_message(b'B', &bind(""), 4, &mut out2));
+        assert_eq!(
+            messages(&out2.split()),
+            [('C', String::new()), ('B', String::new())]
+        );
+        assert_eq!(rw.server_reply(), Reply::Drop);
+        assert!(!rw.client_message(b'P', &parse("", "SELECT 9"), 4, &mut out2));
+        assert_eq!(rw.server_reply(), Reply::Forward);
         // The client closes it: the server's is gone too.
         assert!(!rw.client_message(b'C', &[b'C', 0, 0, 0, 6, b'S', 0], 2, &mut out));
         assert!(!rw.client_message(b'B', &bind(""), 2, &mut out));

@@ -134,6 +134,15 @@ impl Classifier {
     pub fn facts(&self, sql: &[u8]) -> Arc<Facts> {
         use std::hash::BuildHasher;
         use std::sync::atomic::Ordering::Relaxed;
+        // A text with a NUL inside (the server rejects such a message) is never cached: an exact-text key must not
+        // look like a fingerprint key (NUL and the fingerprint).
+        if sql.contains(&0) {
+            self.misses.increment(1);
+            return Arc::new(match std::str::from_utf8(sql) {
+                Ok(text) => classify::analyze(text),
+                Err(_) => Facts::not_utf8(),
+            });
+        }
         let h = self.hasher.hash_one(sql) | 1;
         if let Some(f) = local_get(self.id, h, sql) {
             self.hits.increment(1);
@@ -160,11 +169,13 @@ impl Classifier {
             key.push(0);
             let literals = crate::sqlscan::fingerprint_bytes(text, usize::MAX, key);
             let kh = self.hasher.hash_one(&key[..]) | 1;
-            let cached = local_get(self.id, kh, &key[..]).or_else(|| {
-                let f = self.cache.get(&key[..]).filter(|f| f.literal_independent)?;
-                local_put(self.id, kh, &key[..], &f);
-                Some(f)
-            });
+            let cached = local_get(self.id, kh, &key[..])
+                .filter(|f| f.literal_independent)
+                .or_else(|| {
+                    let f = self.cache.get(&key[..]).filter(|f| f.literal_independent)?;
+                    local_put(self.id, kh, &key[..], &f);
+                    Some(f)
+                });
             // Kept for the miss below only (rare); a buffer that grew large is not kept.
             let owned: Option<(u64, Key)> = cached.is_none().then(|| (kh, key[..].into()));
             if key.capacity() > CACHE_MAX_TEXT {

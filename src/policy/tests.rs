@@ -227,3 +227,15 @@ fn literal_variants_share_cached_facts_when_literals_do_not_matter() {
         assert_ne!(fx.findings, fy.findings, "{x} / {y}");
     }
 }
+
+/// A text with a NUL inside is not cached: it could otherwise stand, in the cache, for the fingerprint key of
+/// another statement (a NUL and the fingerprint) and give that statement its facts.
+#[test]
+fn texts_with_nul_plant_nothing_in_the_cache() {
+    let c = Classifier::default();
+    let planted = c.facts(b"\0set role x");
+    let real = c.facts(b"SET ROLE x");
+    assert!(!Arc::ptr_eq(&planted, &real));
+    assert!(real.may_have_effects);
+    assert!(!real.literal_independent);
+}
