@@ -409,15 +409,13 @@ impl Server {
             info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin API listening");
             tokio::spawn(crate::admin::serve(l, proxy.clone()))
         });
-        // Plans changed by a reload or in the catalog reach running sessions within a second; histogram samples are
-        // folded into their buckets as often (memory stays flat whether /metrics is scraped or not).
+        // Plans changed by a reload or in the catalog reach running sessions within a second.
         let plans = {
             let proxy = proxy.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tick.tick().await;
-                    proxy.telemetry.upkeep();
                     proxy.tenant_states.refresh(|id| {
                         proxy.directory.get(id).map(|t| {
                             proxy.pools.follow_cluster(&t.cluster);

@@ -5,21 +5,82 @@
 //! loops count locally and add once per transaction. Pool gauges are read from the pools when scraped, and the
 //! request, transaction and byte totals are the sums of the tenants' usage counters (`pool::Usage`), counted once.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram, Counter, Histogram};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics::{counter, gauge, Counter};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::policy::limits::TenantState;
 use crate::pool::{PoolStats, UsageDelta};
 
-/// Bucket bounds (seconds) of the latency histograms: 100 µs … 30 s.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0,
+/// Bucket bounds (microseconds) of the latency histograms: 100 µs … 30 s.
+const LATENCY_BUCKETS_US: [u64; 17] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000,
 ];
+
+/// A latency histogram with fixed buckets ([`LATENCY_BUCKETS_US`]), rendered by [`Telemetry::render`]. Recording
+/// is two relaxed atomic adds: the exporter's own histograms keep each sample (with a clock read and an epoch pin)
+/// until a scrape folds them, which the data path would pay twice per transaction.
+#[derive(Debug)]
+pub struct Latency {
+    name: &'static str,
+    help: &'static str,
+    /// Per bucket, not cumulative; the last one is +Inf.
+    counts: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Latency {
+    pub fn new(name: &'static str, help: &'static str) -> Latency {
+        Latency {
+            name,
+            help,
+            counts: Default::default(),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Records a duration in microseconds.
+    #[inline]
+    pub fn record_us(&self, us: u64) {
+        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < us);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Records a duration in seconds.
+    pub fn record(&self, seconds: f64) {
+        self.record_us((seconds.max(0.0) * 1e6) as u64);
+    }
+
+    /// The Prometheus text of the histogram (cumulative buckets, sum in seconds, count).
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let name = self.name;
+        let _ = writeln!(out, "# HELP {name} {}", self.help);
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut total = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            total += c.load(Relaxed);
+            match LATENCY_BUCKETS_US.get(i) {
+                Some(b) => {
+                    let le = *b as f64 / 1e6;
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {total}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+                }
+            }
+        }
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {total}");
+        out.push('\n');
+    }
+}
 
 /// The proxy's metrics: a recorder and the handles the data path uses.
 pub struct Telemetry {
@@ -32,22 +93,22 @@ pub struct Telemetry {
     pub logins_ok: Counter,
     pub logins_failed: Counter,
     /// Transaction-mode transactions, from the checkout to the ReadyForQuery that ends them.
-    pub transaction_seconds: Histogram,
-    pub query_seconds: Histogram,
+    pub transaction_seconds: Latency,
+    pub query_seconds: Latency,
     /// How long databases stayed paused (pause/resume and branch operations).
-    pub pause_seconds: Histogram,
+    pub pause_seconds: Latency,
     /// Checkouts that had to wait for a server connection (a free idle connection is taken at once and not
     /// recorded), from the request to the connection.
-    pub checkout_wait_seconds: Histogram,
+    pub checkout_wait_seconds: Arc<Latency>,
     /// Opening and logging in a server connection.
-    pub backend_connect_seconds: Histogram,
+    pub backend_connect_seconds: Arc<Latency>,
     /// Statements sqlparser could not parse that were forwarded (policy `open`).
     pub policy_unparsed: Counter,
 }
 
 /// The HELP text of every metric.
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    use metrics::{describe_counter, describe_gauge, Unit};
     describe_counter!(
         "pgweir_client_connections_total",
         "Client connections accepted."
@@ -99,32 +160,7 @@ fn describe() {
         "pgweir_errors_sent_total",
         "Errors pgweir itself sent clients, by SQLSTATE class."
     );
-    describe_histogram!(
-        "pgweir_transaction_seconds",
-        Unit::Seconds,
-        "Transaction-mode transactions, checkout to end."
-    );
-    describe_histogram!(
-        "pgweir_query_seconds",
-        Unit::Seconds,
-        "Request latency: from a Query, Sync or FunctionCall reaching the server (or the previous answer of a pipeline) to its ReadyForQuery."
-    );
-    describe_histogram!(
-        "pgweir_pause_seconds",
-        Unit::Seconds,
-        "How long a database stayed paused (pause/resume, branch operations)."
-    );
     describe_gauge!("pgweir_paused_databases", "Databases paused now.");
-    describe_histogram!(
-        "pgweir_checkout_wait_seconds",
-        Unit::Seconds,
-        "Waits for a server connection (checkouts that waited)."
-    );
-    describe_histogram!(
-        "pgweir_backend_connect_seconds",
-        Unit::Seconds,
-        "Opening and logging in a server connection."
-    );
     describe_gauge!("pgweir_client_connections", "Client connections open now.");
     describe_gauge!(
         "pgweir_server_connections",
@@ -181,8 +217,6 @@ impl Default for Telemetry {
 impl Telemetry {
     pub fn new() -> Telemetry {
         let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-            .expect("the bucket list is not empty")
             // Gauges are all set at each scrape from live state: one not set for a while belongs to a pool that
             // is gone, and leaves the output.
             .idle_timeout(
@@ -193,10 +227,7 @@ impl Telemetry {
         let handle = recorder.handle();
         let r = &recorder;
         metrics::with_local_recorder(r, describe);
-        let (c, h) = (
-            |name: &'static str| metrics::with_local_recorder(r, || counter!(name)),
-            |name: &'static str| metrics::with_local_recorder(r, || histogram!(name)),
-        );
+        let c = |name: &'static str| metrics::with_local_recorder(r, || counter!(name));
         Telemetry {
             clients_accepted: c("pgweir_client_connections_total"),
             clients_refused: metrics::with_local_recorder(
@@ -211,11 +242,26 @@ impl Telemetry {
                 r,
                 || counter!("pgweir_client_logins_total", "result" => "failed"),
             ),
-            transaction_seconds: h("pgweir_transaction_seconds"),
-            query_seconds: h("pgweir_query_seconds"),
-            pause_seconds: h("pgweir_pause_seconds"),
-            checkout_wait_seconds: h("pgweir_checkout_wait_seconds"),
-            backend_connect_seconds: h("pgweir_backend_connect_seconds"),
+            transaction_seconds: Latency::new(
+                "pgweir_transaction_seconds",
+                "Transaction-mode transactions, checkout to end.",
+            ),
+            query_seconds: Latency::new(
+                "pgweir_query_seconds",
+                "Request latency: from a Query, Sync or FunctionCall reaching the server (or the previous answer of a pipeline) to its ReadyForQuery.",
+            ),
+            pause_seconds: Latency::new(
+                "pgweir_pause_seconds",
+                "How long a database stayed paused (pause/resume, branch operations).",
+            ),
+            checkout_wait_seconds: Arc::new(Latency::new(
+                "pgweir_checkout_wait_seconds",
+                "Waits for a server connection (checkouts that waited).",
+            )),
+            backend_connect_seconds: Arc::new(Latency::new(
+                "pgweir_backend_connect_seconds",
+                "Opening and logging in a server connection.",
+            )),
             policy_unparsed: c("pgweir_policy_unparsed_total"),
             handle,
             recorder,
@@ -228,12 +274,6 @@ impl Telemetry {
         metrics::with_local_recorder(&self.recorder, || {
             counter!("pgweir_policy_refusals_total", "rule" => rule).increment(1)
         });
-    }
-
-    /// Folds the histograms' recorded samples into their buckets. Samples are kept one by one until then (about
-    /// 16 bytes each): without this, a process nobody scrapes would grow with every query.
-    pub fn upkeep(&self) {
-        self.handle.run_upkeep();
     }
 
     /// Counters of the classification cache: hits and misses.
@@ -337,7 +377,48 @@ impl Telemetry {
             gauge!("pgweir_pools").set(pools.len() as f64);
             gauge!("pgweir_paused_databases").set(paused as f64);
         });
-        self.handle.run_upkeep();
-        self.handle.render()
+        let mut out = self.handle.render();
+        for h in [
+            &self.transaction_seconds,
+            &self.query_seconds,
+            &self.pause_seconds,
+            &self.checkout_wait_seconds,
+            &self.backend_connect_seconds,
+        ] {
+            h.render(&mut out);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Latency;
+
+    #[test]
+    fn latency_buckets_are_cumulative_with_sum_and_count() {
+        let h = Latency::new("x_seconds", "Help.");
+        h.record_us(50);
+        h.record_us(100);
+        h.record_us(300);
+        h.record(40.0);
+        let mut out = String::new();
+        h.render(&mut out);
+        let value = |series: &str| -> f64 {
+            out.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("{series} missing in {out}"))
+                .parse()
+                .unwrap()
+        };
+        assert!(out.starts_with("# HELP x_seconds Help.\n# TYPE x_seconds histogram\n"));
+        // A value on a bound belongs to that bucket (le: less or equal).
+        assert_eq!(value("x_seconds_bucket{le=\"0.0001\"}"), 2.0);
+        assert_eq!(value("x_seconds_bucket{le=\"0.00025\"}"), 2.0);
+        assert_eq!(value("x_seconds_bucket{le=\"0.0005\"}"), 3.0);
+        assert_eq!(value("x_seconds_bucket{le=\"30\"}"), 3.0);
+        assert_eq!(value("x_seconds_bucket{le=\"+Inf\"}"), 4.0);
+        assert_eq!(value("x_seconds_count"), 4.0);
+        assert!((value("x_seconds_sum") - 40.00045).abs() < 1e-9);
     }
 }

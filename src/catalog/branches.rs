@@ -376,7 +376,7 @@ fn new_op_id() -> String {
 pub async fn run(
     control: Arc<Control>,
     pools: &Pools,
-    pause_seconds: &metrics::Histogram,
+    pause_seconds: &crate::telemetry::Latency,
     op: Operation,
 ) {
     let beat = {
@@ -534,7 +534,7 @@ struct Paused<'a> {
     pools: &'a Pools,
     cluster: String,
     database: String,
-    hist: &'a metrics::Histogram,
+    hist: &'a crate::telemetry::Latency,
     /// False when an operator had paused the database already: the operation works within that pause and leaves
     /// it to the operator to resume.
     owned: bool,
@@ -574,7 +574,7 @@ impl Drop for Paused<'_> {
 /// `timeout`.
 async fn pause_quiet<'a>(
     pools: &'a Pools,
-    hist: &'a metrics::Histogram,
+    hist: &'a crate::telemetry::Latency,
     admin: &Client,
     cluster: &str,
     database: &str,
@@ -688,7 +688,7 @@ fn request_wait(op: &Operation) -> (Duration, bool) {
 async fn create(
     control: &Control,
     pools: &Pools,
-    hist: &metrics::Histogram,
+    hist: &crate::telemetry::Latency,
     op: &Operation,
 ) -> Result<Value, String> {
     let (cluster, role, main) = placement(control, &op.tenant).await?;
@@ -737,7 +737,7 @@ async fn create(
 async fn reset(
     control: &Control,
     pools: &Pools,
-    hist: &metrics::Histogram,
+    hist: &crate::telemetry::Latency,
     op: &Operation,
 ) -> Result<Value, String> {
     let (cluster, role, main) = placement(control, &op.tenant).await?;
@@ -885,7 +885,7 @@ async fn undo_create(control: &Control, op: &Operation) -> Result<(), String> {
 
 /// Finishes operations whose instance stopped (heartbeat too old) and starts deletes of expired branches. Runs
 /// periodically in every instance; the catalog decides which instance gets each piece of work.
-pub async fn housekeeping(control: &Arc<Control>, pools: &Pools, hist: &metrics::Histogram) {
+pub async fn housekeeping(control: &Arc<Control>, pools: &Pools, hist: &crate::telemetry::Latency) {
     let stale: Vec<Operation> = match control
         .catalog
         .with(|c| {

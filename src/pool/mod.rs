@@ -923,13 +923,16 @@ pub struct Pools {
 /// Histograms every pool records into.
 #[derive(Clone)]
 pub struct PoolMetrics {
-    checkout_wait: metrics::Histogram,
-    connect: metrics::Histogram,
+    checkout_wait: Arc<crate::telemetry::Latency>,
+    connect: Arc<crate::telemetry::Latency>,
 }
 
 impl Pools {
     /// Pools that record checkout waits and connect times into these histograms.
-    pub fn new(checkout_wait: metrics::Histogram, connect: metrics::Histogram) -> Pools {
+    pub fn new(
+        checkout_wait: Arc<crate::telemetry::Latency>,
+        connect: Arc<crate::telemetry::Latency>,
+    ) -> Pools {
         Pools {
             map: DashMap::new(),
             usage: DashMap::new(),

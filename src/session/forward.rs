@@ -106,7 +106,7 @@ pub struct Limits<'h> {
     pub refuse_unmovable: bool,
     /// Where each request's latency is recorded (from reaching the server, or from the answer before it in a
     /// pipeline, to its ReadyForQuery).
-    pub query_seconds: Option<&'h metrics::Histogram>,
+    pub query_seconds: Option<&'h crate::telemetry::Latency>,
     /// The tenant's SQL policy and query rate.
     pub policy: Option<Policy<'h>>,
 }
@@ -125,7 +125,7 @@ pub struct Policy<'h> {
 impl<'h> Limits<'h> {
     pub fn from_config(
         cfg: &crate::config::ProxyConfig,
-        query_seconds: Option<&'h metrics::Histogram>,
+        query_seconds: Option<&'h crate::telemetry::Latency>,
     ) -> Limits<'h> {
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Limits {
@@ -1223,7 +1223,7 @@ where
                         }
                         let since = shared.busy_since_us.load(Ordering::Relaxed);
                         if let (Some(h), true) = (shared.limits.query_seconds, since != 0) {
-                            h.record(now_us.saturating_sub(since) as f64 / 1e6);
+                            h.record_us(now_us.saturating_sub(since));
                         }
                         if ready == shared.requests.load(Ordering::Relaxed) {
                             shared

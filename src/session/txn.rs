@@ -327,17 +327,21 @@ impl Client {
         // Until the last ReadyForQuery of the transaction (the runs count from `started`).
         let mut duration_us = 0;
         loop {
-            // Not boxed on its own: this future is (it exists only during a transaction).
-            let run = forward::run(
-                stream,
-                buf,
-                checkout.conn(),
-                limits,
-                mode,
-                statements_for(&mut c.statements, per_server),
-                started,
-            );
-            let end = watch.unless_terminated(run).await;
+            // Not boxed on its own: this future is (it exists only during a transaction). Pinned in place: the
+            // select holds a reference, not a second copy of the future.
+            let end = {
+                let run = forward::run(
+                    stream,
+                    buf,
+                    checkout.conn(),
+                    limits,
+                    mode,
+                    statements_for(&mut c.statements, per_server),
+                    started,
+                );
+                tokio::pin!(run);
+                watch.unless_terminated(run.as_mut()).await
+            };
             let Some(end) = end else {
                 // Shutdown ran out of time: the server connection is closed (the backend rolls the transaction
                 // back) and the client is told.
@@ -415,9 +419,7 @@ impl Client {
             link(&c.key, checkout.conn_ref()).await;
         }
         drop(counted_pin);
-        telemetry
-            .transaction_seconds
-            .record(duration_us as f64 / 1e6);
+        telemetry.transaction_seconds.record_us(duration_us);
         if cancel_forwarded {
             // The backend may hold the cancel pending and act on the next query it runs: let that be pgweir's own
             // (it may fail with 57014; that is the point), not another client's.
