@@ -35,6 +35,8 @@ const SEEN_SLOTS: usize = 16 * 1024;
 /// Longer texts are classified every time rather than cached (they are rarely repeated verbatim).
 const CACHE_MAX_TEXT: usize = 64 * 1024;
 
+/// Set in the classifier id of the front-cache entries keyed by a text's shape ([`crate::sqlscan::number_shape`]).
+const SHAPES: u64 = 1 << 63;
 /// Slots of each thread's front cache (direct-mapped).
 const LOCAL_SLOTS: usize = 256;
 /// Longer keys are not kept in the front cache.
@@ -133,7 +135,6 @@ impl Classifier {
     /// queries built with their values (most texts, under such a load) cost one cache lookup, by fingerprint.
     pub fn facts(&self, sql: &[u8]) -> Arc<Facts> {
         use std::hash::BuildHasher;
-        use std::sync::atomic::Ordering::Relaxed;
         // A text with a NUL inside (the server rejects such a message) is never cached: an exact-text key must not
         // look like a fingerprint key (NUL and the fingerprint).
         if sql.contains(&0) {
@@ -148,6 +149,46 @@ impl Classifier {
             self.hits.increment(1);
             return f;
         }
+        // Then a plain text by its shape (number values masked, no lexing), under which the facts of an earlier
+        // text with that shape are kept when they do not depend on literal values.
+        thread_local! {
+            static SHAPE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let shape = SHAPE.with_borrow_mut(|shape| {
+            if sql.len() > 4 * LOCAL_MAX_KEY
+                || !crate::sqlscan::number_shape(sql, shape)
+                || shape.len() > LOCAL_MAX_KEY
+            {
+                // A buffer that grew large is not kept.
+                if shape.capacity() > LOCAL_MAX_KEY {
+                    *shape = Vec::new();
+                }
+                return None;
+            }
+            let sh = self.hasher.hash_one(&shape[..]) | 1;
+            Some((sh, local_get(self.id | SHAPES, sh, shape)))
+        });
+        match shape {
+            None => self.facts_of_text(sql, h),
+            Some((_, Some(f))) => {
+                self.hits.increment(1);
+                f
+            }
+            Some((sh, None)) => {
+                let facts = self.facts_of_text(sql, h);
+                if facts.literal_independent {
+                    SHAPE.with_borrow(|shape| local_put(self.id | SHAPES, sh, shape, &facts));
+                }
+                facts
+            }
+        }
+    }
+
+    /// [`Classifier::facts`] of a text without NUL (hash `h`) not in the front cache: by the text and by its
+    /// fingerprint.
+    fn facts_of_text(&self, sql: &[u8], h: u64) -> Arc<Facts> {
+        use std::hash::BuildHasher;
+        use std::sync::atomic::Ordering::Relaxed;
         let slot = &self.seen[(h as usize) % self.seen.len()];
         if slot.load(Relaxed) == h {
             if let Some(f) = self.cache.get(sql) {

@@ -239,3 +239,29 @@ fn texts_with_nul_plant_nothing_in_the_cache() {
     assert!(real.may_have_effects);
     assert!(!real.literal_independent);
 }
+
+/// Plain texts that differ only in number values share facts by shape, without lexing; names with digits, and
+/// settings whose value is a number, do not.
+#[test]
+fn shapes_share_facts_only_where_numbers_do_not_matter() {
+    let c = Classifier::default();
+    let a = c.facts(b"SELECT * FROM t1 WHERE a = 1");
+    let b = c.facts(b"SELECT * FROM t1 WHERE a = 22");
+    assert!(Arc::ptr_eq(&a, &b), "the second is found by shape");
+    let other = c.facts(b"SELECT * FROM t2 WHERE a = 3");
+    assert!(!Arc::ptr_eq(&a, &other));
+    assert_eq!(&*other.fingerprint, "select * from t2 where a = ?");
+    let small = c.facts(b"SET work_mem = 1024");
+    let big = c.facts(b"SET work_mem = 999999999");
+    assert!(!Arc::ptr_eq(&small, &big));
+    let p = PolicyConfig {
+        max_work_mem_kb: Some(65536),
+        ..PolicyConfig::default()
+    };
+    let ctx = Context {
+        database: "d",
+        read_only: None,
+    };
+    assert!(p.check(&small, &ctx).is_none());
+    assert!(p.check(&big, &ctx).is_some());
+}

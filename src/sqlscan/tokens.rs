@@ -238,6 +238,90 @@ pub fn fingerprint_bytes(sql: &str, max: usize, out: &mut Vec<u8>) -> bool {
     literals
 }
 
+/// Byte classes of [`number_shape`].
+const SHAPE_BAD: u8 = 0;
+const SHAPE_IDENT: u8 = 1;
+const SHAPE_DIGIT: u8 = 2;
+const SHAPE_OTHER: u8 = 3;
+/// `-` and `/`: plain unless they start a comment.
+const SHAPE_COMMENT: u8 = 4;
+
+const SHAPE_CLASS: [u8; 256] = {
+    let mut t = [SHAPE_BAD; 256];
+    let mut b = 0;
+    while b < 128 {
+        let c = b as u8;
+        t[b] = match c {
+            b'a'..=b'z' | b'A'..=b'Z' | b'_' => SHAPE_IDENT,
+            b'0'..=b'9' => SHAPE_DIGIT,
+            b' ' | b'\t' | b'\n' | b'\r' | b',' | b'.' | b'(' | b')' | b'[' | b']' | b';'
+            | b':' | b'=' | b'<' | b'>' | b'+' | b'*' | b'%' | b'^' | b'|' | b'&' | b'!' | b'~'
+            | b'@' | b'#' | b'?' => SHAPE_OTHER,
+            b'-' | b'/' => SHAPE_COMMENT,
+            // Quotes, dollars, backslashes, braces, control bytes: not plain.
+            _ => SHAPE_BAD,
+        };
+        b += 1;
+    }
+    t
+};
+
+/// The byte that stands for a number in a shape (no plain text contains it).
+const SHAPE_NUMBER: u8 = 1;
+
+/// The text's *shape*: the same for texts that differ only in the values of their number literals, without
+/// lexing. Only plain texts have one (false otherwise): ASCII, without quotes, dollar signs, backslashes or
+/// comments. In such a text, a run of digits after a byte that cannot continue an identifier (a letter, a digit,
+/// `_`) always starts a number literal, however long it is and whatever its digits (an unquoted identifier never
+/// starts with a digit); each such run is written as one 0x01 byte, every other byte as it is. So texts with the
+/// same shape lex to the same tokens but for the values of numbers: they have the same fingerprint, and the same
+/// facts where facts do not depend on literal values. Digits inside words (`t1`) are kept; a number followed by
+/// a letter (`1e5`, `0x1F`) makes the text not plain.
+pub fn number_shape(sql: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    out.reserve(sql.len());
+    // Bytes are copied a stretch at a time, up to each number.
+    let mut copied = 0;
+    let mut ident = false;
+    let mut i = 0;
+    while i < sql.len() {
+        let class = SHAPE_CLASS[sql[i] as usize];
+        if class == SHAPE_IDENT || (class == SHAPE_DIGIT && ident) {
+            ident = true;
+        } else if class == SHAPE_OTHER {
+            ident = false;
+        } else if class == SHAPE_DIGIT {
+            out.extend_from_slice(&sql[copied..i]);
+            out.push(SHAPE_NUMBER);
+            while sql.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            // A letter right after the digits (`1e5`, `0x1F`, `1_000`, `12abc`) may make them part of
+            // another kind of token, depending on the digits: such texts have no shape.
+            if sql
+                .get(i + 1)
+                .is_some_and(|&n| SHAPE_CLASS[n as usize] == SHAPE_IDENT)
+            {
+                return false;
+            }
+            copied = i + 1;
+            ident = true;
+        } else if class == SHAPE_COMMENT {
+            // `--` and `/*` start comments.
+            let second = if sql[i] == b'-' { b'-' } else { b'*' };
+            if sql.get(i + 1) == Some(&second) {
+                return false;
+            }
+            ident = false;
+        } else {
+            return false;
+        }
+        i += 1;
+    }
+    out.extend_from_slice(&sql[copied..]);
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
