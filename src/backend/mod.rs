@@ -45,6 +45,8 @@ pub struct ServerConn {
     pub applied: Vec<(String, String)>,
     /// The cluster it is connected to (where cancel requests for it go).
     pub cluster: Arc<crate::tenant::Cluster>,
+    /// Where a cancel request for it goes (shared: a client's cancel slot is linked to it every transaction).
+    cancel: Arc<crate::cancel::CancelTarget>,
     /// Transaction mode: the named statements pgweir prepared on this connection.
     pub prepared: crate::prepared::ServerStatements,
     pub created: Instant,
@@ -58,13 +60,8 @@ pub struct ServerConn {
 
 impl ServerConn {
     /// Where a cancel request for this connection must go.
-    pub fn cancel_target(&self) -> crate::cancel::CancelTarget {
-        crate::cancel::CancelTarget {
-            host: self.cluster.host.clone(),
-            port: self.cluster.port,
-            pid: self.pid,
-            secret: self.secret.clone(),
-        }
+    pub fn cancel_target(&self) -> Arc<crate::cancel::CancelTarget> {
+        self.cancel.clone()
     }
 
     /// Records the ParameterStatus in `frame` (a complete 'S' frame).
@@ -282,6 +279,12 @@ async fn connect_inner(
     let now = Instant::now();
     Ok(ServerConn {
         stream,
+        cancel: Arc::new(crate::cancel::CancelTarget {
+            host: target.cluster.host.clone(),
+            port: target.cluster.port,
+            pid,
+            secret: secret.clone(),
+        }),
         cluster: target.cluster.clone(),
         pid,
         secret,

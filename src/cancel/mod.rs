@@ -35,7 +35,7 @@ pub enum SlotState {
     /// A request waits for a server connection; `cancelled` once a cancel arrived.
     Waiting { cancelled: bool },
     /// A server is running the client's requests.
-    Linked(CancelTarget),
+    Linked(Arc<CancelTarget>),
 }
 
 /// The per-client cancel slot.
@@ -92,7 +92,7 @@ impl CancelSlot {
 
     /// Links the slot to `target` unless a cancel arrived while waiting (then the flag is reset and false returned),
     /// in one step, so that no cancel falls between the check and the link.
-    pub async fn link_unless_cancelled(&self, target: CancelTarget) -> bool {
+    pub async fn link_unless_cancelled(&self, target: Arc<CancelTarget>) -> bool {
         self.update(|s| {
             if let SlotState::Waiting { cancelled: true } = s {
                 *s = SlotState::Waiting { cancelled: false };
@@ -139,7 +139,7 @@ impl Drop for Forwarding<'_> {
 /// Client-visible key → slot.
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
-    map: DashMap<(i32, i32), Arc<CancelSlot>>,
+    map: DashMap<(i32, i32), Arc<CancelSlot>, foldhash::fast::RandomState>,
 }
 
 /// Unregisters its key when dropped.
@@ -206,7 +206,7 @@ impl CancelRegistry {
     /// (and give its server to someone else) until the server has received the cancel.
     pub async fn cancel<F, Fut>(&self, pid: i32, secret: &[u8], forward: F) -> CancelOutcome
     where
-        F: FnOnce(CancelTarget) -> Fut,
+        F: FnOnce(Arc<CancelTarget>) -> Fut,
         Fut: std::future::Future<Output = std::io::Result<()>>,
     {
         let Some(slot) = self.lookup(pid, secret) else {
@@ -267,9 +267,9 @@ mod tests {
     #[tokio::test]
     async fn keys_live_while_held_and_follow_the_slot() {
         let reg = Arc::new(CancelRegistry::default());
-        let key = reg.register(42, SlotState::Linked(target()));
+        let key = reg.register(42, SlotState::Linked(Arc::new(target())));
         let secret = key.secret.to_be_bytes();
-        let ok = |_t: CancelTarget| async { Ok(()) };
+        let ok = |_t: Arc<CancelTarget>| async { Ok(()) };
         assert_eq!(reg.cancel(42, &secret, ok).await, CancelOutcome::Forwarded);
         let wrong = key.secret.wrapping_add(1).to_be_bytes();
         assert_eq!(reg.cancel(42, &wrong, ok).await, CancelOutcome::UnknownKey);
@@ -294,7 +294,7 @@ mod tests {
     #[tokio::test]
     async fn unlinking_waits_for_a_cancel_in_flight() {
         let reg = Arc::new(CancelRegistry::default());
-        let key = reg.register(7, SlotState::Linked(target()));
+        let key = reg.register(7, SlotState::Linked(Arc::new(target())));
         let secret = key.secret.to_be_bytes();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let reg2 = reg.clone();

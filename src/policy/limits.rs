@@ -317,7 +317,7 @@ impl ConnectionSlot {
 /// The states of the tenants with sessions on this instance.
 #[derive(Default)]
 pub struct Tenants {
-    map: DashMap<String, Arc<TenantState>>,
+    map: DashMap<String, Arc<TenantState>, foldhash::fast::RandomState>,
 }
 
 impl Tenants {

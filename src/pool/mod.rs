@@ -905,16 +905,19 @@ async fn reset(conn: &mut ServerConn, tx_status: u8) -> Result<(), String> {
     Ok(())
 }
 
+/// The hasher of the pool maps, looked up at every login (keys are the operator's names, not clients' input).
+type Hasher = foldhash::fast::RandomState;
+
 /// All pools of this process.
 pub struct Pools {
-    map: DashMap<PoolKey, Arc<Pool>>,
+    map: DashMap<PoolKey, Arc<Pool>, Hasher>,
     metrics: PoolMetrics,
     /// Usage counters by tenant.
-    usage: DashMap<String, Arc<Usage>>,
+    usage: DashMap<String, Arc<Usage>, Hasher>,
     /// Traffic gates by (cluster, database).
-    gates: DashMap<(String, String), Arc<Gate>>,
+    gates: DashMap<(String, String), Arc<Gate>, Hasher>,
     /// Fair shares of active transactions by cluster (for clusters that limit them).
-    fair: DashMap<String, Arc<FairShare>>,
+    fair: DashMap<String, Arc<FairShare>, Hasher>,
     /// Pools replaced by newer ones (a password or plan change) while clients still used them: a pause must
     /// close their idle connections too.
     retired: Mutex<Vec<Weak<Pool>>>,
@@ -934,10 +937,10 @@ impl Pools {
         connect: Arc<crate::telemetry::Latency>,
     ) -> Pools {
         Pools {
-            map: DashMap::new(),
-            usage: DashMap::new(),
-            gates: DashMap::new(),
-            fair: DashMap::new(),
+            map: DashMap::default(),
+            usage: DashMap::default(),
+            gates: DashMap::default(),
+            fair: DashMap::default(),
             retired: Mutex::new(Vec::new()),
             metrics: PoolMetrics {
                 checkout_wait,

@@ -202,7 +202,7 @@ struct Shared<'a> {
     /// A cancel was sent to the server during the run.
     cancel_sent: AtomicBool,
     /// Where that cancel goes (only with a query timeout).
-    cancel: Option<crate::cancel::CancelTarget>,
+    cancel: Option<Arc<crate::cancel::CancelTarget>>,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     /// Refused statements whose stand-in has gone to the server: (number of the ReadyForQuery that ends the
