@@ -51,9 +51,9 @@ impl Latency {
         self.sum_us.fetch_add(us, Relaxed);
     }
 
-    /// Records a duration in seconds.
-    pub fn record(&self, seconds: f64) {
-        self.record_us((seconds.max(0.0) * 1e6) as u64);
+    /// Records a duration.
+    pub fn record(&self, d: Duration) {
+        self.record_us(d.as_micros().try_into().unwrap_or(u64::MAX));
     }
 
     /// The Prometheus text of the histogram (cumulative buckets, sum in seconds, count).
@@ -401,7 +401,7 @@ mod tests {
         h.record_us(50);
         h.record_us(100);
         h.record_us(300);
-        h.record(40.0);
+        h.record(std::time::Duration::from_secs(40));
         let mut out = String::new();
         h.render(&mut out);
         let value = |series: &str| -> f64 {

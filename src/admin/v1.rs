@@ -1151,7 +1151,7 @@ async fn traffic(
     } else {
         let r = match proxy.pools.resume(cluster, &database) {
             Some(paused) => {
-                proxy.telemetry.pause_seconds.record(paused.as_secs_f64());
+                proxy.telemetry.pause_seconds.record(paused);
                 Ok(json!({"tenant": id, "branch": branch_name, "paused": false,
                     "paused_ms": paused.as_millis() as u64}))
             }

@@ -33,9 +33,8 @@ const MAX_LOGIN_MESSAGE: usize = 1 << 20;
 #[derive(Debug)]
 pub struct ServerConn {
     pub stream: ServerStream,
-    /// The backend's process id and cancel secret (never shown to clients as such).
+    /// The backend's process id (its cancel secret is in the cancel target, never shown to clients as such).
     pub pid: i32,
-    pub secret: Bytes,
     /// ParameterStatus values as the server reported them, in the order it sent them.
     pub params: Vec<(String, String)>,
     pub startup: StartupParams,
@@ -283,11 +282,10 @@ async fn connect_inner(
             host: target.cluster.host.clone(),
             port: target.cluster.port,
             pid,
-            secret: secret.clone(),
+            secret,
         }),
         cluster: target.cluster.clone(),
         pid,
-        secret,
         params: conn_params,
         startup,
         shared: false,

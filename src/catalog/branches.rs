@@ -552,7 +552,7 @@ impl Paused<'_> {
             self.since.elapsed()
         };
         if self.owned {
-            self.hist.record(d.as_secs_f64());
+            self.hist.record(d);
         }
         std::mem::forget(self);
         d
@@ -565,7 +565,7 @@ impl Drop for Paused<'_> {
             return;
         }
         if let Some(d) = self.pools.resume(&self.cluster, &self.database) {
-            self.hist.record(d.as_secs_f64());
+            self.hist.record(d);
         }
     }
 }

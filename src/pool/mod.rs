@@ -463,7 +463,7 @@ impl Pool {
         .await;
         drop(waiting);
         let waited = started.elapsed();
-        self.metrics.checkout_wait.record(waited.as_secs_f64());
+        self.metrics.checkout_wait.record(waited);
         let permit = match permit {
             Ok(Ok(p)) => p,
             _ => return Err(CheckoutError::Timeout(self.cfg.checkout_timeout)),
@@ -543,7 +543,7 @@ impl Pool {
             self.cfg.connect_timeout,
         )
         .await;
-        self.metrics.connect.record(started.elapsed().as_secs_f64());
+        self.metrics.connect.record(started.elapsed());
         std::mem::forget(opening);
         match conn {
             Ok(mut conn) => {
