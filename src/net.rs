@@ -33,6 +33,23 @@ impl<T> Stream<T> {
     }
 }
 
+impl<T: AsyncRead + Unpin> Stream<T> {
+    /// Reads what has arrived, without waiting: `Some(n)` bytes were read (0: the peer closed), `None`: nothing
+    /// to read now. A plain connection is asked its readiness first (no waker is registered, and there is no
+    /// system call while nothing arrived); TLS is polled once.
+    pub fn read_now(&mut self, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+        use futures_util::FutureExt;
+        match self {
+            Stream::Plain(s) => match s.try_read_buf(buf) {
+                Ok(n) => Ok(Some(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) => Err(e),
+            },
+            Stream::Tls(_) => self.read_buf(buf).now_or_never().transpose(),
+        }
+    }
+}
+
 pub type ClientStream = Stream<tokio_rustls::server::TlsStream<TcpStream>>;
 pub type ServerStream = Stream<tokio_rustls::client::TlsStream<TcpStream>>;
 

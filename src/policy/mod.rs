@@ -135,22 +135,9 @@ impl Classifier {
     /// queries built with their values (most texts, under such a load) cost one cache lookup, by fingerprint.
     pub fn facts(&self, sql: &[u8]) -> Arc<Facts> {
         use std::hash::BuildHasher;
-        // A text with a NUL inside (the server rejects such a message) is never cached: an exact-text key must not
-        // look like a fingerprint key (NUL and the fingerprint).
-        if sql.contains(&0) {
-            self.misses.increment(1);
-            return Arc::new(match std::str::from_utf8(sql) {
-                Ok(text) => classify::analyze(text),
-                Err(_) => Facts::not_utf8(),
-            });
-        }
-        let h = self.hasher.hash_one(sql) | 1;
-        if let Some(f) = local_get(self.id, h, sql) {
-            self.hits.increment(1);
-            return f;
-        }
-        // Then a plain text by its shape (number values masked, no lexing), under which the facts of an earlier
-        // text with that shape are kept when they do not depend on literal values.
+        // First a plain text by its shape (number values masked, no lexing), under which the facts of an earlier
+        // text with that shape are kept when they do not depend on literal values: one lookup for most texts of
+        // an application. A plain text has no NUL.
         thread_local! {
             static SHAPE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
@@ -168,20 +155,34 @@ impl Classifier {
             let sh = self.hasher.hash_one(&shape[..]) | 1;
             Some((sh, local_get(self.id | SHAPES, sh, shape)))
         });
-        match shape {
-            None => self.facts_of_text(sql, h),
+        let shape = match shape {
             Some((_, Some(f))) => {
                 self.hits.increment(1);
-                f
+                return f;
             }
-            Some((sh, None)) => {
-                let facts = self.facts_of_text(sql, h);
-                if facts.literal_independent {
-                    SHAPE.with_borrow(|shape| local_put(self.id | SHAPES, sh, shape, &facts));
-                }
-                facts
+            Some((sh, None)) => Some(sh),
+            // A text with a NUL inside (the server rejects such a message) is never cached: an exact-text key
+            // must not look like a fingerprint key (NUL and the fingerprint).
+            None if sql.contains(&0) => {
+                self.misses.increment(1);
+                return Arc::new(match std::str::from_utf8(sql) {
+                    Ok(text) => classify::analyze(text),
+                    Err(_) => Facts::not_utf8(),
+                });
             }
+            None => None,
+        };
+        // Then the exact text (facts that depend on literal values, texts that are not plain).
+        let h = self.hasher.hash_one(sql) | 1;
+        if let Some(f) = local_get(self.id, h, sql) {
+            self.hits.increment(1);
+            return f;
         }
+        let facts = self.facts_of_text(sql, h);
+        if let Some(sh) = shape.filter(|_| facts.literal_independent) {
+            SHAPE.with_borrow(|shape| local_put(self.id | SHAPES, sh, shape, &facts));
+        }
+        facts
     }
 
     /// [`Classifier::facts`] of a text without NUL (hash `h`) not in the front cache: by the text and by its

@@ -18,9 +18,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use dashmap::DashMap;
-use futures_util::FutureExt;
 use rustls::ClientConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{self, BackendError, ServerConn, StartupParams};
@@ -584,10 +583,11 @@ impl Pool {
         });
     }
 
-    fn put_idle(&self, mut conn: Box<ServerConn>) {
+    fn put_idle(&self, mut conn: Box<ServerConn>, now: Instant) {
         // Unread bytes on a connection about to idle mean it is not where pgweir thinks it is: never reuse it.
-        let now = Instant::now();
-        if now.duration_since(conn.created) >= self.cfg.max_lifetime || !conn.buf.is_empty() {
+        if now.saturating_duration_since(conn.created) >= self.cfg.max_lifetime
+            || !conn.buf.is_empty()
+        {
             self.close(conn);
             return;
         }
@@ -677,7 +677,7 @@ impl Pool {
             )
             .await
             {
-                Ok(conn) => self.put_idle(Box::new(conn)),
+                Ok(conn) => self.put_idle(Box::new(conn), Instant::now()),
                 Err(e) => {
                     self.total.fetch_sub(1, Ordering::Relaxed);
                     tracing::warn!(pool = %self.key, error = %e, "could not open a min_size connection");
@@ -757,7 +757,7 @@ fn is_quiet(conn: &mut ServerConn) -> bool {
         return false;
     }
     conn.buf.reserve(64);
-    conn.stream.read_buf(&mut conn.buf).now_or_never().is_none()
+    matches!(conn.stream.read_now(&mut conn.buf), Ok(None))
 }
 
 /// The future of [`Pool::checkout`]: ready at once, or a boxed wait.
@@ -823,9 +823,15 @@ impl Checkout {
 
     /// Returns a connection that is idle ('I') and in protocol sync to the pool as it is (transaction mode: the
     /// settings pgweir applied stay, recorded in `applied`).
-    pub fn release_idle(mut self) {
+    pub fn release_idle(self) {
+        self.release_idle_since(Instant::now());
+    }
+
+    /// [`Checkout::release_idle`] of a connection idle since `at` (a time the caller already read: no clock read
+    /// per transaction for it).
+    pub fn release_idle_since(mut self, at: Instant) {
         if let (Some(conn), Some(permit)) = (self.conn.take(), self.permit.take()) {
-            self.pool.put_idle(conn);
+            self.pool.put_idle(conn, at);
             drop(permit);
         }
     }
@@ -839,7 +845,7 @@ impl Checkout {
         let pool = self.pool.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(Duration::from_secs(5), reset(&mut conn, tx_status)).await {
-                Ok(Ok(())) => pool.put_idle(conn),
+                Ok(Ok(())) => pool.put_idle(conn, Instant::now()),
                 Ok(Err(e)) => {
                     tracing::debug!(pool = %pool.key, error = %e, "server reset failed; closing the connection");
                     pool.close(conn)

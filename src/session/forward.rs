@@ -234,6 +234,16 @@ impl<'r> Shared<'r> {
         self.started.elapsed().as_micros() as u64 + 1
     }
 
+    /// `now_us` for the start of request `seq`. The first request of a transaction (it was read before the
+    /// transaction started) counts from `started`: no clock read for it.
+    fn request_start_us(&self, seq: u64) -> u64 {
+        if seq == 1 && self.mode == Mode::Transaction {
+            1
+        } else {
+            self.now_us()
+        }
+    }
+
     /// Records the session-state effects of `sql`. With `refuse_unmovable`, a statement that would pin is not
     /// recorded but returned: the caller replaces it with one that fails.
     fn record_effects(&self, sql: &[u8]) -> Option<sqlscan::PinReason> {
@@ -581,7 +591,7 @@ where
                         }
                         Admission::Go(Some(facts)) if tag == b'Q' => {
                             no_effects = !facts.may_have_effects;
-                            stamp = shared.now_us();
+                            stamp = shared.request_start_us(seq);
                             shared.lock_stmts().push_back((seq, facts, stamp))
                         }
                         Admission::Go(facts @ Some(_)) if tag == b'P' => {
@@ -649,7 +659,7 @@ where
                         if let (Some(facts), true) =
                             (batch_stmt.take(), std::mem::take(&mut batch_exec))
                         {
-                            stamp = shared.now_us();
+                            stamp = shared.request_start_us(seq);
                             shared.lock_stmts().push_back((seq, facts, stamp));
                         }
                     }
@@ -765,7 +775,10 @@ where
             if shared.requests.load(Ordering::Relaxed) > shared.ready.load(Ordering::Relaxed)
                 && shared.busy_since_us.load(Ordering::Relaxed) == 0
             {
-                let now = if stamp != 0 { stamp } else { shared.now_us() };
+                let now = match stamp {
+                    0 => shared.request_start_us(shared.ready.load(Ordering::Relaxed) + 1),
+                    s => s,
+                };
                 shared.busy_since_us.store(now, Ordering::Relaxed);
             }
         }
@@ -797,10 +810,20 @@ where
 
 /// The row count of a CommandComplete tag (`SELECT 5`, `INSERT 0 5`, `UPDATE 3`, …); 0 for tags without one.
 fn command_rows(f: &[u8]) -> u64 {
-    cstr(body(f))
-        .and_then(|(tag, _)| tag.rsplit(|b| *b == b' ').next())
-        .and_then(|n| std::str::from_utf8(n).ok())
-        .and_then(|n| n.parse().ok())
+    // The body is the tag and its NUL; the count is the tag's last word, read from the end.
+    let Some(tag) = body(f).strip_suffix(&[0]) else {
+        return 0;
+    };
+    let digits = tag.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    let start = tag.len() - digits;
+    if digits == 0 || (start > 0 && tag[start - 1] != b' ') {
+        return 0;
+    }
+    tag[start..]
+        .iter()
+        .try_fold(0u64, |n, d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
         .unwrap_or(0)
 }
 
@@ -1344,6 +1367,31 @@ where
             Ok(n) => {
                 shared.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command_rows;
+    use crate::wire::frame::test_frame;
+
+    #[test]
+    fn command_tags_give_their_row_counts() {
+        for (tag, rows) in [
+            (&b"SELECT 5\0"[..], 5),
+            (b"INSERT 0 17\0", 17),
+            (b"UPDATE 0\0", 0),
+            (b"COPY 1234567\0", 1_234_567),
+            (b"BEGIN\0", 0),
+            (b"CREATE TABLE\0", 0),
+            (b"FETCH 3\0", 3),
+            (b"SELECT x5\0", 0),
+            (b"SELECT 5", 0),
+            (b"SELECT 99999999999999999999999\0", 0),
+            (b"\0", 0),
+        ] {
+            assert_eq!(command_rows(&test_frame(b'C', tag)), rows, "{tag:?}");
         }
     }
 }

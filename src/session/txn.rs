@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::{ServerConn, StartupParams};
 use crate::cancel::{CancelKey, SlotState};
-use crate::net::{read_frame, ClientStream};
+use crate::net::{read_frame, ClientStream, Stream};
 use crate::pool::{Checkout, Pool, PoolClient};
 use crate::prepared::ClientStatements;
 use crate::routing;
@@ -430,7 +430,8 @@ impl Client {
                 return Next::Idle;
             }
         }
-        checkout.release_idle();
+        // Idle since the last ReadyForQuery: no clock read for it.
+        checkout.release_idle_since(started + std::time::Duration::from_micros(duration_us));
         Next::Idle
     }
 }
@@ -571,11 +572,30 @@ const READ_BUFFER: usize = 1024;
 
 /// The next bytes of a client (a plain connection holds no buffer until it is readable).
 async fn read_some(stream: &mut ClientStream, buf: &mut BytesMut) -> IdleRead {
-    stream.readable().await;
-    // Not 512: the allocator's 512-byte pages hold every idle session's future, and a short-lived buffer among
-    // them would keep those pages from being returned after a burst.
-    buf.reserve(READ_BUFFER);
-    match stream.read_buf(buf).await {
+    let read = match stream {
+        // Readable, then read at once (the readiness is known: no second poll of the socket).
+        Stream::Plain(_) => loop {
+            stream.readable().await;
+            // Not 512: the allocator's 512-byte pages hold every idle session's future, and a short-lived buffer
+            // among them would keep those pages from being returned after a burst.
+            buf.reserve(READ_BUFFER);
+            match stream.read_now(buf) {
+                Ok(Some(n)) => break Ok(n),
+                Err(e) => break Err(e),
+                // The readiness was stale: wait again, without the buffer.
+                Ok(None) => {
+                    if buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                }
+            }
+        },
+        Stream::Tls(_) => {
+            buf.reserve(READ_BUFFER);
+            stream.read_buf(buf).await
+        }
+    };
+    match read {
         Ok(0) | Err(_) => IdleRead::Closed,
         Ok(_) => IdleRead::Data,
     }

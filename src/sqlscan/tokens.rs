@@ -282,44 +282,73 @@ pub fn number_shape(sql: &[u8], out: &mut Vec<u8>) -> bool {
     out.reserve(sql.len());
     // Bytes are copied a stretch at a time, up to each number.
     let mut copied = 0;
-    let mut ident = false;
     let mut i = 0;
     while i < sql.len() {
-        let class = SHAPE_CLASS[sql[i] as usize];
-        if class == SHAPE_IDENT || (class == SHAPE_DIGIT && ident) {
-            ident = true;
-        } else if class == SHAPE_OTHER {
-            ident = false;
-        } else if class == SHAPE_DIGIT {
-            out.extend_from_slice(&sql[copied..i]);
-            out.push(SHAPE_NUMBER);
-            while sql.get(i + 1).is_some_and(u8::is_ascii_digit) {
-                i += 1;
+        // Letters, underscores and spaces (most of a text) are skipped eight at a time.
+        if let Some(Ok(word)) = sql.get(i..i + 8).map(<[u8; 8]>::try_from) {
+            if all_word_bytes(u64::from_le_bytes(word)) {
+                i += 8;
+                continue;
             }
-            // A letter right after the digits (`1e5`, `0x1F`, `1_000`, `12abc`) may make them part of
-            // another kind of token, depending on the digits: such texts have no shape.
-            if sql
-                .get(i + 1)
-                .is_some_and(|&n| SHAPE_CLASS[n as usize] == SHAPE_IDENT)
-            {
-                return false;
+        }
+        match SHAPE_CLASS[sql[i] as usize] {
+            SHAPE_IDENT | SHAPE_OTHER => {}
+            // After a letter, a digit or `_`, a digit continues a name (a number's digits are taken whole below,
+            // and a letter right after them ends the shape).
+            SHAPE_DIGIT
+                if i > 0
+                    && matches!(SHAPE_CLASS[sql[i - 1] as usize], SHAPE_IDENT | SHAPE_DIGIT) => {}
+            SHAPE_DIGIT => {
+                out.extend_from_slice(&sql[copied..i]);
+                out.push(SHAPE_NUMBER);
+                while sql.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                    i += 1;
+                }
+                // A letter right after the digits (`1e5`, `0x1F`, `1_000`, `12abc`) may make them part of
+                // another kind of token, depending on the digits: such texts have no shape.
+                if sql
+                    .get(i + 1)
+                    .is_some_and(|&n| SHAPE_CLASS[n as usize] == SHAPE_IDENT)
+                {
+                    return false;
+                }
+                copied = i + 1;
             }
-            copied = i + 1;
-            ident = true;
-        } else if class == SHAPE_COMMENT {
-            // `--` and `/*` start comments.
-            let second = if sql[i] == b'-' { b'-' } else { b'*' };
-            if sql.get(i + 1) == Some(&second) {
-                return false;
+            SHAPE_COMMENT => {
+                // `--` and `/*` start comments.
+                let second = if sql[i] == b'-' { b'-' } else { b'*' };
+                if sql.get(i + 1) == Some(&second) {
+                    return false;
+                }
             }
-            ident = false;
-        } else {
-            return false;
+            _ => return false,
         }
         i += 1;
     }
     out.extend_from_slice(&sql[copied..]);
     true
+}
+
+/// True when each of the eight bytes of `w` is an ASCII letter, `_` or a space (bytewise arithmetic on the
+/// word: every byte is below 0x80, so no byte's sum carries into the next).
+#[inline]
+fn all_word_bytes(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    if w & HIGH != 0 {
+        return false;
+    }
+    // Folded to lower case, a letter is a byte from `a` to `z`: the high bit of `b + 0x80 - c` says `b >= c`.
+    let lower = w | (0x20 * ONES);
+    let from_a = (lower + (0x80 - b'a' as u64) * ONES) & HIGH;
+    let past_z = (lower + (0x80 - b'{' as u64) * ONES) & HIGH;
+    // The high bit of a byte of `is(c)` says the byte is `c`.
+    let is = |c: u8| {
+        let z = w ^ (c as u64 * ONES);
+        !(((z & LOW7) + LOW7) | z) & HIGH
+    };
+    (from_a & !past_z) | is(b'_') | is(b' ') == HIGH
 }
 
 #[cfg(test)]
