@@ -134,6 +134,28 @@ impl Classifier {
     /// A text is looked up as it is only when its slot of the seen table holds its hash: the one-off texts of
     /// queries built with their values (most texts, under such a load) cost one cache lookup, by fingerprint.
     pub fn facts(&self, sql: &[u8]) -> Arc<Facts> {
+        self.facts_from(sql, None)
+    }
+
+    /// [`Classifier::facts`] of the text of a Parse (or of the statement a Bind names): such texts carry `$n`
+    /// parameters rather than literals and come again as they are, so the exact text is looked up first.
+    pub fn parsed_facts(&self, sql: &[u8]) -> Arc<Facts> {
+        use std::hash::BuildHasher;
+        // A text that does not start with NUL cannot be taken for a fingerprint key; one found was cached, so it
+        // has no NUL at all.
+        if sql.first().is_some_and(|&b| b != 0) {
+            let h = self.hasher.hash_one(sql) | 1;
+            if let Some(f) = local_get(self.id, h, sql) {
+                self.hits.increment(1);
+                return f;
+            }
+            return self.facts_from(sql, Some(h));
+        }
+        self.facts_from(sql, None)
+    }
+
+    /// [`Classifier::facts`], where `exact_missed` is the hash of a text known not to be in the front cache.
+    fn facts_from(&self, sql: &[u8], exact_missed: Option<u64>) -> Arc<Facts> {
         use std::hash::BuildHasher;
         // First a plain text by its shape (number values masked, no lexing), under which the facts of an earlier
         // text with that shape are kept when they do not depend on literal values: one lookup for most texts of
@@ -173,11 +195,17 @@ impl Classifier {
             None => None,
         };
         // Then the exact text (facts that depend on literal values, texts that are not plain).
-        let h = self.hasher.hash_one(sql) | 1;
-        if let Some(f) = local_get(self.id, h, sql) {
-            self.hits.increment(1);
-            return f;
-        }
+        let h = match exact_missed {
+            Some(h) => h,
+            None => {
+                let h = self.hasher.hash_one(sql) | 1;
+                if let Some(f) = local_get(self.id, h, sql) {
+                    self.hits.increment(1);
+                    return f;
+                }
+                h
+            }
+        };
         let facts = self.facts_of_text(sql, h);
         if let Some(sh) = shape.filter(|_| facts.literal_independent) {
             SHAPE.with_borrow(|shape| local_put(self.id | SHAPES, sh, shape, &facts));

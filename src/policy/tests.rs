@@ -262,3 +262,39 @@ fn shapes_share_facts_only_where_numbers_do_not_matter() {
     assert!(within_64mb_work_mem(&small));
     assert!(!within_64mb_work_mem(&big));
 }
+
+#[test]
+fn parse_texts_are_found_by_their_exact_text_first_with_the_same_facts() {
+    let c = Classifier::default();
+    let fresh = Classifier::default();
+    for sql in [
+        &b"SELECT abalance FROM pgbench_accounts WHERE aid = $1"[..],
+        b"SET work_mem = 1024",
+        b"SET work_mem = 999999999",
+        b"SELECT * FROM t1 WHERE a = 7",
+        b"SELECT 1\0; DROP TABLE t",
+        b"\0SELECT 1",
+        b"",
+    ] {
+        // Found again (exact text first, or shape, or neither for texts with NUL): the facts of a first look.
+        for _ in 0..2 {
+            let got = c.parsed_facts(sql);
+            let want = fresh.facts(sql);
+            assert_eq!(got.fingerprint, want.fingerprint, "{sql:?}");
+            assert_eq!(got.literal_independent, want.literal_independent, "{sql:?}");
+            assert_eq!(got.may_have_effects, want.may_have_effects, "{sql:?}");
+        }
+    }
+    let a = c.parsed_facts(b"SELECT abalance FROM pgbench_accounts WHERE aid = $1");
+    let b = c.facts(b"SELECT abalance FROM pgbench_accounts WHERE aid = $1");
+    assert!(
+        Arc::ptr_eq(&a, &b),
+        "a Parse text and a Query text share the entry"
+    );
+    assert!(!within_64mb_work_mem(
+        &c.parsed_facts(b"SET work_mem = 999999999")
+    ));
+    assert!(within_64mb_work_mem(
+        &c.parsed_facts(b"SET work_mem = 1024")
+    ));
+}

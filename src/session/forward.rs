@@ -478,11 +478,13 @@ impl Pumps<'_, '_> {
         SW: AsyncWrite + Unpin,
     {
         // Biased: no random draw per wakeup. Neither pump starves the other: each returns only at the end of the
-        // run, and tokio's cooperative budget makes a busy one yield.
+        // run, and tokio's cooperative budget makes a busy one yield. The server's pump first: most wakeups during
+        // a run are the server's answer, and the one that ends a transaction then ends the run without a look at
+        // the client's socket (a client's bytes left unread wait for the next transaction).
         tokio::select! {
             biased;
-            r = client_to_server(cr, sw, self.client_buf, self.c_scan, self.shared) => r,
             r = server_to_client(sr, cw, self.server_buf, self.s_scan, self.params, self.reported, self.shared) => r,
+            r = client_to_server(cr, sw, self.client_buf, self.c_scan, self.shared) => r,
         }
     }
 }
@@ -629,7 +631,7 @@ where
                 }
                 if let (Some(p), Some(rw), Some(f), b'B') = (policy, &rw, frame, tag) {
                     if let Some(text) = rw.bound_text(body(f)) {
-                        batch_stmt = Some(p.classifier.facts(text));
+                        batch_stmt = Some(p.classifier.parsed_facts(text));
                     }
                 }
                 if let (true, Some(f)) = (named_stats, frame) {
@@ -897,7 +899,10 @@ fn admit(p: Policy<'_>, tag: u8, f: &[u8], rate: RateState) -> Admission {
             }
             _ => return Admission::Go(None),
         };
-        let facts = p.classifier.facts(sql);
+        let facts = match tag {
+            b'P' => p.classifier.parsed_facts(sql),
+            _ => p.classifier.facts(sql),
+        };
         let ctx = crate::policy::Context {
             database: p.database,
             read_only: p.state.read_only(plan),
