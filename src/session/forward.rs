@@ -734,6 +734,9 @@ where
                     tag => return Err(FrameError::UnexpectedTag { tag }),
                 }
                 if let (Some(rw), Some(f)) = (&mut rw, frame) {
+                    // Room for the message with its statement renamed (and a Parse before it when the server lacks
+                    // the statement): one allocation, not a growth step per part.
+                    rewritten.reserve(2 * f.len() + 64);
                     if rw.client_message(tag, f, seq, &mut rewritten) {
                         replaced = true;
                         return Ok(Verdict::Stop);
@@ -751,6 +754,8 @@ where
             let Ok(Some((_, total))) = header(&buf[scan.forward..], usize::MAX) else {
                 return EndReason::ClientProtocol(FrameError::BadLength { tag: 0, len: 0 });
             };
+            // Room for the rest of the client's bytes too (the messages after a rewritten one mostly follow it).
+            out.reserve(buf.len() + rewritten.len());
             out.extend_from_slice(&buf[..scan.forward]);
             out.extend_from_slice(&rewritten);
             rewritten.clear();
