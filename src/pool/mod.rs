@@ -383,7 +383,7 @@ impl Pool {
         shared: bool,
     ) -> CheckoutFuture<'a> {
         let Some(pass) = self.gate.try_pass() else {
-            return CheckoutFuture::Wait(Box::pin(self.checkout_paused(startup, shared)));
+            return CheckoutFuture::Wait(crate::boxed(|| self.checkout_paused(startup, shared)));
         };
         // Free permits exist only while nobody waits (released permits go to waiters first): FIFO holds.
         match self.slots.clone().try_acquire_owned() {
@@ -394,13 +394,15 @@ impl Pool {
                             Some(p) => Some(p),
                             None => {
                                 // The cluster is saturated: wait for this tenant's fair share.
-                                return CheckoutFuture::Wait(Box::pin(self.checkout_fair(
-                                    startup,
-                                    shared,
-                                    permit,
-                                    pass,
-                                    Instant::now(),
-                                )));
+                                return CheckoutFuture::Wait(crate::boxed(|| {
+                                    self.checkout_fair(
+                                        startup,
+                                        shared,
+                                        permit,
+                                        pass,
+                                        Instant::now(),
+                                    )
+                                }));
                             }
                         }
                     }
@@ -414,10 +416,12 @@ impl Pool {
                 };
                 match self.take_quiet(startup, shared) {
                     Some(conn) => CheckoutFuture::Ready(Some(self.guard(conn, slot))),
-                    None => CheckoutFuture::Wait(Box::pin(self.open(slot, startup, shared))),
+                    None => CheckoutFuture::Wait(crate::boxed(|| self.open(slot, startup, shared))),
                 }
             }
-            Err(_) => CheckoutFuture::Wait(Box::pin(self.checkout_inner(startup, shared, pass))),
+            Err(_) => {
+                CheckoutFuture::Wait(crate::boxed(|| self.checkout_inner(startup, shared, pass)))
+            }
         }
     }
 

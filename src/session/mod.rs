@@ -49,14 +49,17 @@ pub async fn serve(
     let _ = tcp.set_nodelay(true);
     // Every phase is boxed and exists only while it runs: the spawned task itself stays a few hundred bytes, which
     // is what an idle client costs besides its session state.
-    let Some((mut stream, session)) = Box::pin(login_or_fail(&proxy, tcp, peer)).await else {
+    let Some((mut stream, session)) = crate::boxed(|| login_or_fail(&proxy, tcp, peer)).await
+    else {
         return;
     };
     // The session moves straight into the boxed future of its mode (nothing of it stays in this one).
     let client_left = match session.mode {
-        PoolMode::Transaction => Box::pin(txn::run(&proxy, &mut stream, session, &peer)).await,
+        PoolMode::Transaction => {
+            crate::boxed(|| txn::run(&proxy, &mut stream, session, &peer)).await
+        }
         PoolMode::Session => {
-            Box::pin(session_mode(&proxy, &mut stream, unbox(session), peer)).await
+            crate::boxed(|| session_mode(&proxy, &mut stream, unbox(session), peer)).await
         }
     };
     if client_left {
@@ -80,7 +83,10 @@ async fn login_or_fail(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<(ClientStream, Box<Session>)> {
-    let login = tokio::time::timeout(proxy.cfg.proxy.login_timeout, Box::pin(login(proxy, tcp)));
+    let login = tokio::time::timeout(
+        proxy.cfg.proxy.login_timeout,
+        crate::boxed(|| login(proxy, tcp)),
+    );
     let t = &proxy.telemetry;
     match login.await {
         Ok(Ok(Some((stream, session)))) => {

@@ -119,7 +119,7 @@ pub(super) async fn run(
     s: Box<Session>,
     peer: &SocketAddr,
 ) -> bool {
-    let Some(mut c) = Box::pin(attach(proxy, stream, super::unbox(s), *peer)).await else {
+    let Some(mut c) = crate::boxed(|| attach(proxy, stream, super::unbox(s), *peer)).await else {
         return false;
     };
     let mut buf = BytesMut::new();
@@ -152,7 +152,7 @@ pub(super) async fn run(
         if buf[0] == b'X' {
             return true;
         }
-        match Box::pin(c.transaction(proxy, stream, &mut buf, &mut watch)).await {
+        match crate::boxed(|| c.transaction(proxy, stream, &mut buf, &mut watch)).await {
             Next::Idle => {}
             Next::Stop => return false,
         }
