@@ -263,12 +263,14 @@ impl Client {
         let per_server = c.pool.config().max_prepared_statements;
         let max = proxy.cfg.proxy.max_message_bytes;
         if per_server > 0 {
-            // Preparing statements a server already accepted needs no server connection.
+            // Preparing statements a server already accepted, or deallocating one, needs no server connection
+            // (a batch of Parses, or a Query: the first byte says which to look for).
             let mut out = BytesMut::new();
-            let answered = c
-                .statements
-                .answer_parse_batch(buf, &mut out)
-                .or_else(|| c.statements.answer_deallocate(buf, &mut out));
+            let answered = match buf.first() {
+                Some(b'P') => c.statements.answer_parse_batch(buf, &mut out),
+                Some(b'Q') => c.statements.answer_deallocate(buf, &mut out),
+                _ => None,
+            };
             if let Some(n) = answered {
                 if write_flush(stream, &out).await.is_err() {
                     return Next::Stop;
