@@ -75,8 +75,24 @@ struct Mimalloc;
 /// Alignments the plain entry points may give (checked for every block all the same).
 const PLAIN_ALIGN: usize = 16;
 
-fn aligned(p: *mut std::ffi::c_void, align: usize) -> bool {
-    (p as usize) & (align - 1) == 0
+/// A block for `layout` from mimalloc's `plain` entry point when it can have the alignment and does, else from
+/// its `aligned` one.
+///
+/// # Safety
+/// As for [`std::alloc::GlobalAlloc::alloc`].
+unsafe fn plain_or_aligned(
+    layout: std::alloc::Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut std::ffi::c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut std::ffi::c_void,
+) -> *mut u8 {
+    if layout.align() <= PLAIN_ALIGN {
+        let p = plain(layout.size());
+        if (p as usize) & (layout.align() - 1) == 0 {
+            return p.cast();
+        }
+        libmimalloc_sys::mi_free(p);
+    }
+    aligned(layout.size(), layout.align()).cast()
 }
 
 // SAFETY: every block comes from mimalloc with at least the size and alignment of its layout (checked, or asked
@@ -84,27 +100,19 @@ fn aligned(p: *mut std::ffi::c_void, align: usize) -> bool {
 // kinds.
 unsafe impl std::alloc::GlobalAlloc for Mimalloc {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use libmimalloc_sys as mi;
-        if layout.align() <= PLAIN_ALIGN {
-            let p = mi::mi_malloc(layout.size());
-            if aligned(p, layout.align()) {
-                return p.cast();
-            }
-            mi::mi_free(p);
-        }
-        mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
+        plain_or_aligned(
+            layout,
+            libmimalloc_sys::mi_malloc,
+            libmimalloc_sys::mi_malloc_aligned,
+        )
     }
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use libmimalloc_sys as mi;
-        if layout.align() <= PLAIN_ALIGN {
-            let p = mi::mi_zalloc(layout.size());
-            if aligned(p, layout.align()) {
-                return p.cast();
-            }
-            mi::mi_free(p);
-        }
-        mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
+        plain_or_aligned(
+            layout,
+            libmimalloc_sys::mi_zalloc,
+            libmimalloc_sys::mi_zalloc_aligned,
+        )
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: std::alloc::Layout) {

@@ -523,9 +523,11 @@ impl<'a> Rewriter<'a> {
             return Ok(false);
         };
         let server = ServerName(id);
-        let len = 4 + portal.len() + 1 + server.len() + 1 + params.len();
-        out.put_u8(b'B');
-        out.put_u32(len as u32);
+        start_message(
+            out,
+            b'B',
+            4 + portal.len() + 1 + server.len() + 1 + params.len(),
+        );
         out.put_slice(portal);
         out.put_u8(0);
         server.put(out);
@@ -546,8 +548,7 @@ impl<'a> Rewriter<'a> {
             return Ok(false);
         };
         let server = ServerName(id);
-        out.put_u8(b'D');
-        out.put_u32((4 + 1 + server.len() + 1) as u32);
+        start_message(out, b'D', 4 + 1 + server.len() + 1);
         out.put_u8(b'S');
         server.put(out);
         Ok(true)
@@ -612,8 +613,7 @@ impl<'a> Rewriter<'a> {
         }
         self.unnamed_in_sync = true;
         if self.client.has_unnamed {
-            out.put_u8(b'P');
-            out.put_u32((4 + 1 + self.client.unnamed.len()) as u32);
+            start_message(out, b'P', 4 + 1 + self.client.unnamed.len());
             out.put_u8(0);
             out.put_slice(&self.client.unnamed);
         } else {
@@ -625,8 +625,7 @@ impl<'a> Rewriter<'a> {
             had: self.client.has_unnamed,
         };
         self.queue(seq, Reply::Drop, undo);
-        out.put_u8(tag);
-        out.put_u32((4 + body.len()) as u32);
+        start_message(out, tag, 4 + body.len());
         out.put_slice(body);
         true
     }
@@ -752,16 +751,22 @@ impl ServerName {
     }
 }
 
+/// Starts a message of `len` bytes (its length field included) in `out`, with room for all of it: one
+/// allocation for a rewritten message, not a growth step per part.
+fn start_message(out: &mut BytesMut, tag: u8, len: usize) {
+    out.reserve(1 + len);
+    out.put_u8(tag);
+    out.put_u32(len as u32);
+}
+
 fn parse_message(name: ServerName, body: &[u8], out: &mut BytesMut) {
-    out.put_u8(b'P');
-    out.put_u32((4 + name.len() + 1 + body.len()) as u32);
+    start_message(out, b'P', 4 + name.len() + 1 + body.len());
     name.put(out);
     out.put_slice(body);
 }
 
 fn close_message(kind: u8, name: ServerName, out: &mut BytesMut) {
-    out.put_u8(b'C');
-    out.put_u32((4 + 1 + name.len() + 1) as u32);
+    start_message(out, b'C', 4 + 1 + name.len() + 1);
     out.put_u8(kind);
     name.put(out);
 }

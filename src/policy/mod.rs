@@ -140,18 +140,24 @@ impl Classifier {
     /// [`Classifier::facts`] of the text of a Parse (or of the statement a Bind names): such texts carry `$n`
     /// parameters rather than literals and come again as they are, so the exact text is looked up first.
     pub fn parsed_facts(&self, sql: &[u8]) -> Arc<Facts> {
-        use std::hash::BuildHasher;
         // A text that does not start with NUL cannot be taken for a fingerprint key; one found was cached, so it
         // has no NUL at all.
         if sql.first().is_some_and(|&b| b != 0) {
-            let h = self.hasher.hash_one(sql) | 1;
-            if let Some(f) = local_get(self.id, h, sql) {
-                self.hits.increment(1);
-                return f;
-            }
-            return self.facts_from(sql, Some(h));
+            return match self.exact_local(sql) {
+                Ok(f) => f,
+                Err(h) => self.facts_from(sql, Some(h)),
+            };
         }
         self.facts_from(sql, None)
+    }
+
+    /// The thread's front-cache facts of the exact text, or the text's hash when they are not there.
+    fn exact_local(&self, sql: &[u8]) -> Result<Arc<Facts>, u64> {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(sql) | 1;
+        let f = local_get(self.id, h, sql).ok_or(h)?;
+        self.hits.increment(1);
+        Ok(f)
     }
 
     /// [`Classifier::facts`], where `exact_missed` is the hash of a text known not to be in the front cache.
@@ -197,14 +203,10 @@ impl Classifier {
         // Then the exact text (facts that depend on literal values, texts that are not plain).
         let h = match exact_missed {
             Some(h) => h,
-            None => {
-                let h = self.hasher.hash_one(sql) | 1;
-                if let Some(f) = local_get(self.id, h, sql) {
-                    self.hits.increment(1);
-                    return f;
-                }
-                h
-            }
+            None => match self.exact_local(sql) {
+                Ok(f) => return f,
+                Err(h) => h,
+            },
         };
         let facts = self.facts_of_text(sql, h);
         if let Some(sh) = shape.filter(|_| facts.literal_independent) {

@@ -734,9 +734,6 @@ where
                     tag => return Err(FrameError::UnexpectedTag { tag }),
                 }
                 if let (Some(rw), Some(f)) = (&mut rw, frame) {
-                    // Room for the message with its statement renamed (and a Parse before it when the server lacks
-                    // the statement): one allocation, not a growth step per part.
-                    rewritten.reserve(2 * f.len() + 64);
                     if rw.client_message(tag, f, seq, &mut rewritten) {
                         replaced = true;
                         return Ok(Verdict::Stop);
