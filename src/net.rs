@@ -40,11 +40,29 @@ impl<T: AsyncRead + Unpin> Stream<T> {
     pub fn read_now(&mut self, buf: &mut BytesMut) -> io::Result<Option<usize>> {
         use futures_util::FutureExt;
         match self {
-            Stream::Plain(s) => match s.try_read_buf(buf) {
-                Ok(n) => Ok(Some(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                Err(e) => Err(e),
-            },
+            Stream::Plain(s) => {
+                // A read that leaves room in the buffer emptied the socket: its readiness is cleared as tokio's
+                // own poll_read does (with edge-triggered epoll, data arriving later is a new event). Without
+                // this the next wait for the client would find stale readiness and cost a read that fails
+                // with EAGAIN.
+                let room = buf.capacity() - buf.len();
+                let mut got = None;
+                let r = s.try_io(tokio::io::Interest::READABLE, || {
+                    let n = s.try_read_buf(buf)?;
+                    got = Some(n);
+                    if 0 < n && n < room {
+                        Err(io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(n)
+                    }
+                });
+                match (r, got) {
+                    (_, Some(n)) => Ok(Some(n)),
+                    (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                    (Err(e), None) => Err(e),
+                    (Ok(n), None) => Ok(Some(n)),
+                }
+            }
             Stream::Tls(_) => self.read_buf(buf).now_or_never().transpose(),
         }
     }
@@ -172,4 +190,55 @@ pub async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
         }
     };
     let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A short read clears the socket's readiness; bytes that arrive afterwards still wake the reader, also
+    /// when they arrive while nothing waits.
+    #[tokio::test]
+    async fn short_read_then_more_bytes_are_seen() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut s: ClientStream = Stream::Plain(listener.accept().await.unwrap().0);
+        let mut buf = BytesMut::with_capacity(1024);
+        for round in 0..3u8 {
+            peer.write_all(&[round; 5]).await.unwrap();
+            if round == 2 {
+                // Arrived before anyone waits.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            let got = loop {
+                s.readable().await;
+                if let Some(n) = s.read_now(&mut buf).unwrap() {
+                    break n;
+                }
+            };
+            assert_eq!(got, 5);
+            assert_eq!(&buf[..], &[round; 5]);
+            buf.clear();
+            assert!(s.read_now(&mut buf).unwrap().is_none());
+        }
+        // More than the buffer's room: the full read leaves the readiness, and the rest is read without a
+        // new event.
+        peer.write_all(&[7; 1500]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let mut total = 0;
+        while total < 1500 {
+            buf.clear();
+            buf.reserve(1024);
+            let wait = tokio::time::timeout(std::time::Duration::from_secs(5), s.readable());
+            wait.await
+                .expect("bytes left in the socket must keep it readable");
+            total += s.read_now(&mut buf).unwrap().unwrap_or(0);
+        }
+        assert_eq!(total, 1500);
+        drop(peer);
+        s.readable().await;
+        assert_eq!(s.read_now(&mut buf).unwrap(), Some(0));
+    }
 }
