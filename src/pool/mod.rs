@@ -30,11 +30,55 @@ use crate::tls::backend_client_config;
 use crate::wire::msg;
 
 /// Identity of a pool.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolKey {
     pub cluster: String,
     pub database: String,
     pub user: String,
+}
+
+/// A pool key's parts as borrowed strings: a login looks its pool up without copying them into a [`PoolKey`].
+trait KeyParts {
+    fn parts(&self) -> (&str, &str, &str);
+}
+
+impl KeyParts for PoolKey {
+    fn parts(&self) -> (&str, &str, &str) {
+        (&self.cluster, &self.database, &self.user)
+    }
+}
+
+impl KeyParts for (&str, &str, &str) {
+    fn parts(&self) -> (&str, &str, &str) {
+        *self
+    }
+}
+
+// PoolKey hashes as its parts do, so that the map finds a key by its borrowed parts.
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.parts().hash(h)
+    }
+}
+
+impl std::hash::Hash for dyn KeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.parts().hash(h)
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
+
+impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for PoolKey {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
 }
 
 impl std::fmt::Display for PoolKey {
@@ -968,6 +1012,18 @@ impl Pools {
         cfg: PoolConfig,
         weight: u32,
     ) -> anyhow::Result<Arc<Pool>> {
+        // The usual case, a pool that exists and is current: found by the borrowed key, nothing copied.
+        let parts = (
+            target.cluster.name.as_str(),
+            target.database.as_str(),
+            target.user.as_str(),
+        );
+        if let Some(p) = self.map.get(&parts as &dyn KeyParts) {
+            if p.target == *target && p.cfg == cfg {
+                p.weight.store(weight, Ordering::Relaxed);
+                return Ok(p.clone());
+            }
+        }
         let key = PoolKey {
             cluster: target.cluster.name.clone(),
             database: target.database.clone(),
@@ -1122,5 +1178,37 @@ impl Pools {
         let mut v: Vec<PoolStats> = self.map.iter().map(|p| p.stats()).collect();
         v.sort_by(|a, b| a.key.cmp(&b.key));
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool is found by its key's borrowed parts (the login path), and only by its own.
+    #[test]
+    fn pool_keys_are_found_by_borrowed_parts() {
+        let map: DashMap<PoolKey, u32, Hasher> = DashMap::default();
+        for (i, (c, d, u)) in [("c1", "db", "u"), ("c1", "db", "v"), ("c2", "db", "u")]
+            .into_iter()
+            .enumerate()
+        {
+            let key = PoolKey {
+                cluster: c.into(),
+                database: d.into(),
+                user: u.into(),
+            };
+            map.insert(key, i as u32);
+        }
+        let get = |c, d, u| {
+            let parts: (&str, &str, &str) = (c, d, u);
+            map.get(&parts as &dyn KeyParts).map(|v| *v)
+        };
+        assert_eq!(get("c1", "db", "u"), Some(0));
+        assert_eq!(get("c1", "db", "v"), Some(1));
+        assert_eq!(get("c2", "db", "u"), Some(2));
+        assert_eq!(get("c2", "db", "v"), None);
+        // The parts' boundaries count: "c1"+"db" is not "c1d"+"b".
+        assert_eq!(get("c1d", "b", "u"), None);
     }
 }
