@@ -51,16 +51,15 @@ impl<T: AsyncRead + Unpin> Stream<T> {
                     let n = s.try_read_buf(buf)?;
                     got = Some(n);
                     if 0 < n && n < room {
-                        Err(io::ErrorKind::WouldBlock.into())
-                    } else {
-                        Ok(n)
+                        return Err(io::ErrorKind::WouldBlock.into());
                     }
+                    Ok(())
                 });
-                match (r, got) {
-                    (_, Some(n)) => Ok(Some(n)),
-                    (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                    (Err(e), None) => Err(e),
-                    (Ok(n), None) => Ok(Some(n)),
+                // Bytes read count whatever the closure answered; without any, WouldBlock is "nothing now".
+                match (got, r) {
+                    (Some(n), _) => Ok(Some(n)),
+                    (None, Err(e)) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+                    (None, _) => Ok(None),
                 }
             }
             Stream::Tls(_) => self.read_buf(buf).now_or_never().transpose(),
@@ -199,33 +198,31 @@ mod tests {
     /// A short read clears the socket's readiness; bytes that arrive afterwards still wake the reader, also
     /// when they arrive while nothing waits.
     #[tokio::test]
-    async fn short_read_then_more_bytes_are_seen() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let mut s: ClientStream = Stream::Plain(listener.accept().await.unwrap().0);
+    async fn short_read_then_more_bytes_are_seen() -> io::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut peer = TcpStream::connect(listener.local_addr()?).await?;
+        let mut s: ClientStream = Stream::Plain(listener.accept().await?.0);
         let mut buf = BytesMut::with_capacity(1024);
         for round in 0..3u8 {
-            peer.write_all(&[round; 5]).await.unwrap();
+            peer.write_all(&[round; 5]).await?;
             if round == 2 {
                 // Arrived before anyone waits.
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             let got = loop {
                 s.readable().await;
-                if let Some(n) = s.read_now(&mut buf).unwrap() {
+                if let Some(n) = s.read_now(&mut buf)? {
                     break n;
                 }
             };
             assert_eq!(got, 5);
             assert_eq!(&buf[..], &[round; 5]);
             buf.clear();
-            assert!(s.read_now(&mut buf).unwrap().is_none());
+            assert!(s.read_now(&mut buf)?.is_none());
         }
         // More than the buffer's room: the full read leaves the readiness, and the rest is read without a
         // new event.
-        peer.write_all(&[7; 1500]).await.unwrap();
+        peer.write_all(&[7; 1500]).await?;
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         let mut total = 0;
         while total < 1500 {
@@ -234,11 +231,12 @@ mod tests {
             let wait = tokio::time::timeout(std::time::Duration::from_secs(5), s.readable());
             wait.await
                 .expect("bytes left in the socket must keep it readable");
-            total += s.read_now(&mut buf).unwrap().unwrap_or(0);
+            total += s.read_now(&mut buf)?.unwrap_or(0);
         }
         assert_eq!(total, 1500);
         drop(peer);
         s.readable().await;
-        assert_eq!(s.read_now(&mut buf).unwrap(), Some(0));
+        assert_eq!(s.read_now(&mut buf)?, Some(0));
+        Ok(())
     }
 }

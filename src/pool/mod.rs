@@ -1018,11 +1018,19 @@ impl Pools {
             target.database.as_str(),
             target.user.as_str(),
         );
-        if let Some(p) = self.map.get(&parts as &dyn KeyParts) {
-            if p.target == *target && p.cfg == cfg {
+        // The pool for the target and limits as they are now, with the tenant's weight brought up to date.
+        let current = |p: &Arc<Pool>| {
+            (p.target == *target && p.cfg == cfg).then(|| {
                 p.weight.store(weight, Ordering::Relaxed);
-                return Ok(p.clone());
-            }
+                p.clone()
+            })
+        };
+        if let Some(p) = self
+            .map
+            .get(&parts as &dyn KeyParts)
+            .and_then(|p| current(&p))
+        {
+            return Ok(p);
         }
         let key = PoolKey {
             cluster: target.cluster.name.clone(),
@@ -1033,14 +1041,14 @@ impl Pools {
         // The tenant's usage counters are looked up only when a pool is made (not on every login).
         let usage = || self.usage.entry(tenant.to_owned()).or_default().clone();
         match self.map.entry(key) {
-            Entry::Occupied(e) if e.get().target == *target && e.get().cfg == cfg => {
-                e.get().weight.store(weight, Ordering::Relaxed);
-                Ok(e.get().clone())
-            }
-            // The tenant's backend or limits changed (a new password, another plan): new connections use a new
-            // pool; clients of the old one keep it until they leave, and its idle connections are closed when the
-            // last of them does.
             Entry::Occupied(mut e) => {
+                // Made meanwhile by another login.
+                if let Some(p) = current(e.get()) {
+                    return Ok(p);
+                }
+                // The tenant's backend or limits changed (a new password, another plan): new connections use a
+                // new pool; clients of the old one keep it until they leave, and its idle connections are closed
+                // when the last of them does.
                 let pool = self.new_pool(e.key(), tenant, target, cfg, usage(), weight)?;
                 let old = e.insert(pool.clone());
                 let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
