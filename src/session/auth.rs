@@ -32,10 +32,12 @@ impl From<PgError> for AuthFailure {
     }
 }
 
-/// Runs the exchange; `Ok(true)` only if the password matched a real user's credentials.
+/// Runs the exchange, reading through `buf` (bytes after the last password message stay there); `Ok(true)` only if
+/// the password matched a real user's credentials.
 pub async fn authenticate(
     proxy: &Proxy,
     stream: &mut ClientStream,
+    buf: &mut BytesMut,
     tls: &TlsInfo,
     tenant: Option<&Tenant>,
     user: Option<&User>,
@@ -61,7 +63,6 @@ pub async fn authenticate(
         Some(u) => u.scram.clone(),
         None => ScramVerifier::dummy(user_name, &proxy.secret),
     };
-    let mut buf = BytesMut::new();
     let ok = match method {
         AuthMethod::ScramSha256 => {
             let mut server =
@@ -69,14 +70,14 @@ pub async fn authenticate(
             let mut out = BytesMut::new();
             msg::auth_sasl(&server.mechanisms(), &mut out);
             send(stream, &mut out).await?;
-            let frame = read_password_message(stream, &mut buf).await?;
+            let frame = read_password_message(stream, buf).await?;
             let (mech, data) = password_message::sasl_initial(&frame).ok_or_else(|| {
                 PgError::protocol_violation("malformed SASLInitialResponse message")
             })?;
             let first = server.client_first(mech, data).map_err(scram_error)?;
             msg::auth_sasl_continue(first, &mut out);
             send(stream, &mut out).await?;
-            let frame = read_password_message(stream, &mut buf).await?;
+            let frame = read_password_message(stream, buf).await?;
             let data = password_message::sasl_response(&frame)
                 .ok_or_else(|| PgError::protocol_violation("malformed SASLResponse message"))?;
             match server.client_final(data) {
@@ -94,7 +95,7 @@ pub async fn authenticate(
             let mut out = BytesMut::new();
             msg::auth_md5(salt, &mut out);
             send(stream, &mut out).await?;
-            let frame = read_password_message(stream, &mut buf).await?;
+            let frame = read_password_message(stream, buf).await?;
             let response = password_message::password(&frame)
                 .ok_or_else(|| PgError::protocol_violation("malformed password message"))?;
             // A user without an md5 hash is checked against a dummy so that timing and answer are the same.
@@ -112,7 +113,7 @@ pub async fn authenticate(
             let mut out = BytesMut::new();
             msg::auth_cleartext(&mut out);
             send(stream, &mut out).await?;
-            let frame = read_password_message(stream, &mut buf).await?;
+            let frame = read_password_message(stream, buf).await?;
             let pw = password_message::password(&frame)
                 .ok_or_else(|| PgError::protocol_violation("malformed password message"))?;
             let pw = String::from_utf8_lossy(pw);

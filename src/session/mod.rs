@@ -125,6 +125,9 @@ struct Session {
     mode: PoolMode,
     /// Counts against the tenant's `max_connections`; its state gives the plan in force.
     slot: crate::policy::limits::ConnectionSlot,
+    /// What the client sent after its login messages without waiting for the answer (normally nothing): the start
+    /// of its first request.
+    early: BytesMut,
 }
 
 impl Session {
@@ -164,7 +167,9 @@ async fn login(
     proxy: &Proxy,
     tcp: TcpStream,
 ) -> Result<Option<(ClientStream, Session)>, LoginError> {
-    let Some((mut stream, startup, tls)) = negotiate(proxy, tcp).await? else {
+    // The login's messages are read through one small buffer; what is left in it at the end goes to the session.
+    let mut buf = BytesMut::new();
+    let Some((mut stream, startup, tls)) = negotiate(proxy, tcp, &mut buf).await? else {
         return Ok(None);
     };
     macro_rules! fail {
@@ -223,6 +228,7 @@ async fn login(
     let authenticated = match auth::authenticate(
         proxy,
         &mut stream,
+        &mut buf,
         &tls,
         tenant.as_deref(),
         user,
@@ -316,6 +322,8 @@ async fn login(
             startup: startup_params,
             mode,
             slot,
+            // Only pipelined bytes; an empty buffer's capacity is not kept (it would stay with an idle client).
+            early: if buf.is_empty() { BytesMut::new() } else { buf },
         },
     )))
 }
@@ -368,10 +376,12 @@ fn backend_startup_params(
     Ok(Arc::from(params))
 }
 
-/// TLS and startup negotiation up to the StartupMessage.
+/// TLS and startup negotiation up to the StartupMessage. Reads through `buf`: what the client sent after its
+/// StartupMessage (normally nothing: it waits for the answer) stays there.
 async fn negotiate(
     proxy: &Proxy,
     tcp: TcpStream,
+    buf: &mut BytesMut,
 ) -> Result<Option<(ClientStream, StartupMessage, TlsInfo)>, LoginError> {
     let mut tls = TlsInfo::default();
     // PG17 direct TLS: the connection starts with a TLS ClientHello.
@@ -385,7 +395,7 @@ async fn negotiate(
         Err(_) => return Ok(None),
     };
     loop {
-        let body = match read_packet(&mut stream).await {
+        let body = match read_packet(&mut stream, buf).await {
             Ok(Some(b)) => b,
             Ok(None) => return Ok(None),
             Err(e) => return Err((Some(stream), e)),
@@ -407,6 +417,14 @@ async fn negotiate(
                 let Stream::Plain(mut tcp) = stream else {
                     return Ok(None);
                 };
+                if proxy.tls.is_some() && !buf.is_empty() {
+                    // Bytes sent before the TLS handshake would pass as if they came over TLS (as Postgres,
+                    // CVE-2021-23214): a client must wait for the answer.
+                    return Err((
+                        Some(Stream::Plain(tcp)),
+                        PgError::protocol_violation("received unencrypted data after SSL request"),
+                    ));
+                }
                 if proxy.tls.is_none() {
                     if tcp.write_all(&[msg::SSL_REFUSED]).await.is_err() {
                         return Ok(None);
@@ -665,6 +683,7 @@ async fn session_mode(
     info!(%peer, tenant = %s.tenant, user = %s.user, server_pid = conn.pid, "client attached");
 
     let mut client_buf = BytesMut::with_capacity(forward::CHUNK);
+    client_buf.extend_from_slice(&s.early);
     let run = Box::pin(forward::run(
         stream,
         &mut client_buf,

@@ -119,10 +119,12 @@ pub(super) async fn run(
     s: Box<Session>,
     peer: &SocketAddr,
 ) -> bool {
+    let mut s = s;
+    // A request the client sent before the login was answered starts the loop.
+    let mut buf = std::mem::take(&mut s.early);
     let Some(mut c) = crate::boxed(|| attach(proxy, stream, super::unbox(s), *peer)).await else {
         return false;
     };
-    let mut buf = BytesMut::new();
     let mut watch = proxy.lifecycle.watch();
     loop {
         // Idle: no server connection until the client sends something.
@@ -175,10 +177,12 @@ async fn attach(
     s: Session,
     peer: SocketAddr,
 ) -> Option<Client> {
-    super::auth_ok(stream).await.ok()?;
+    // AuthenticationOk goes out with the parameters in one write (one packet, one wakeup of the client), unless
+    // something is to be waited for or refused first.
     let startup = match startup_settings(&s.startup) {
         Ok(v) => v,
         Err(e) => {
+            super::auth_ok(stream).await.ok()?;
             send_error(stream, &e).await;
             return None;
         }
@@ -191,10 +195,12 @@ async fn attach(
                 sqlstate::INTERNAL_ERROR,
                 "pgweir could not set up the backend pool",
             );
+            super::auth_ok(stream).await.ok()?;
             send_error(stream, &e).await;
             return None;
         }
     };
+    let mut told_ok = false;
     let desired = startup.clone();
     let fake_pid = rand::random::<i32>() & 0x3fff_ffff;
     let key = proxy.cancels.register(fake_pid.max(1), SlotState::Idle);
@@ -207,6 +213,9 @@ async fn attach(
     let params = match pool.login_params(&desired, skip) {
         Some(p) => p,
         None => {
+            // The client learns it is in before it waits for a server connection.
+            super::auth_ok(stream).await.ok()?;
+            told_ok = true;
             let mut first = checkout_shared(&pool, stream, &s.tenant).await?;
             if let Err(e) = Box::pin(sync(first.conn(), &desired)).await {
                 // A startup parameter the server refuses: as on a direct connection, the login fails.
@@ -225,7 +234,10 @@ async fn attach(
             encoded
         }
     };
-    let mut out = BytesMut::with_capacity(params.len() + 64);
+    let mut out = BytesMut::with_capacity(params.len() + 80);
+    if !told_ok {
+        msg::auth_ok(&mut out);
+    }
     out.extend_from_slice(&params);
     if let Some(app) = app_name {
         msg::parameter_status("application_name", app, &mut out);

@@ -1,6 +1,7 @@
 //! Startup-phase packets: they have no tag, only a length and a 32-bit code. Bounded in size and in the number of
 //! parameters; anything malformed is a protocol violation.
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::msg::cstr;
@@ -43,25 +44,47 @@ impl StartupMessage {
     }
 }
 
-/// Reads one startup-phase packet (length-prefixed, no tag).
-pub async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, PgError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(PgError::protocol_violation(format!("read error: {e}"))),
+/// Reads one startup-phase packet (length-prefixed, no tag) through `buf`: returns its body (everything after the
+/// length); bytes after it stay in `buf`. `Ok(None)`: the peer closed before a whole length arrived.
+///
+/// Buffered: a packet usually arrives in one read (a client sends it whole and then waits for the answer), and a
+/// read that leaves room clears the socket's readiness, so the wait for the next packet starts without a read
+/// that fails.
+pub async fn read_packet<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Option<BytesMut>, PgError> {
+    loop {
+        let len = match buf.get(..4) {
+            Some(l) => {
+                let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
+                if !(8..=MAX_STARTUP_PACKET).contains(&len) {
+                    return Err(PgError::protocol_violation(format!(
+                        "invalid length of startup packet: {len}"
+                    )));
+                }
+                if buf.len() >= len {
+                    let mut packet = buf.split_to(len);
+                    return Ok(Some(packet.split_off(4)));
+                }
+                len
+            }
+            None => 0,
+        };
+        // Room for the whole packet (usually a few dozen bytes), at least a small read's worth.
+        buf.reserve(len.max(512) - buf.len());
+        match r.read_buf(buf).await {
+            Ok(0) if len == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(PgError::protocol_violation("incomplete startup packet"));
+            }
+            Ok(_) => {}
+            Err(e) if len == 0 => {
+                return Err(PgError::protocol_violation(format!("read error: {e}")))
+            }
+            Err(_) => return Err(PgError::protocol_violation("incomplete startup packet")),
+        }
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if !(8..=MAX_STARTUP_PACKET).contains(&len) {
-        return Err(PgError::protocol_violation(format!(
-            "invalid length of startup packet: {len}"
-        )));
-    }
-    let mut body = vec![0u8; len - 4];
-    r.read_exact(&mut body)
-        .await
-        .map_err(|_| PgError::protocol_violation("incomplete startup packet"))?;
-    Ok(Some(body))
 }
 
 /// Parses a startup-phase packet body (everything after the length).

@@ -344,6 +344,54 @@ fn scram_login_with_psql_and_tokio_postgres() {
         "options=endpoint=acme sslmode=disable",
     );
     assert_eq!(tpg_value(&env, &bob, "select 'bob in'"), "bob in");
+
+    // A client that sends its first query with its last login message, without waiting for AuthenticationOk,
+    // gets it answered after the login, in either pool mode.
+    for options in ["endpoint=acme", "endpoint=acme pool_mode=session"] {
+        block_on(async {
+            let mut raw = raw_tcp(&env).await;
+            raw.send(&startup_packet(&[
+                ("user", "alice"),
+                ("database", "app"),
+                ("options", options),
+            ]))
+            .await;
+            assert_eq!(raw.sasl_mechanisms().await, ["SCRAM-SHA-256"]);
+            let mut client = ScramClient::new(ALICE_PASSWORD);
+            let server_first = raw.scram_first(&client).await;
+            let client_final = client.server_first(&server_first).expect("server-first");
+            let mut out = BytesMut::new();
+            msg::sasl_response(client_final, &mut out);
+            msg::query("select 'sent early: ' || current_database()", &mut out);
+            raw.send(&out).await;
+            assert_eq!(
+                raw.auth_request().await.0,
+                12,
+                "{options}: expected SASLFinal"
+            );
+            assert_eq!(
+                raw.auth_request().await.0,
+                0,
+                "{options}: expected AuthenticationOk"
+            );
+            raw.until_ready().await;
+            let mut rows = Vec::new();
+            loop {
+                let (tag, body) = raw.recv_ok().await;
+                match tag {
+                    b'D' => rows.push(String::from_utf8_lossy(&body[6..]).into_owned()),
+                    b'Z' => break,
+                    _ => {}
+                }
+            }
+            assert_eq!(rows, ["sent early: acme_main"], "{options}");
+            assert_eq!(
+                raw.query_first_column("select 'and then'").await,
+                ["and then"],
+                "{options}"
+            );
+        });
+    }
 }
 
 #[test]
@@ -734,6 +782,26 @@ fn scram_channel_binding_over_tls() {
                 && mechanisms.iter().any(|m| m == "SCRAM-SHA-256"),
             "{mechanisms:?}"
         );
+
+        // Bytes sent after an SSLRequest, before its answer, would pass as if they came over TLS: refused, as
+        // Postgres refuses them.
+        let mut raw = raw_tcp(&env).await;
+        let mut early = request_packet(SSL_REQUEST);
+        early.extend_from_slice(&startup_packet(&[("user", "alice"), ("database", "app")]));
+        raw.send(&early).await;
+        let (tag, body) = raw.recv().await;
+        assert_eq!(
+            tag, b'E',
+            "expected an ErrorResponse, not an answer to the SSLRequest"
+        );
+        assert_eq!(
+            (error_field(&body, 'C'), error_field(&body, 'M')),
+            (
+                Some("08P01".to_owned()),
+                Some("received unencrypted data after SSL request".to_owned())
+            )
+        );
+        raw.expect_closed().await;
     });
 }
 
