@@ -222,6 +222,32 @@ impl Drop for Watch<'_> {
 
 /// The runtime for `workers` session threads (`proxy.worker_threads`): 1 is a single event loop on the thread that
 /// runs it, 0 one worker per CPU.
+/// TCP_DEFER_ACCEPT on the client listener (Linux): a connection is accepted when its first bytes arrive (a
+/// Postgres client always speaks first), so accepting and reading the first packet are one wakeup instead of two.
+/// A client that sends nothing is accepted once `wait` is over (then `login_timeout` applies). Zero: off.
+fn defer_accept(listener: &TcpListener, wait: std::time::Duration) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let secs = libc::c_int::try_from(wait.as_secs()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the listener's fd is open for the call, and the option value is a c_int of the given size.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&secs as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            warn!(error = %std::io::Error::last_os_error(), "could not set TCP_DEFER_ACCEPT on the listener");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (listener, wait);
+}
+
 pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let mut b = match workers {
         1 => tokio::runtime::Builder::new_current_thread(),
@@ -314,6 +340,7 @@ impl Server {
             ),
             (None, _) => None,
         };
+        defer_accept(&listener, cfg.proxy.tcp_defer_accept);
         if let (Some(c), Ok(addr)) = (&control, listener.local_addr()) {
             // Connection strings name the port actually bound (the config may say 0).
             let _ = c.public_port.compare_exchange(

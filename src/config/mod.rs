@@ -110,6 +110,10 @@ pub struct ProxyConfig {
     /// A client must finish startup and authentication within this time.
     #[serde(with = "humantime_serde")]
     pub login_timeout: Duration,
+    /// Linux: a new client connection is handed to pgweir when its first bytes arrive (TCP_DEFER_ACCEPT), saving
+    /// a wakeup per connection; one that sends nothing is handed over after this wait (whole seconds; "0s": off).
+    #[serde(with = "humantime_serde")]
+    pub tcp_defer_accept: Duration,
     /// Largest single protocol message accepted from a client or a server (bytes).
     pub max_message_bytes: usize,
     /// SNI routing: clients connecting to `<endpoint>.<base_domain>` are routed to that endpoint.
@@ -169,6 +173,7 @@ impl Default for ProxyConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
             max_client_connections: 10_000,
             login_timeout: Duration::from_secs(15),
+            tcp_defer_accept: Duration::from_secs(1),
             max_message_bytes: 256 << 20,
             base_domain: None,
             default_tenant: None,

@@ -1481,6 +1481,7 @@ fn login_timeout_disconnects_stalled_clients() {
     };
     let url = env.alice();
     block_on(async {
+        // The silent client reaches pgweir after tcp_defer_accept (1s by default), then has the login timeout.
         let silent = async {
             let t0 = Instant::now();
             let mut raw = raw_tcp(&env).await;

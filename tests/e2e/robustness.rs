@@ -621,6 +621,37 @@ fn client_connection_limit() {
 }
 
 #[test]
+fn silent_connections_take_no_client_slot() {
+    // TCP_DEFER_ACCEPT: a connection that sends nothing (a port scan, a load balancer's TCP check) is not handed
+    // to pgweir within tcp_defer_accept, so it holds none of the client slots.
+    let env = env_with("max_client_connections = 3\ntcp_defer_accept = \"30s\"");
+    let silent: Vec<TcpStream> = (0..4).map(|_| connect(&env)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..3 {
+        let out = psql(&env.alice(), "select 'served'");
+        assert!(
+            out.status.success(),
+            "login {i} beside {} silent connections: {}",
+            silent.len(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A client that speaks is served as soon as it does.
+    // (The others stay open: a closed one would be handed over at its FIN.)
+    let mut silent = silent;
+    let late = &mut silent[0];
+    late.write_all(&carol_startup()).unwrap();
+    let mut b = [0u8; 512];
+    let n = late.read(&mut b).unwrap();
+    assert_eq!(
+        b[0],
+        b'R',
+        "the late client is asked to authenticate: {}",
+        String::from_utf8_lossy(&b[..n])
+    );
+}
+
+#[test]
 fn clients_that_leave_at_once_leak_nothing() {
     let env = env_with("");
     for i in 0..200 {
