@@ -132,8 +132,31 @@ pub const SSL_REFUSED: u8 = b'N';
 
 /// Reads a NUL-terminated string at the start of `buf`: (string bytes, rest after the NUL).
 pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = buf.iter().position(|&b| b == 0)?;
+    let nul = find_nul(buf)?;
     Some((&buf[..nul], &buf[nul + 1..]))
+}
+
+/// The index of the first NUL byte. Names are often empty (a NUL first); texts (a Parse's SQL) are looked at eight
+/// bytes at a time.
+#[inline]
+fn find_nul(buf: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    if *buf.first()? == 0 {
+        return Some(0);
+    }
+    let mut i = 0;
+    while let Some(Ok(word)) = buf.get(i..i + 8).map(<[u8; 8]>::try_from) {
+        let w = u64::from_le_bytes(word);
+        // The high bit of each zero byte is set (and maybe of bytes after one, through the borrow): the lowest
+        // set bit is the first zero byte.
+        let zeros = w.wrapping_sub(ONES) & !w & HIGH;
+        if zeros != 0 {
+            return Some(i + (zeros.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    buf[i..].iter().position(|&b| b == 0).map(|p| i + p)
 }
 
 /// The client's password-family message ('p') body as the message the auth step expects.
@@ -172,6 +195,7 @@ pub mod password_message {
 mod tests {
     use super::*;
     use pgwire::messages::response::ErrorResponse;
+    use proptest::prelude::Just;
 
     #[test]
     fn decode_one_rejects_leftovers_and_contains_panics() {
@@ -185,6 +209,21 @@ mod tests {
         // An ErrorResponse without its final NUL.
         let bad = [b'E', 0, 0, 0, 8, b'S', b'X', 0, b'C'];
         assert!(decode_one::<ErrorResponse>(&bad, "ErrorResponse").is_err());
+    }
+
+    proptest::proptest! {
+        /// The word-at-a-time search finds the first NUL wherever it is (or none), as a byte loop does.
+        #[test]
+        fn cstr_finds_the_first_nul(
+            bytes in proptest::collection::vec(proptest::prop_oneof![Just(0u8), 1u8..=255, Just(0x80u8), Just(1u8)], 0..40),
+        ) {
+            let naive = bytes.iter().position(|&b| b == 0);
+            proptest::prop_assert_eq!(find_nul(&bytes), naive);
+            proptest::prop_assert_eq!(
+                cstr(&bytes),
+                naive.map(|n| (&bytes[..n], &bytes[n + 1..]))
+            );
+        }
     }
 
     #[test]
