@@ -283,16 +283,20 @@ pub fn number_shape(sql: &[u8], out: &mut Vec<u8>) -> bool {
     // Bytes are copied a stretch at a time, up to each number.
     let mut copied = 0;
     let mut i = 0;
-    while i < sql.len() {
-        // Letters, underscores and spaces (most of a text) are skipped eight at a time.
-        if let Some(Ok(word)) = sql.get(i..i + 8).map(<[u8; 8]>::try_from) {
-            if all_word_bytes(u64::from_le_bytes(word)) {
-                i += 8;
-                continue;
+    loop {
+        // Letters, spaces and punctuation (most of a text) pass as they are: skipped eight at a time while none
+        // of the eight needs a look, then one at a time up to the one that does.
+        while let Some(Ok(word)) = sql.get(i..i + 8).map(<[u8; 8]>::try_from) {
+            if word.iter().fold(0, |m, &b| m | SHAPE_STOP[b as usize]) != 0 {
+                break;
             }
+            i += 8;
         }
-        match SHAPE_CLASS[sql[i] as usize] {
-            SHAPE_IDENT | SHAPE_OTHER => {}
+        while sql.get(i).is_some_and(|&b| SHAPE_STOP[b as usize] == 0) {
+            i += 1;
+        }
+        let Some(&b) = sql.get(i) else { break };
+        match SHAPE_CLASS[b as usize] {
             // After a letter, a digit or `_`, a digit continues a name (a number's digits are taken whole below,
             // and a letter right after them ends the shape).
             SHAPE_DIGIT
@@ -316,7 +320,7 @@ pub fn number_shape(sql: &[u8], out: &mut Vec<u8>) -> bool {
             }
             SHAPE_COMMENT => {
                 // `--` and `/*` start comments.
-                let second = if sql[i] == b'-' { b'-' } else { b'*' };
+                let second = if b == b'-' { b'-' } else { b'*' };
                 if sql.get(i + 1) == Some(&second) {
                     return false;
                 }
@@ -329,27 +333,19 @@ pub fn number_shape(sql: &[u8], out: &mut Vec<u8>) -> bool {
     true
 }
 
-/// True when each of the eight bytes of `w` is an ASCII letter, `_` or a space (bytewise arithmetic on the
-/// word: every byte is below 0x80, so no byte's sum carries into the next).
-#[inline]
-fn all_word_bytes(w: u64) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    if w & HIGH != 0 {
-        return false;
+/// 1 for the bytes [`number_shape`] must look at (digits, comment starts, bytes that make a text not plain), 0 for
+/// those copied as they are (letters, `_`, spaces, punctuation).
+const SHAPE_STOP: [u8; 256] = {
+    let mut t = [1; 256];
+    let mut b = 0;
+    while b < 256 {
+        if matches!(SHAPE_CLASS[b], SHAPE_IDENT | SHAPE_OTHER) {
+            t[b] = 0;
+        }
+        b += 1;
     }
-    // Folded to lower case, a letter is a byte from `a` to `z`: the high bit of `b + 0x80 - c` says `b >= c`.
-    let lower = w | (0x20 * ONES);
-    let from_a = (lower + (0x80 - b'a' as u64) * ONES) & HIGH;
-    let past_z = (lower + (0x80 - b'{' as u64) * ONES) & HIGH;
-    // The high bit of a byte of `is(c)` says the byte is `c`.
-    let is = |c: u8| {
-        let z = w ^ (c as u64 * ONES);
-        !(((z & LOW7) + LOW7) | z) & HIGH
-    };
-    (from_a & !past_z) | is(b'_') | is(b' ') == HIGH
-}
+    t
+};
 
 #[cfg(test)]
 mod tests {
