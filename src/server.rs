@@ -220,8 +220,6 @@ impl Drop for Watch<'_> {
     }
 }
 
-/// The runtime for `workers` session threads (`proxy.worker_threads`): 1 is a single event loop on the thread that
-/// runs it, 0 one worker per CPU.
 /// TCP_DEFER_ACCEPT on the client listener (Linux): a connection is accepted when its first bytes arrive (a
 /// Postgres client always speaks first), so accepting and reading the first packet are one wakeup instead of two.
 /// A client that sends nothing is accepted once `wait` is over (then `login_timeout` applies). Zero: off.
@@ -248,6 +246,8 @@ fn defer_accept(listener: &TcpListener, wait: std::time::Duration) {
     let _ = (listener, wait);
 }
 
+/// The runtime for `workers` session threads (`proxy.worker_threads`): 1 is a single event loop on the thread that
+/// runs it, 0 one worker per CPU.
 pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let mut b = match workers {
         1 => tokio::runtime::Builder::new_current_thread(),
