@@ -223,11 +223,14 @@ impl Drop for Watch<'_> {
 /// TCP_DEFER_ACCEPT on the client listener (Linux): a connection is accepted when its first bytes arrive (a
 /// Postgres client always speaks first), so accepting and reading the first packet are one wakeup instead of two.
 /// A client that sends nothing is accepted once `wait` is over (then `login_timeout` applies). Zero: off.
+/// `wait` is rounded up to whole seconds.
 fn defer_accept(listener: &TcpListener, wait: std::time::Duration) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        let secs = libc::c_int::try_from(wait.as_secs()).unwrap_or(libc::c_int::MAX);
+        // Whole seconds, a part of one rounded up (a short wait stays a wait rather than turning it off).
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let secs = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
         // SAFETY: the listener's fd is open for the call, and the option value is a c_int of the given size.
         let rc = unsafe {
             libc::setsockopt(
@@ -866,5 +869,44 @@ pub async fn shutdown_signal() -> Stop {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => Stop::Fast,
         _ = term => Stop::Graceful,
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// The listener's TCP_DEFER_ACCEPT as the kernel reports it (seconds; 0: off).
+    fn deferred(l: &TcpListener) -> std::io::Result<libc::c_int> {
+        use std::os::fd::AsRawFd;
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the fd is open, and `v`/`len` are a c_int and its size.
+        let rc = unsafe {
+            libc::getsockopt(
+                l.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(v)
+    }
+
+    /// A sub-second wait is a wait (rounded up), zero turns the option off.
+    #[tokio::test]
+    async fn defer_accept_rounds_up_and_zero_is_off() -> std::io::Result<()> {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        defer_accept(&l, std::time::Duration::from_millis(500));
+        assert!(deferred(&l)? >= 1, "500ms must defer");
+        defer_accept(&l, std::time::Duration::from_secs(3));
+        assert!(deferred(&l)? >= 3, "3s");
+        defer_accept(&l, std::time::Duration::ZERO);
+        assert_eq!(deferred(&l)?, 0, "0s is off");
+        Ok(())
     }
 }

@@ -111,7 +111,8 @@ pub struct ProxyConfig {
     #[serde(with = "humantime_serde")]
     pub login_timeout: Duration,
     /// Linux: a new client connection is handed to pgweir when its first bytes arrive (TCP_DEFER_ACCEPT), saving
-    /// a wakeup per connection; one that sends nothing is handed over after this wait (whole seconds; "0s": off).
+    /// a wakeup per connection; one that sends nothing is handed over after this wait (rounded up to whole
+    /// seconds; "0s": off).
     #[serde(with = "humantime_serde")]
     pub tcp_defer_accept: Duration,
     /// Largest single protocol message accepted from a client or a server (bytes).
