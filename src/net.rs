@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::wire::frame::{header, FrameError};
+use crate::wire::frame::{header, FrameError, HEADER_LEN};
 
 /// A TCP stream, plain or wrapped in TLS (`T` is the client- or server-side TLS stream type).
 #[derive(Debug)]
@@ -147,19 +147,32 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 ) -> Result<BytesMut, ReadFrameError> {
     loop {
         if let Some((_, total)) = header(buf, max_len)? {
-            if buf.len() >= total {
-                return Ok(buf.split_to(total));
+            if !fill(r, buf, total).await? {
+                return Err(ReadFrameError::Closed);
             }
-            buf.reserve(total - buf.len());
-        } else {
-            // Small: logins read a few short messages, and large transient buffers fragment the heap that the
-            // long-lived state of idle sessions lives in.
-            buf.reserve(512);
+            return Ok(buf.split_to(total));
         }
-        if r.read_buf(buf).await? == 0 {
+        if !fill(r, buf, HEADER_LEN).await? {
             return Err(ReadFrameError::Closed);
         }
     }
+}
+
+/// Reads into `buf` until it holds at least `n` bytes; false if the peer closed first. Each read has room for
+/// at least 512 more bytes, so a message that came whole is one read. Small: logins read a few short messages,
+/// and large transient buffers fragment the heap that the long-lived state of idle sessions lives in.
+pub async fn fill<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    n: usize,
+) -> io::Result<bool> {
+    while buf.len() < n {
+        buf.reserve((n - buf.len()).max(512));
+        if r.read_buf(buf).await? == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Ends a connection on which pgweir has had its last word (typically a FATAL ErrorResponse): sends FIN after it,

@@ -177,13 +177,14 @@ async fn attach(
     s: Session,
     peer: SocketAddr,
 ) -> Option<Client> {
-    // AuthenticationOk goes out with the parameters in one write (one packet, one wakeup of the client), unless
-    // something is to be waited for or refused first.
+    // AuthenticationOk waits in `out` to go with the parameters in one write (one packet, one wakeup of the
+    // client); a refusal goes out right after it, and before a wait for a server connection it goes alone.
+    let mut out = BytesMut::with_capacity(128);
+    msg::auth_ok(&mut out);
     let startup = match startup_settings(&s.startup) {
         Ok(v) => v,
         Err(e) => {
-            super::auth_ok(stream).await.ok()?;
-            send_error(stream, &e).await;
+            refuse_after(stream, out, &e).await;
             return None;
         }
     };
@@ -195,12 +196,10 @@ async fn attach(
                 sqlstate::INTERNAL_ERROR,
                 "pgweir could not set up the backend pool",
             );
-            super::auth_ok(stream).await.ok()?;
-            send_error(stream, &e).await;
+            refuse_after(stream, out, &e).await;
             return None;
         }
     };
-    let mut told_ok = false;
     let desired = startup.clone();
     let fake_pid = rand::random::<i32>() & 0x3fff_ffff;
     let key = proxy.cancels.register(fake_pid.max(1), SlotState::Idle);
@@ -214,8 +213,8 @@ async fn attach(
         Some(p) => p,
         None => {
             // The client learns it is in before it waits for a server connection.
-            super::auth_ok(stream).await.ok()?;
-            told_ok = true;
+            write_flush(stream, &out).await.ok()?;
+            out.clear();
             let mut first = checkout_shared(&pool, stream, &s.tenant).await?;
             if let Err(e) = Box::pin(sync(first.conn(), &desired)).await {
                 // A startup parameter the server refuses: as on a direct connection, the login fails.
@@ -234,10 +233,6 @@ async fn attach(
             encoded
         }
     };
-    let mut out = BytesMut::with_capacity(params.len() + 80);
-    if !told_ok {
-        msg::auth_ok(&mut out);
-    }
     out.extend_from_slice(&params);
     if let Some(app) = app_name {
         msg::parameter_status("application_name", app, &mut out);
@@ -625,6 +620,12 @@ async fn read_idle_within(
     tokio::time::timeout(timeout, read_idle(stream, buf, watch))
         .await
         .unwrap_or(IdleRead::TimedOut)
+}
+
+/// Sends what `out` holds (AuthenticationOk) and then the error `e`, in one write.
+async fn refuse_after(stream: &mut ClientStream, mut out: BytesMut, e: &PgError) {
+    out.extend_from_slice(&e.to_bytes());
+    let _ = write_flush(stream, &out).await;
 }
 
 async fn write_flush(stream: &mut ClientStream, out: &[u8]) -> std::io::Result<()> {

@@ -2,7 +2,7 @@
 //! parameters; anything malformed is a protocol violation.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 
 use super::msg::cstr;
 use super::PgError;
@@ -44,8 +44,9 @@ impl StartupMessage {
     }
 }
 
-/// Reads one startup-phase packet (length-prefixed, no tag) through `buf`: returns its body (everything after the
-/// length); bytes after it stay in `buf`. `Ok(None)`: the peer closed before a whole length arrived.
+/// Reads one startup-phase packet (length-prefixed, no tag) through `buf` ([`crate::net::fill`]): returns its
+/// body (everything after the length); bytes after it stay in `buf`. `Ok(None)`: the peer closed before a whole
+/// length arrived.
 ///
 /// Buffered: a packet usually arrives in one read (a client sends it whole and then waits for the answer), and a
 /// read that leaves room clears the socket's readiness, so the wait for the next packet starts without a read
@@ -55,34 +56,22 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
 ) -> Result<Option<BytesMut>, PgError> {
     loop {
-        let len = match buf.get(..4) {
-            Some(l) => {
-                let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
-                if !(8..=MAX_STARTUP_PACKET).contains(&len) {
-                    return Err(PgError::protocol_violation(format!(
-                        "invalid length of startup packet: {len}"
-                    )));
-                }
-                if buf.len() >= len {
-                    let mut packet = buf.split_to(len);
-                    return Ok(Some(packet.split_off(4)));
-                }
-                len
+        if let Some(l) = buf.get(..4) {
+            let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
+            if !(8..=MAX_STARTUP_PACKET).contains(&len) {
+                return Err(PgError::protocol_violation(format!(
+                    "invalid length of startup packet: {len}"
+                )));
             }
-            None => 0,
-        };
-        // Room for the whole packet (usually a few dozen bytes), at least a small read's worth.
-        buf.reserve(len.max(512) - buf.len());
-        match r.read_buf(buf).await {
-            Ok(0) if len == 0 => return Ok(None),
-            Ok(0) => {
-                return Err(PgError::protocol_violation("incomplete startup packet"));
-            }
-            Ok(_) => {}
-            Err(e) if len == 0 => {
-                return Err(PgError::protocol_violation(format!("read error: {e}")))
-            }
-            Err(_) => return Err(PgError::protocol_violation("incomplete startup packet")),
+            return match crate::net::fill(r, buf, len).await {
+                Ok(true) => Ok(Some(buf.split_to(len).split_off(4))),
+                Ok(false) | Err(_) => Err(PgError::protocol_violation("incomplete startup packet")),
+            };
+        }
+        match crate::net::fill(r, buf, 4).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(e) => return Err(PgError::protocol_violation(format!("read error: {e}"))),
         }
     }
 }
