@@ -67,6 +67,36 @@ impl<T: AsyncRead + Unpin> Stream<T> {
     }
 }
 
+/// A writer that may take bytes at once, without a future: a plain TCP write half does (one `send`, or nothing
+/// when the socket is known to be full); a TLS half does not (rustls buffers and needs flushing).
+pub trait WriteNow: AsyncWrite + Unpin {
+    /// What the socket took now; `None` when this writer has no such write.
+    fn write_now(&mut self, _bytes: &[u8]) -> Option<io::Result<usize>> {
+        None
+    }
+}
+
+impl WriteNow for tokio::net::tcp::WriteHalf<'_> {
+    fn write_now(&mut self, bytes: &[u8]) -> Option<io::Result<usize>> {
+        Some(self.as_ref().try_write(bytes))
+    }
+}
+
+impl<T: AsyncWrite> WriteNow for tokio::io::WriteHalf<T> {}
+
+/// Writes all of `bytes` and flushes: at once when the socket takes them (the usual case for a plain connection:
+/// no write future and no flush), else the rest through `write_all`.
+pub async fn write_out<W: WriteNow>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    let rest = match w.write_now(bytes) {
+        Some(Ok(n)) if n == bytes.len() => return Ok(()),
+        Some(Ok(n)) => &bytes[n..],
+        Some(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+        _ => bytes,
+    };
+    w.write_all(rest).await?;
+    w.flush().await
+}
+
 pub type ClientStream = Stream<tokio_rustls::server::TlsStream<TcpStream>>;
 pub type ServerStream = Stream<tokio_rustls::client::TlsStream<TcpStream>>;
 

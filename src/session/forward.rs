@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::backend::ServerConn;
 use crate::net::{ClientStream, Stream};
@@ -473,9 +473,9 @@ impl Pumps<'_, '_> {
     ) -> EndReason
     where
         CR: AsyncRead + Unpin,
-        CW: AsyncWrite + Unpin,
+        CW: crate::net::WriteNow,
         SR: AsyncRead + Unpin,
-        SW: AsyncWrite + Unpin,
+        SW: crate::net::WriteNow,
     {
         // Biased: no random draw per wakeup. Neither pump starves the other: each returns only at the end of the
         // run, and tokio's cooperative budget makes a busy one yield. The server's pump first: most wakeups during
@@ -520,7 +520,7 @@ async fn client_to_server<R, W>(
 ) -> EndReason
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: crate::net::WriteNow,
 {
     let txn = shared.mode.follows_state();
     let rewrite = shared.rewriter.is_some();
@@ -770,7 +770,7 @@ where
                 out.extend_from_slice(&buf[..scan.forward]);
                 &out[..]
             };
-            if w.write_all(bytes).await.is_err() || w.flush().await.is_err() {
+            if crate::net::write_out(w, bytes).await.is_err() {
                 return EndReason::ServerGone;
             }
             out.clear();
@@ -1146,7 +1146,7 @@ async fn server_to_client<R, W>(
 ) -> EndReason
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: crate::net::WriteNow,
 {
     let rewrite = shared.rewriter.is_some();
     let timeouts = shared.limits.query_timeout.is_some();
@@ -1358,7 +1358,7 @@ where
                 out.extend_from_slice(&scanned);
                 &out[..]
             };
-            if w.write_all(bytes).await.is_err() || w.flush().await.is_err() {
+            if crate::net::write_out(w, bytes).await.is_err() {
                 return EndReason::ClientGone;
             }
             out.clear();
