@@ -231,11 +231,9 @@ impl ClientStatements {
             return None;
         }
         let sql = buf.get(5..total)?.strip_suffix(&[0])?;
-        // Cheap test first: most Queries are not this.
-        if !sql
-            .trim_ascii_start()
-            .get(..10)?
-            .eq_ignore_ascii_case(b"deallocate")
+        // Cheap tests first: most Queries are not this (the first byte of the usual one already says so).
+        let sql = sql.trim_ascii_start();
+        if !matches!(sql.first(), Some(b'd' | b'D')) || !sql.get(..10)?.eq_ignore_ascii_case(b"deallocate")
         {
             return None;
         }
@@ -375,6 +373,10 @@ const KEPT_QUEUE: usize = 64;
 
 impl Drop for Rewriter<'_> {
     fn drop(&mut self) {
+        if self.pending.capacity() == 0 {
+            // Nothing was ever queued on this connection: nothing to keep or free.
+            return;
+        }
         let mut queue = std::mem::take(&mut self.pending);
         if queue.capacity() <= KEPT_QUEUE {
             queue.clear();

@@ -83,6 +83,8 @@ pub struct Facts {
     pub findings: Box<[Finding]>,
     /// The text with literals removed (what statistics and logs show).
     pub fingerprint: std::sync::Arc<str>,
+    /// [`fingerprint_hash`] of `fingerprint`, computed once (statistics are kept by fingerprint per request).
+    pub fingerprint_hash: u64,
     /// The verdict material is the same for every text with this fingerprint: no setting, role, file or body
     /// whose literal content matters, nothing unparsed. Such facts are cached by fingerprint, so a query repeated
     /// with other literal values is not parsed again.
@@ -101,6 +103,7 @@ impl Facts {
             statements: 1,
             findings: Box::new([]),
             fingerprint: "(not UTF-8)".into(),
+            fingerprint_hash: fingerprint_hash("(not UTF-8)"),
             literal_independent: false,
             may_have_effects: true,
         }
@@ -153,14 +156,22 @@ pub fn analyze(sql: &str) -> Facts {
         && findings
             .iter()
             .all(|f| matches!(f, Finding::Function(_) | Finding::OtherDatabase(_)));
+    let fingerprint = sqlscan::fingerprint(sql, FINGERPRINT_MAX);
     Facts {
         classes,
         statements: statements.len() as u32,
         findings: findings.into_boxed_slice(),
-        fingerprint: sqlscan::fingerprint(sql, FINGERPRINT_MAX).into(),
+        fingerprint_hash: fingerprint_hash(&fingerprint),
+        fingerprint: fingerprint.into(),
         literal_independent,
         may_have_effects: sqlscan::may_have_effects(sql.as_bytes()),
     }
+}
+
+/// The hash statement statistics are kept under: the same for equal texts, in every thread and session.
+pub fn fingerprint_hash(fingerprint: &str) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x7765_6972).hash_one(fingerprint)
 }
 
 /// Classes and findings of one statement.

@@ -32,9 +32,39 @@ pub struct TenantState {
     refusals: Mutex<RefusalLog>,
     /// Unparsable statements forwarded (policy `open`).
     unparsed: AtomicU64,
-    /// Per-statement statistics by fingerprint.
-    statements:
-        Mutex<std::collections::HashMap<Arc<str>, StatementStats, foldhash::quality::RandomState>>,
+    /// Per-statement statistics by [`crate::policy::classify::fingerprint_hash`]: a request is counted without
+    /// hashing its text again, and the text is compared by pointer first (the facts of a repeated statement share
+    /// their fingerprint).
+    statements: Mutex<std::collections::HashMap<u64, (Arc<str>, StatementStats), KeyHash>>,
+}
+
+/// Hashes a map key that is already a hash.
+#[derive(Debug, Default, Clone, Copy)]
+struct KeyHash;
+
+impl std::hash::BuildHasher for KeyHash {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(0)
+    }
+}
+
+#[derive(Debug)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used (the keys are u64); anything else still hashes.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// Calls, time and rows of one statement fingerprint (like pg_stat_statements, across the proxy).
@@ -98,22 +128,26 @@ impl TenantState {
         }
     }
 
-    /// Records one executed request of a statement fingerprint.
-    pub fn record_statement(&self, fingerprint: &Arc<str>, micros: u64, rows: u64) {
+    /// Records one executed request of a statement fingerprint (`hash`: its
+    /// [`crate::policy::classify::fingerprint_hash`]).
+    pub fn record_statement(&self, fingerprint: &Arc<str>, hash: u64, micros: u64, rows: u64) {
         let mut m = self.statements.lock().unwrap_or_else(|p| p.into_inner());
         // The usual case, a statement already counted: one lookup.
-        if let Some(e) = m.get_mut(fingerprint) {
-            e.calls += 1;
-            e.total_us += micros;
-            e.rows += rows;
-            return;
-        }
-        let key = if m.len() < MAX_STATEMENTS {
-            fingerprint.clone()
-        } else {
-            Arc::from(OTHER_STATEMENTS)
+        let e = match m.get_mut(&hash) {
+            Some((text, e)) if Arc::ptr_eq(text, fingerprint) || **text == **fingerprint => e,
+            found => {
+                // Another text with the same 64-bit hash (not expected to happen) counts with the rest.
+                let (text, hash) = if found.is_none() && m.len() < MAX_STATEMENTS {
+                    (fingerprint.clone(), hash)
+                } else {
+                    (
+                        Arc::from(OTHER_STATEMENTS),
+                        crate::policy::classify::fingerprint_hash(OTHER_STATEMENTS),
+                    )
+                };
+                &mut m.entry(hash).or_insert_with(|| (text, Default::default())).1
+            }
         };
-        let e = m.entry(key).or_default();
         e.calls += 1;
         e.total_us += micros;
         e.rows += rows;
@@ -123,7 +157,7 @@ impl TenantState {
     pub fn top_statements(&self, n: usize) -> Vec<(Arc<str>, StatementStats)> {
         let m = self.statements.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<(Arc<str>, StatementStats)> =
-            m.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            m.values().map(|(k, v)| (k.clone(), *v)).collect();
         v.sort_by_key(|(_, st)| std::cmp::Reverse(st.total_us));
         v.truncate(n);
         v
@@ -414,5 +448,35 @@ mod tests {
         assert!(t.connect().is_none());
         drop(a);
         assert!(t.connect().is_some());
+    }
+
+    #[test]
+    fn statements_count_by_text_and_overflow_into_one_row() {
+        use crate::policy::classify::fingerprint_hash;
+        let t = TenantState::new(Arc::new(Plan::default()));
+        let record = |text: &str, us| {
+            // A new Arc each time: equal texts from other sessions' facts count together.
+            let text: Arc<str> = text.into();
+            t.record_statement(&text, fingerprint_hash(&text), us, 1);
+        };
+        record("SELECT ?", 10);
+        record("SELECT ?", 30);
+        record("UPDATE t SET a = ?", 5);
+        let top = t.top_statements(5);
+        assert_eq!(top.len(), 2);
+        assert_eq!(&*top[0].0, "SELECT ?");
+        assert_eq!((top[0].1.calls, top[0].1.total_us, top[0].1.rows), (2, 40, 2));
+        assert_eq!((top[1].1.calls, top[1].1.total_us), (1, 5));
+        for i in 0..MAX_STATEMENTS {
+            record(&format!("SELECT {i}"), 1);
+        }
+        record("SELECT ?", 1);
+        let all = t.top_statements(usize::MAX);
+        assert_eq!(all.len(), MAX_STATEMENTS + 1);
+        let other = all.iter().find(|(k, _)| &**k == OTHER_STATEMENTS);
+        // 2 + 998 texts fill the map; the last two new ones count as one row beyond it.
+        assert_eq!(other.map(|(_, s)| s.calls), Some(2));
+        let select = all.iter().find(|(k, _)| &**k == "SELECT ?");
+        assert_eq!(select.map(|(_, s)| s.calls), Some(3));
     }
 }

@@ -207,7 +207,7 @@ struct Shared<'a> {
     bytes_out: AtomicU64,
     /// Refused statements whose stand-in has gone to the server: (number of the ReadyForQuery that ends the
     /// request, the error the client gets instead of the stand-in's).
-    refusals: Mutex<std::collections::VecDeque<(u64, bytes::Bytes)>>,
+    refusals: Mutex<Fifo<(u64, bytes::Bytes)>>,
     refusals_pending: AtomicBool,
     /// Statement statistics: (request number, statement facts, µs since `started` when it went to the server).
     stmt_pending: Mutex<Fifo<(u64, Arc<crate::policy::Facts>, u64)>>,
@@ -304,14 +304,15 @@ impl<'r> Shared<'r> {
 #[derive(Debug)]
 pub struct Fifo<T> {
     first: Option<T>,
-    rest: std::collections::VecDeque<T>,
+    /// Only made once a second element is queued: an unused one costs nothing to drop either.
+    rest: Option<std::collections::VecDeque<T>>,
 }
 
 impl<T> Default for Fifo<T> {
     fn default() -> Self {
         Fifo {
             first: None,
-            rest: Default::default(),
+            rest: None,
         }
     }
 }
@@ -321,7 +322,7 @@ impl<T> Fifo<T> {
         if self.first.is_none() {
             self.first = Some(v);
         } else {
-            self.rest.push_back(v);
+            self.rest.get_or_insert_default().push_back(v);
         }
     }
 
@@ -329,9 +330,13 @@ impl<T> Fifo<T> {
         self.first.as_ref()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
     pub fn pop_front(&mut self) -> Option<T> {
         let v = self.first.take();
-        self.first = self.rest.pop_front();
+        self.first = self.rest.as_mut().and_then(|r| r.pop_front());
         v
     }
 }
@@ -1245,6 +1250,7 @@ where
                                     drop(q);
                                     p.state.record_statement(
                                         &facts.fingerprint,
+                                        facts.fingerprint_hash,
                                         now_us.saturating_sub(start),
                                         rows,
                                     );
