@@ -606,10 +606,12 @@ impl Pool {
 
     fn take_idle(&self, startup: &StartupParams, shared: bool) -> Option<Box<ServerConn>> {
         let mut idle = self.idle();
-        // Most recently used first: its caches are warm.
-        let i = idle
-            .iter()
-            .rposition(|c| c.shared == shared && c.startup == *startup)?;
+        let fits = |c: &ServerConn| c.shared == shared && c.startup == *startup;
+        // Most recently used first: its caches are warm. That is the last one, in the usual case.
+        if fits(idle.back()?) {
+            return idle.pop_back();
+        }
+        let i = idle.iter().rposition(|c| fits(c))?;
         idle.remove(i)
     }
 
@@ -633,8 +635,11 @@ impl Pool {
 
     fn put_idle(&self, mut conn: Box<ServerConn>, now: Instant) {
         // Unread bytes on a connection about to idle mean it is not where pgweir thinks it is: never reuse it.
-        if now.saturating_duration_since(conn.created) >= self.cfg.max_lifetime
-            || !conn.buf.is_empty()
+        if !conn.buf.is_empty()
+            || conn
+                .created
+                .checked_add(self.cfg.max_lifetime)
+                .is_some_and(|end| now >= end)
         {
             self.close(conn);
             return;

@@ -1299,7 +1299,7 @@ where
                 Ok(Verdict::Forward)
             },
         );
-        let scan = match scan {
+        let mut scan = match scan {
             Ok(s) => s,
             Err(e) => return EndReason::ServerProtocol(e),
         };
@@ -1352,6 +1352,20 @@ where
             }
             buf.advance(scan.forward + total);
             continue;
+        }
+        if out.is_empty() && scan.forward > 0 {
+            // The usual case: the socket takes the scanned bytes at once (no await: nothing can be left half
+            // done), and they leave the buffer without a split.
+            match w.write_now(&buf[..scan.forward]) {
+                Some(Ok(n)) => {
+                    buf.advance(n);
+                    scan.forward -= n;
+                }
+                Some(Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => {
+                    return EndReason::ClientGone
+                }
+                _ => {}
+            }
         }
         if scan.forward > 0 || !out.is_empty() {
             // Take the scanned bytes out of the server connection's buffer before writing: if the write fails or
