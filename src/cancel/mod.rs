@@ -62,46 +62,58 @@ impl CancelSlot {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies `f` to the state once no cancel is being forwarded (at once, without waiting, in the usual case).
-    async fn update<R>(&self, f: impl FnOnce(&mut SlotState) -> R) -> R {
-        {
-            let mut g = self.lock();
-            if !g.forwarding {
-                return f(&mut g.state);
-            }
+    /// Applies `f` to the state now, unless a cancel is being forwarded (then `f` is given back).
+    #[inline]
+    fn try_update<R, F: FnOnce(&mut SlotState) -> R>(&self, f: F) -> Result<R, F> {
+        let mut g = self.lock();
+        if g.forwarding {
+            return Err(f);
         }
+        Ok(f(&mut g.state))
+    }
+
+    /// Applies `f` to the state once no cancel is being forwarded (at once, without waiting, in the usual case;
+    /// the per-transaction callers try [`CancelSlot::try_update`] first, so that no future is made for it).
+    async fn update<R>(&self, f: impl FnOnce(&mut SlotState) -> R) -> R {
+        let mut f = match self.try_update(f) {
+            Ok(r) => return r,
+            Err(f) => f,
+        };
         loop {
             // Registered before the flag is read again: the end of the forwarding is not missed.
             let woken = self.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            {
-                let mut g = self.lock();
-                if !g.forwarding {
-                    return f(&mut g.state);
-                }
-            }
+            f = match self.try_update(f) {
+                Ok(r) => return r,
+                Err(f) => f,
+            };
             woken.await;
         }
     }
 
     /// Sets the slot. Waits while a cancel for the previous state is being forwarded.
     pub async fn set(&self, state: SlotState) {
-        self.update(|s| *s = state).await
+        if let Err(f) = self.try_update(|s| *s = state) {
+            self.update(f).await
+        }
     }
 
     /// Links the slot to `target` unless a cancel arrived while waiting (then the flag is reset and false returned),
     /// in one step, so that no cancel falls between the check and the link.
     pub async fn link_unless_cancelled(&self, target: Arc<CancelTarget>) -> bool {
-        self.update(|s| {
+        let link = |s: &mut SlotState| {
             if let SlotState::Waiting { cancelled: true } = s {
                 *s = SlotState::Waiting { cancelled: false };
                 return false;
             }
             *s = SlotState::Linked(target);
             true
-        })
-        .await
+        };
+        match self.try_update(link) {
+            Ok(linked) => linked,
+            Err(link) => self.update(link).await,
+        }
     }
 
     /// Completes when a cancel may have arrived for the waiting request (see [`CancelSlot::take_cancelled`]).
