@@ -107,7 +107,9 @@ impl Registry {
 #[derive(Debug, Default)]
 struct NameMap(Option<Box<Names>>);
 
-type Names = HashMap<Box<[u8]>, Arc<Statement>>;
+/// foldhash's quality hasher (keyed per process): the names are the client's, and SipHash cost more per Bind than
+/// the rest of its rewriting.
+type Names = HashMap<Box<[u8]>, Arc<Statement>, foldhash::quality::RandomState>;
 
 impl NameMap {
     fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
@@ -258,7 +260,8 @@ impl ClientStatements {
 /// The statements a server connection has prepared (by id), with a use counter for LRU eviction.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    used: HashMap<u64, u64>,
+    /// Keyed by pgweir's own statement ids.
+    used: HashMap<u64, u64, foldhash::fast::RandomState>,
     tick: u64,
     /// The reply queue of the runs on this connection, kept between them (empty): a run over the extended protocol
     /// then queues without allocating.
@@ -745,11 +748,15 @@ impl ServerName {
         4 + digits
     }
 
-    /// Writes the name and its NUL.
+    /// Writes the name and its NUL (`pgw_` and the id in lowercase hex, without a formatter: once per Bind).
     fn put(self, out: &mut BytesMut) {
-        use std::fmt::Write;
-        let _ = write!(out, "pgw_{:x}", self.0);
-        out.put_u8(0);
+        let mut name = [0u8; 4 + 16 + 1];
+        name[..4].copy_from_slice(b"pgw_");
+        let len = self.len();
+        for (i, b) in name[4..len].iter_mut().rev().enumerate() {
+            *b = b"0123456789abcdef"[((self.0 >> (4 * i)) & 0xf) as usize];
+        }
+        out.put_slice(&name[..len + 1]);
     }
 }
 
@@ -836,7 +843,7 @@ mod tests {
 
     #[test]
     fn server_names_are_well_formed() {
-        for id in [0u64, 1, 15, 16, 255, 256, u64::MAX] {
+        for id in [0u64, 1, 15, 16, 255, 256, 0xdead_beef, 1 << 60, u64::MAX] {
             let mut out = BytesMut::new();
             ServerName(id).put(&mut out);
             assert_eq!(out.len(), ServerName(id).len() + 1, "{id}");

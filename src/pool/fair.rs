@@ -27,7 +27,7 @@ struct State {
     in_use: usize,
     /// Virtual time: the start tag of the last grant.
     vtime: f64,
-    tenants: HashMap<String, Queue>,
+    tenants: HashMap<String, Queue, foldhash::fast::RandomState>,
     /// Waiters over all tenants.
     waiting: usize,
 }

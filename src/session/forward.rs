@@ -543,8 +543,11 @@ where
     // Without the rewriter (session mode), the client's named statements by name, for the statistics of the
     // Binds that use them.
     let named_stats = policy.is_some() && !rewrite;
-    let mut named: std::collections::HashMap<Vec<u8>, Arc<crate::policy::Facts>> =
-        Default::default();
+    let mut named: std::collections::HashMap<
+        Vec<u8>,
+        Arc<crate::policy::Facts>,
+        foldhash::quality::RandomState,
+    > = Default::default();
     loop {
         let mut replaced = false;
         let mut wait = false;
