@@ -235,7 +235,8 @@ impl ClientStatements {
         let sql = buf.get(5..total)?.strip_suffix(&[0])?;
         // Cheap tests first: most Queries are not this (the first byte of the usual one already says so).
         let sql = sql.trim_ascii_start();
-        if !matches!(sql.first(), Some(b'd' | b'D')) || !sql.get(..10)?.eq_ignore_ascii_case(b"deallocate")
+        if !matches!(sql.first(), Some(b'd' | b'D'))
+            || !sql.get(..10)?.eq_ignore_ascii_case(b"deallocate")
         {
             return None;
         }

@@ -145,7 +145,10 @@ impl TenantState {
                         crate::policy::classify::fingerprint_hash(OTHER_STATEMENTS),
                     )
                 };
-                &mut m.entry(hash).or_insert_with(|| (text, Default::default())).1
+                &mut m
+                    .entry(hash)
+                    .or_insert_with(|| (text, Default::default()))
+                    .1
             }
         };
         e.calls += 1;
@@ -465,7 +468,10 @@ mod tests {
         let top = t.top_statements(5);
         assert_eq!(top.len(), 2);
         assert_eq!(&*top[0].0, "SELECT ?");
-        assert_eq!((top[0].1.calls, top[0].1.total_us, top[0].1.rows), (2, 40, 2));
+        assert_eq!(
+            (top[0].1.calls, top[0].1.total_us, top[0].1.rows),
+            (2, 40, 2)
+        );
         assert_eq!((top[1].1.calls, top[1].1.total_us), (1, 5));
         for i in 0..MAX_STATEMENTS {
             record(&format!("SELECT {i}"), 1);

@@ -37,7 +37,8 @@ const CACHE_MAX_TEXT: usize = 64 * 1024;
 
 /// Set in the classifier id of the front-cache entries keyed by a text's shape ([`crate::sqlscan::number_shape`]).
 const SHAPES: u64 = 1 << 63;
-/// Slots of each thread's front cache (direct-mapped).
+/// Slots of each thread's front cache (two-way set-associative: two statements an application alternates
+/// between do not evict each other when their hashes meet).
 const LOCAL_SLOTS: usize = 256;
 /// Longer keys are not kept in the front cache.
 const LOCAL_MAX_KEY: usize = 2048;
@@ -50,22 +51,45 @@ struct LocalEntry {
     facts: Arc<Facts>,
 }
 
+impl LocalEntry {
+    fn is(&self, classifier: u64, h: u64, key: &[u8]) -> bool {
+        self.hash == h && self.classifier == classifier && *self.key == *key
+    }
+}
+
 thread_local! {
-    /// The front cache of this thread: the keys it looked up last, one per slot. A hit costs a slot read and a
-    /// comparison, no shared-cache bookkeeping (moka records each read and reads the clock). Entries are
-    /// copies of shared-cache entries, whose facts never change (they are a function of the key).
+    /// The front cache of this thread: the keys it looked up last, two per set, the more recent first. A hit
+    /// costs a slot read or two and a comparison, no shared-cache bookkeeping (moka records each read and reads
+    /// the clock). Entries are copies of shared-cache entries, whose facts never change (they are a function of
+    /// the key).
     static LOCAL: std::cell::RefCell<Vec<Option<LocalEntry>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The first slot of the set of hash `h` (the callers' hashes have their lowest bit set: it is not used).
+fn local_set(h: u64) -> usize {
+    ((h >> 1) as usize % (LOCAL_SLOTS / 2)) * 2
 }
 
 /// Looks `key` (hash `h`) up in this thread's front cache.
 fn local_get(classifier: u64, h: u64, key: &[u8]) -> Option<Arc<Facts>> {
-    LOCAL.with_borrow(|slots| {
-        let e = slots.get((h as usize) % LOCAL_SLOTS)?.as_ref()?;
-        (e.hash == h && e.classifier == classifier && *e.key == *key).then(|| e.facts.clone())
+    LOCAL.with_borrow_mut(|slots| {
+        let set = local_set(h);
+        let pair = slots.get_mut(set..set + 2)?;
+        if let Some(e) = pair[0].as_ref().filter(|e| e.is(classifier, h, key)) {
+            return Some(e.facts.clone());
+        }
+        let found = pair[1]
+            .as_ref()
+            .filter(|e| e.is(classifier, h, key))?
+            .facts
+            .clone();
+        // Now the more recent of the two.
+        pair.swap(0, 1);
+        Some(found)
     })
 }
 
-/// Keeps `key` → `facts` in this thread's front cache (replacing what its slot held).
+/// Keeps `key` → `facts` in this thread's front cache, as the more recent entry of its set (the older one goes).
 fn local_put(classifier: u64, h: u64, key: &[u8], facts: &Arc<Facts>) {
     if key.len() > LOCAL_MAX_KEY {
         return;
@@ -74,18 +98,27 @@ fn local_put(classifier: u64, h: u64, key: &[u8], facts: &Arc<Facts>) {
         if slots.is_empty() {
             slots.resize_with(LOCAL_SLOTS, || None);
         }
-        slots[(h as usize) % LOCAL_SLOTS] = Some(LocalEntry {
+        let set = local_set(h);
+        let entry = Some(LocalEntry {
             classifier,
             hash: h,
             key: key.into(),
             facts: facts.clone(),
         });
+        if slots[set]
+            .as_ref()
+            .is_some_and(|e| e.is(classifier, h, key))
+        {
+            slots[set] = entry;
+        } else {
+            slots[set + 1] = std::mem::replace(&mut slots[set], entry);
+        }
     })
 }
 
 /// The statement cache: text → [`Facts`], shared by all tenants (facts do not depend on the tenant).
 ///
-/// In front of it, each thread keeps the entries it used last ([`LOCAL_SLOTS`], direct-mapped): a hot statement
+/// In front of it, each thread keeps the entries it used last ([`LOCAL_SLOTS`], two-way): a hot statement
 /// (the few shapes an application sends again and again) is found there.
 pub struct Classifier {
     /// Tells this classifier's entries in the threads' front caches from another's (tests make several).

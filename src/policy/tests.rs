@@ -298,3 +298,38 @@ fn parse_texts_are_found_by_their_exact_text_first_with_the_same_facts() {
         &c.parsed_facts(b"SET work_mem = 1024")
     ));
 }
+
+#[test]
+fn the_front_cache_keeps_two_statements_whose_hashes_meet() {
+    let facts = |sql: &str| Arc::new(classify::analyze(sql));
+    let (a, b, c) = (
+        facts("SELECT 1"),
+        facts("UPDATE t SET a = 1"),
+        facts("BEGIN"),
+    );
+    // Three hashes of one set (their lowest bit is set, as the callers' are).
+    let step = (LOCAL_SLOTS as u64 / 2) << 1;
+    let (ha, hb, hc) = (0x51, 0x51 + step, 0x51 + 2 * step);
+    assert_eq!(local_set(ha), local_set(hb));
+    assert_eq!(local_set(ha), local_set(hc));
+    let id = 0x7e57_0001;
+    local_put(id, ha, b"a", &a);
+    local_put(id, hb, b"b", &b);
+    let got = |h, k: &[u8]| local_get(id, h, k).map(|f| f.classes);
+    assert_eq!(
+        got(ha, b"a"),
+        Some(a.classes),
+        "alternating statements both stay"
+    );
+    assert_eq!(got(hb, b"b"), Some(b.classes));
+    // `b` was used last: a third statement of the set evicts `a`.
+    assert_eq!(got(ha, b"a"), Some(a.classes));
+    assert_eq!(got(hb, b"b"), Some(b.classes));
+    local_put(id, hc, b"c", &c);
+    assert_eq!(got(ha, b"a"), None);
+    assert_eq!(got(hb, b"b"), Some(b.classes));
+    assert_eq!(got(hc, b"c"), Some(c.classes));
+    // The key is compared, not only the hash; another classifier's entries are not this one's.
+    assert_eq!(got(hc, b"x"), None);
+    assert_eq!(local_get(id + 1, hc, b"c").map(|f| f.classes), None);
+}

@@ -200,7 +200,10 @@ mod tests {
         let g = gate.clone();
         let pausing = tokio::spawn(async move { g.pause(Duration::from_millis(50)).await });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let locked = gate.pass(Duration::from_secs(5)).await.expect("pass after the pause gave up");
+        let locked = gate
+            .pass(Duration::from_secs(5))
+            .await
+            .expect("pass after the pause gave up");
         assert!(matches!(locked, GatePass::Locked { .. }));
         assert!(pausing.await.unwrap().is_err());
         drop(counted);
@@ -253,7 +256,10 @@ mod tests {
         for w in workers {
             total += w.await.unwrap();
         }
-        assert!(total > 50, "the workers got passes between pauses ({total})");
+        assert!(
+            total > 50,
+            "the workers got passes between pauses ({total})"
+        );
     }
 
     #[tokio::test]
