@@ -84,16 +84,23 @@ impl WriteNow for tokio::net::tcp::WriteHalf<'_> {
 
 impl<T: AsyncWrite> WriteNow for tokio::io::WriteHalf<T> {}
 
+/// How much of `bytes` the writer takes now: 0 when the socket takes nothing now, or the writer has no such write.
+pub fn write_some_now<W: WriteNow>(w: &mut W, bytes: &[u8]) -> io::Result<usize> {
+    match w.write_now(bytes) {
+        Some(Ok(n)) => Ok(n),
+        Some(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+        _ => Ok(0),
+    }
+}
+
 /// Writes all of `bytes` and flushes: at once when the socket takes them (the usual case for a plain connection:
 /// no write future and no flush), else the rest through `write_all`.
 pub async fn write_out<W: WriteNow>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
-    let rest = match w.write_now(bytes) {
-        Some(Ok(n)) if n == bytes.len() => return Ok(()),
-        Some(Ok(n)) => &bytes[n..],
-        Some(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
-        _ => bytes,
-    };
-    w.write_all(rest).await?;
+    let n = write_some_now(w, bytes)?;
+    if n == bytes.len() {
+        return Ok(());
+    }
+    w.write_all(&bytes[n..]).await?;
     w.flush().await
 }
 
@@ -280,6 +287,32 @@ mod tests {
         drop(peer);
         s.readable().await;
         assert_eq!(s.read_now(&mut buf)?, Some(0));
+        Ok(())
+    }
+
+    /// More than the socket takes at once: the part written at once and the rest written by the future arrive
+    /// whole and in order.
+    #[tokio::test]
+    async fn write_out_sends_what_the_socket_did_not_take_at_once() -> io::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut peer = TcpStream::connect(listener.local_addr()?).await?;
+        let mut s = listener.accept().await?.0;
+        let data: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.map(|_| got)
+        });
+        {
+            let (_, mut w) = s.split();
+            // A first write the socket takes whole, then one far larger than its buffers.
+            write_out(&mut w, &data[..100]).await?;
+            assert!(write_some_now(&mut w, &[]).is_ok());
+            write_out(&mut w, &data[100..]).await?;
+        }
+        s.shutdown().await?;
+        let got = reader.await.map_err(io::Error::other)??;
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "bytes arrived changed or out of order");
         Ok(())
     }
 }

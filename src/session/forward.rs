@@ -1359,16 +1359,11 @@ where
         if out.is_empty() && scan.forward > 0 {
             // The usual case: the socket takes the scanned bytes at once (no await: nothing can be left half
             // done), and they leave the buffer without a split.
-            match w.write_now(&buf[..scan.forward]) {
-                Some(Ok(n)) => {
-                    buf.advance(n);
-                    scan.forward -= n;
-                }
-                Some(Err(e)) if e.kind() != std::io::ErrorKind::WouldBlock => {
-                    return EndReason::ClientGone
-                }
-                _ => {}
-            }
+            let Ok(n) = crate::net::write_some_now(w, &buf[..scan.forward]) else {
+                return EndReason::ClientGone;
+            };
+            buf.advance(n);
+            scan.forward -= n;
         }
         if scan.forward > 0 || !out.is_empty() {
             // Take the scanned bytes out of the server connection's buffer before writing: if the write fails or
