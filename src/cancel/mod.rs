@@ -72,13 +72,10 @@ impl CancelSlot {
         Ok(f(&mut g.state))
     }
 
-    /// Applies `f` to the state once no cancel is being forwarded (at once, without waiting, in the usual case;
-    /// the per-transaction callers try [`CancelSlot::try_update`] first, so that no future is made for it).
-    async fn update<R>(&self, f: impl FnOnce(&mut SlotState) -> R) -> R {
-        let mut f = match self.try_update(f) {
-            Ok(r) => return r,
-            Err(f) => f,
-        };
+    /// Applies `f` to the state once the cancel being forwarded is delivered. Only for what
+    /// [`CancelSlot::try_update`] gave back: the usual case makes no future at all.
+    async fn update_after_forwarding<R>(&self, f: impl FnOnce(&mut SlotState) -> R) -> R {
+        let mut f = f;
         loop {
             // Registered before the flag is read again: the end of the forwarding is not missed.
             let woken = self.wake.notified();
@@ -95,7 +92,7 @@ impl CancelSlot {
     /// Sets the slot. Waits while a cancel for the previous state is being forwarded.
     pub async fn set(&self, state: SlotState) {
         if let Err(f) = self.try_update(|s| *s = state) {
-            self.update(f).await
+            self.update_after_forwarding(f).await
         }
     }
 
@@ -112,7 +109,7 @@ impl CancelSlot {
         };
         match self.try_update(link) {
             Ok(linked) => linked,
-            Err(link) => self.update(link).await,
+            Err(link) => self.update_after_forwarding(link).await,
         }
     }
 
@@ -130,11 +127,14 @@ impl CancelSlot {
 
     /// True if a cancel arrived while waiting; resets the flag.
     pub async fn take_cancelled(&self) -> bool {
-        self.update(|s| match s {
+        let take = |s: &mut SlotState| match s {
             SlotState::Waiting { cancelled } => std::mem::take(cancelled),
             _ => false,
-        })
-        .await
+        };
+        match self.try_update(take) {
+            Ok(taken) => taken,
+            Err(take) => self.update_after_forwarding(take).await,
+        }
     }
 }
 

@@ -35,36 +35,9 @@ pub struct TenantState {
     /// Per-statement statistics by [`crate::policy::classify::fingerprint_hash`]: a request is counted without
     /// hashing its text again, and the text is compared by pointer first (the facts of a repeated statement share
     /// their fingerprint).
-    statements: Mutex<std::collections::HashMap<u64, (Arc<str>, StatementStats), KeyHash>>,
-}
-
-/// Hashes a map key that is already a hash.
-#[derive(Debug, Default, Clone, Copy)]
-struct KeyHash;
-
-impl std::hash::BuildHasher for KeyHash {
-    type Hasher = KeyHasher;
-    fn build_hasher(&self) -> KeyHasher {
-        KeyHasher(0)
-    }
-}
-
-#[derive(Debug)]
-struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used (the keys are u64); anything else still hashes.
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
+    statements: Mutex<
+        std::collections::HashMap<u64, (Arc<str>, StatementStats), foldhash::fast::RandomState>,
+    >,
 }
 
 /// Calls, time and rows of one statement fingerprint (like pg_stat_statements, across the proxy).

@@ -192,7 +192,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_pause_waits_for_counted_and_locked_passes_alike() {
+    async fn a_pause_waits_for_counted_and_locked_passes_alike(
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let gate = Arc::new(Gate::default());
         let counted = gate.try_pass().expect("open gate");
         assert!(matches!(counted, GatePass::Counted(_)));
@@ -205,22 +206,23 @@ mod tests {
             .await
             .expect("pass after the pause gave up");
         assert!(matches!(locked, GatePass::Locked { .. }));
-        assert!(pausing.await.unwrap().is_err());
+        assert!(pausing.await?.is_err());
         drop(counted);
         let g = gate.clone();
         let pausing = tokio::spawn(async move { g.pause(Duration::from_secs(5)).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!pausing.is_finished(), "the locked pass is still out");
         drop(locked);
-        assert!(pausing.await.unwrap().is_ok());
+        assert!(pausing.await?.is_ok());
         assert!(gate.try_pass().is_none());
         gate.resume();
         assert!(gate.try_pass().is_some());
+        Ok(())
     }
 
     /// Many checkouts on several threads against repeated pauses: while a pause holds, no pass is out.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn no_pass_is_out_while_paused() {
+    async fn no_pass_is_out_while_paused() -> Result<(), Box<dyn std::error::Error>> {
         use std::sync::atomic::AtomicUsize;
         let gate = Arc::new(Gate::default());
         let out = Arc::new(AtomicUsize::new(0));
@@ -254,12 +256,13 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         let mut total = 0;
         for w in workers {
-            total += w.await.unwrap();
+            total += w.await?;
         }
         assert!(
             total > 50,
             "the workers got passes between pauses ({total})"
         );
+        Ok(())
     }
 
     #[tokio::test]

@@ -116,10 +116,9 @@ enum Next {
 pub(super) async fn run(
     proxy: &Arc<Proxy>,
     stream: &mut ClientStream,
-    s: Box<Session>,
+    mut s: Box<Session>,
     peer: &SocketAddr,
 ) -> bool {
-    let mut s = s;
     // A request the client sent before the login was answered starts the loop.
     let mut buf = std::mem::take(&mut s.early);
     let Some(mut c) = crate::boxed(|| attach(proxy, stream, super::unbox(s), *peer)).await else {

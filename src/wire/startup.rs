@@ -1,7 +1,7 @@
 //! Startup-phase packets: they have no tag, only a length and a 32-bit code. Bounded in size and in the number of
 //! parameters; anything malformed is a protocol violation.
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::AsyncRead;
 
 use super::msg::cstr;
@@ -55,24 +55,24 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
 ) -> Result<Option<BytesMut>, PgError> {
-    loop {
-        if let Some(l) = buf.get(..4) {
-            let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
-            if !(8..=MAX_STARTUP_PACKET).contains(&len) {
-                return Err(PgError::protocol_violation(format!(
-                    "invalid length of startup packet: {len}"
-                )));
-            }
-            return match crate::net::fill(r, buf, len).await {
-                Ok(true) => Ok(Some(buf.split_to(len).split_off(4))),
-                Ok(false) | Err(_) => Err(PgError::protocol_violation("incomplete startup packet")),
-            };
+    match crate::net::fill(r, buf, 4).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(None),
+        Err(e) => return Err(PgError::protocol_violation(format!("read error: {e}"))),
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if !(8..=MAX_STARTUP_PACKET).contains(&len) {
+        return Err(PgError::protocol_violation(format!(
+            "invalid length of startup packet: {len}"
+        )));
+    }
+    match crate::net::fill(r, buf, len).await {
+        Ok(true) => {
+            let mut body = buf.split_to(len);
+            body.advance(4);
+            Ok(Some(body))
         }
-        match crate::net::fill(r, buf, 4).await {
-            Ok(true) => {}
-            Ok(false) => return Ok(None),
-            Err(e) => return Err(PgError::protocol_violation(format!("read error: {e}"))),
-        }
+        Ok(false) | Err(_) => Err(PgError::protocol_violation("incomplete startup packet")),
     }
 }
 
