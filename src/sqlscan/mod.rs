@@ -197,17 +197,14 @@ fn statement_start(sql: &[u8], i: usize) -> bool {
 ///
 /// It works on bytes in any ASCII-compatible encoding: callers may use it before they know the text is UTF-8.
 pub fn may_have_effects(sql: &[u8]) -> bool {
-    for (i, &b) in sql.iter().enumerate() {
-        // Most bytes start no trigger word: one table lookup each.
-        let mut words = FIRST_BYTE[(b | 0x20) as usize];
-        if words == 0 {
+    for (i, pair) in sql.windows(2).enumerate() {
+        // Most byte pairs start no trigger word: one bit test each (a first byte alone matched too often: plain
+        // DML is full of `s`, `e`, `c`, `a`, …).
+        let (first, second) = (pair[0] | 0x20, pair[1] | 0x20);
+        if !starts_trigger(first, second) {
             continue;
         }
-        // Every trigger's second byte is a letter or `&` (which the lower-case bit leaves alone).
-        let Some(&second) = sql.get(i + 1) else {
-            return false;
-        };
-        let second = second | 0x20;
+        let mut words = FIRST_BYTE[first as usize];
         while words != 0 {
             let k = words.trailing_zeros() as usize;
             let w = TRIGGERS[k];
@@ -226,6 +223,25 @@ pub fn may_have_effects(sql: &[u8]) -> bool {
     }
     false
 }
+
+/// Whether a trigger word starts with the two bytes `first`, `second` (each with the ASCII lower-case bit set).
+#[inline]
+fn starts_trigger(first: u8, second: u8) -> bool {
+    let pair = (first as usize) << 8 | second as usize;
+    TRIGGER_PAIRS[pair / 64] & (1 << (pair % 64)) != 0
+}
+
+/// One bit per pair of bytes (with the ASCII lower-case bit set) that starts one of the [`TRIGGERS`].
+static TRIGGER_PAIRS: [u64; 1024] = {
+    let mut table = [0u64; 1024];
+    let mut i = 0;
+    while i < TRIGGERS.len() {
+        let pair = (TRIGGERS[i][0] as usize) << 8 | TRIGGERS[i][1] as usize;
+        table[pair / 64] |= 1 << (pair % 64);
+        i += 1;
+    }
+    table
+};
 
 /// For each byte (with the ASCII lower-case bit set): the [`TRIGGERS`] that start with it, one bit each.
 static FIRST_BYTE: [u32; 256] = {
