@@ -96,6 +96,19 @@ impl CancelSlot {
         }
     }
 
+    /// Marks a request as waiting for a server (from now on a cancel is remembered for it), keeping a cancel
+    /// already remembered.
+    pub async fn mark_waiting(&self) {
+        let mark = |s: &mut SlotState| {
+            if !matches!(s, SlotState::Waiting { .. }) {
+                *s = SlotState::Waiting { cancelled: false };
+            }
+        };
+        if let Err(f) = self.try_update(mark) {
+            self.update_after_forwarding(f).await
+        }
+    }
+
     /// Links the slot to `target` unless a cancel arrived while waiting (then the flag is reset and false returned),
     /// in one step, so that no cancel falls between the check and the link.
     pub async fn link_unless_cancelled(&self, target: Arc<CancelTarget>) -> bool {

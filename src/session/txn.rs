@@ -300,8 +300,10 @@ impl Client {
             }
         };
         // Before linking: a cancel that comes while pgweir moves the settings must not cancel pgweir's own query
-        // (the slot still says `Waiting`, so it is answered as a cancel of a request that reached no server).
+        // (the slot says `Waiting`, so it is answered as a cancel of a request that reached no server; one that
+        // came while the request waited for the connection is kept).
         if checkout.conn_ref().applied != c.desired {
+            c.key.slot.mark_waiting().await;
             if let Err(e) = Box::pin(sync(checkout.conn(), &c.desired)).await {
                 warn!(tenant = %c.tenant, error = %e, "could not move session settings to a server connection");
                 send_error(stream, &e).await;
@@ -638,12 +640,14 @@ async fn wait_for_server(
     pool: &Arc<Pool>,
     key: &CancelKey,
 ) -> Option<Result<Checkout, crate::pool::CheckoutError>> {
-    key.slot.set(SlotState::Waiting { cancelled: false }).await;
     let mut wait = pool.checkout(pool.no_params(), true);
     if let Some(c) = wait.take_ready() {
-        // A cancel that came meanwhile is seen when the slot is linked.
+        // No wait: the slot goes from idle straight to linked. A cancel before the link finds the client between
+        // transactions, as one that came just before its request was read does.
         return Some(Ok(c));
     }
+    // From here until the link, a cancel is remembered and answers the request (57014).
+    key.slot.set(SlotState::Waiting { cancelled: false }).await;
     loop {
         tokio::select! {
             biased;
