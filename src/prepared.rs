@@ -228,6 +228,10 @@ impl ClientStatements {
     /// ReadyForQuery ('I') go to `out`; returns the bytes of `buf` answered, None (and nothing changed) otherwise.
     /// Only between transactions (inside one, the server answers: 26000).
     pub fn answer_deallocate(&mut self, buf: &[u8], out: &mut BytesMut) -> Option<usize> {
+        if self.is_empty() {
+            // Nothing of the client's to drop: the server answers (26000 for an unknown name).
+            return None;
+        }
         let (tag, total) = crate::wire::frame::header(buf, usize::MAX).ok()??;
         if tag != b'Q' {
             return None;
