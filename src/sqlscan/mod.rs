@@ -236,7 +236,10 @@ static TRIGGER_PAIRS: [u64; 1024] = {
     let mut table = [0u64; 1024];
     let mut i = 0;
     while i < TRIGGERS.len() {
-        let pair = (TRIGGERS[i][0] as usize) << 8 | TRIGGERS[i][1] as usize;
+        let (first, second) = (TRIGGERS[i][0], TRIGGERS[i][1]);
+        // Looked up with the lower-case bit set: a trigger's first two bytes must already have it.
+        assert!(first | 0x20 == first && second | 0x20 == second);
+        let pair = (first as usize) << 8 | second as usize;
         table[pair / 64] |= 1 << (pair % 64);
         i += 1;
     }
