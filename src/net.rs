@@ -100,7 +100,13 @@ pub async fn write_out<W: WriteNow>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
     if n == bytes.len() {
         return Ok(());
     }
-    w.write_all(&bytes[n..]).await?;
+    write_rest(w, &bytes[n..]).await
+}
+
+/// Writes all of `bytes` through the write future and flushes: for bytes the socket did not take at once (no
+/// second try of the at-once write, which would only fail again).
+pub async fn write_rest<W: WriteNow>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
     w.flush().await
 }
 

@@ -72,8 +72,17 @@ impl CancelSlot {
         Ok(f(&mut g.state))
     }
 
-    /// Applies `f` to the state once the cancel being forwarded is delivered. Only for what
-    /// [`CancelSlot::try_update`] gave back: the usual case makes no future at all.
+    /// Applies `f` to the state: at once in the usual case, else once the cancel being forwarded is delivered
+    /// (that wait is a boxed future of its own, so the usual case's future stays small).
+    async fn update<R>(&self, f: impl FnOnce(&mut SlotState) -> R) -> R {
+        match self.try_update(f) {
+            Ok(r) => r,
+            Err(f) => Box::pin(self.update_after_forwarding(f)).await,
+        }
+    }
+
+    /// Applies `f` to the state once the cancel being forwarded is delivered (for what
+    /// [`CancelSlot::try_update`] gave back).
     async fn update_after_forwarding<R>(&self, f: impl FnOnce(&mut SlotState) -> R) -> R {
         let mut f = f;
         loop {
@@ -91,9 +100,7 @@ impl CancelSlot {
 
     /// Sets the slot. Waits while a cancel for the previous state is being forwarded.
     pub async fn set(&self, state: SlotState) {
-        if let Err(f) = self.try_update(|s| *s = state) {
-            self.update_after_forwarding(f).await
-        }
+        self.update(|s| *s = state).await
     }
 
     /// Marks a request as waiting for a server (from now on a cancel is remembered for it), keeping a cancel
@@ -104,9 +111,7 @@ impl CancelSlot {
                 *s = SlotState::Waiting { cancelled: false };
             }
         };
-        if let Err(f) = self.try_update(mark) {
-            self.update_after_forwarding(f).await
-        }
+        self.update(mark).await
     }
 
     /// Links the slot to `target` unless a cancel arrived while waiting (then the flag is reset and false returned),
@@ -120,10 +125,7 @@ impl CancelSlot {
             *s = SlotState::Linked(target);
             true
         };
-        match self.try_update(link) {
-            Ok(linked) => linked,
-            Err(link) => self.update_after_forwarding(link).await,
-        }
+        self.update(link).await
     }
 
     /// Completes when a cancel may have arrived for the waiting request (see [`CancelSlot::take_cancelled`]).
@@ -144,10 +146,7 @@ impl CancelSlot {
             SlotState::Waiting { cancelled } => std::mem::take(cancelled),
             _ => false,
         };
-        match self.try_update(take) {
-            Ok(taken) => taken,
-            Err(take) => self.update_after_forwarding(take).await,
-        }
+        self.update(take).await
     }
 }
 

@@ -1356,7 +1356,8 @@ where
             buf.advance(scan.forward + total);
             continue;
         }
-        if out.is_empty() && scan.forward > 0 {
+        let tried_now = out.is_empty() && scan.forward > 0;
+        if tried_now {
             // The usual case: the socket takes the scanned bytes at once (no await: nothing can be left half
             // done), and they leave the buffer without a split.
             let Ok(n) = crate::net::write_some_now(w, &buf[..scan.forward]) else {
@@ -1376,7 +1377,13 @@ where
                 out.extend_from_slice(&scanned);
                 &out[..]
             };
-            if crate::net::write_out(w, bytes).await.is_err() {
+            // What the socket did not take just now goes through the write future at once.
+            let sent = if tried_now {
+                crate::net::write_rest(w, bytes).await
+            } else {
+                crate::net::write_out(w, bytes).await
+            };
+            if sent.is_err() {
                 return EndReason::ClientGone;
             }
             out.clear();

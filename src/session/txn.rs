@@ -647,7 +647,7 @@ async fn wait_for_server(
         return Some(Ok(c));
     }
     // From here until the link, a cancel is remembered and answers the request (57014).
-    key.slot.set(SlotState::Waiting { cancelled: false }).await;
+    key.slot.mark_waiting().await;
     loop {
         tokio::select! {
             biased;
