@@ -116,6 +116,62 @@ fn local_put(classifier: u64, h: u64, key: &[u8], facts: &Arc<Facts>) {
     })
 }
 
+/// Slots of each thread's table of recent shapes (direct-mapped by [`crate::sqlscan::shape_prefix_key`]).
+const RECENT_SLOTS: usize = 64;
+
+/// A shape whose facts were found or made recently on this thread, with those facts.
+struct RecentShape {
+    classifier: u64,
+    key: u64,
+    shape: Vec<u8>,
+    facts: Arc<Facts>,
+}
+
+thread_local! {
+    /// In front of the front cache: the shapes this thread saw last, by a key of the text's first bytes. A text
+    /// is compared with the shape in its slot ([`crate::sqlscan::matches_shape`]) instead of having its shape
+    /// written and hashed: for the texts an application sends again with other numbers, most of the cost of
+    /// classifying them.
+    static RECENT: std::cell::RefCell<Vec<Option<RecentShape>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The facts of the recent shape `sql` has, if the slot of `key` holds it.
+fn recent_get(classifier: u64, key: u64, sql: &[u8]) -> Option<Arc<Facts>> {
+    RECENT.with_borrow(|slots| {
+        let e = slots.get(key as usize % RECENT_SLOTS)?.as_ref()?;
+        (e.key == key && e.classifier == classifier && crate::sqlscan::matches_shape(sql, &e.shape))
+            .then(|| e.facts.clone())
+    })
+}
+
+/// Keeps `shape` → `facts` in the slot of `key` (the shape it held goes).
+fn recent_put(classifier: u64, key: u64, shape: &[u8], facts: &Arc<Facts>) {
+    RECENT.with_borrow_mut(|slots| {
+        if slots.is_empty() {
+            slots.resize_with(RECENT_SLOTS, || None);
+        }
+        let slot = &mut slots[key as usize % RECENT_SLOTS];
+        match slot {
+            // The same shape, or another whose buffer can take it.
+            Some(e) => {
+                e.classifier = classifier;
+                e.key = key;
+                e.shape.clear();
+                e.shape.extend_from_slice(shape);
+                e.facts = facts.clone();
+            }
+            None => {
+                *slot = Some(RecentShape {
+                    classifier,
+                    key,
+                    shape: shape.to_vec(),
+                    facts: facts.clone(),
+                })
+            }
+        }
+    })
+}
+
 /// The statement cache: text → [`Facts`], shared by all tenants (facts do not depend on the tenant).
 ///
 /// In front of it, each thread keeps the entries it used last ([`LOCAL_SLOTS`], two-way): a hot statement
@@ -202,6 +258,12 @@ impl Classifier {
         thread_local! {
             static SHAPE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        let recent =
+            (sql.len() <= 4 * LOCAL_MAX_KEY).then(|| crate::sqlscan::shape_prefix_key(sql));
+        if let Some(f) = recent.and_then(|key| recent_get(self.id, key, sql)) {
+            self.hits.increment(1);
+            return f;
+        }
         let shape = SHAPE.with_borrow_mut(|shape| {
             if sql.len() > 4 * LOCAL_MAX_KEY
                 || !crate::sqlscan::number_shape(sql, shape)
@@ -214,7 +276,11 @@ impl Classifier {
                 return None;
             }
             let sh = self.hasher.hash_one(&shape[..]) | 1;
-            Some((sh, local_get(self.id | SHAPES, sh, shape)))
+            let found = local_get(self.id | SHAPES, sh, shape);
+            if let (Some(f), Some(key)) = (&found, recent) {
+                recent_put(self.id, key, shape, f);
+            }
+            Some((sh, found))
         });
         let shape = match shape {
             Some((_, Some(f))) => {
@@ -243,7 +309,12 @@ impl Classifier {
         };
         let facts = self.facts_of_text(sql, h);
         if let Some(sh) = shape.filter(|_| facts.literal_independent) {
-            SHAPE.with_borrow(|shape| local_put(self.id | SHAPES, sh, shape, &facts));
+            SHAPE.with_borrow(|shape| {
+                local_put(self.id | SHAPES, sh, shape, &facts);
+                if let Some(key) = recent {
+                    recent_put(self.id, key, shape, &facts);
+                }
+            });
         }
         facts
     }

@@ -333,3 +333,37 @@ fn the_front_cache_keeps_two_statements_whose_hashes_meet() {
     assert_eq!(got(hc, b"x"), None);
     assert_eq!(local_get(id + 1, hc, b"c").map(|f| f.classes), None);
 }
+
+/// Texts whose first 32 bytes meet in a slot of the recent shapes: each gets the facts of its own shape, and a
+/// text with more after a recent shape's text (here a setting whose value matters) is not taken for it.
+#[test]
+fn recent_shapes_sharing_a_slot_keep_their_own_facts() {
+    let c = Classifier::default();
+    let a = "SELECT abalance FROM pgbench_accounts WHERE aid = 1";
+    let b = "SELECT abalance FROM pgbench_accounts WHERE bid = 2";
+    assert_eq!(
+        crate::sqlscan::shape_prefix_key(a.as_bytes()),
+        crate::sqlscan::shape_prefix_key(b.as_bytes())
+    );
+    for round in 0..3 {
+        let fa = c.facts(format!("{a}{round}").as_bytes());
+        assert_eq!(
+            &*fa.fingerprint,
+            "select abalance from pgbench_accounts where aid = ?"
+        );
+        assert!(Arc::ptr_eq(
+            &fa,
+            &c.facts(format!("{a}7{round}").as_bytes())
+        ));
+        let fb = c.facts(format!("{b}{round}").as_bytes());
+        assert_eq!(
+            &*fb.fingerprint,
+            "select abalance from pgbench_accounts where bid = ?"
+        );
+        let more = c.facts(format!("{a}{round}; SET work_mem = 999999999").as_bytes());
+        assert!(!within_64mb_work_mem(&more));
+        assert!(within_64mb_work_mem(
+            &c.facts(format!("{a}{round}").as_bytes())
+        ));
+    }
+}

@@ -1207,31 +1207,58 @@ proptest! {
     /// classifier gives a shape the facts cached for an earlier text with it).
     #[test]
     fn texts_sharing_a_shape_share_the_fingerprint(
-        parts in prop::collection::vec((prop::sample::select(vec![
-            "SELECT", "t1", "x", "e", "E", "_", "abc", "0", "1", "23", "007", "0x", "1e", ".", ",", "(", ")", "=",
-            "-", "/", "*", "+", " ", "\n", ";", "::", "[", "]", "<>", "'", "$", "$1", "--", "/*", "\"", "é",
-        ]), any::<u32>()), 0..30)
+        parts in prop::collection::vec((prop::sample::select(SHAPE_PIECES.to_vec()), any::<u32>()), 0..30)
     ) {
         let a: String = parts.iter().map(|(p, _)| *p).collect();
-        // The same pieces with every digit replaced (and some runs made longer).
-        let b: String = parts
-            .iter()
-            .map(|(p, r)| {
-                p.chars()
-                    .enumerate()
-                    .map(|(i, c)| match c.to_digit(10) {
-                        Some(_) => {
-                            let d = char::from_digit((r >> (i % 16)) % 10, 10).unwrap();
-                            if (r >> 20) % 3 == 0 { format!("{d}9") } else { d.to_string() }
-                        }
-                        None => c.to_string(),
-                    })
-                    .collect::<String>()
-            })
-            .collect();
+        let b = with_other_digits(&parts);
         let (mut sa, mut sb) = (Vec::new(), Vec::new());
         if number_shape(a.as_bytes(), &mut sa) && number_shape(b.as_bytes(), &mut sb) && sa == sb {
             prop_assert_eq!(fingerprint(&a, usize::MAX), fingerprint(&b, usize::MAX), "{} / {}", a, b);
+        }
+    }
+
+    /// A text matches a shape exactly when it has that shape, and texts of one shape share their prefix key: on
+    /// texts made of the same pieces with other digits (most of them share the shape) and of other pieces (most
+    /// do not).
+    #[test]
+    fn matching_a_shape_is_having_it(
+        parts in prop::collection::vec((prop::sample::select(PLAIN_PIECES.to_vec()), any::<u32>()), 0..30),
+        other in prop::collection::vec(prop::sample::select(SHAPE_PIECES.to_vec()), 0..30),
+        edit in (any::<prop::sample::Index>(), prop::sample::select(b"019 a_;\x01-'".to_vec()), 0..3u8),
+    ) {
+        let a: String = parts.iter().map(|(p, _)| *p).collect();
+        let b = with_other_digits(&parts);
+        let c: String = other.concat();
+        // `b` with one byte replaced, inserted or removed.
+        let mut d = b.clone().into_bytes();
+        let (at, byte, how) = edit;
+        match how {
+            0 if !d.is_empty() => {
+                let i = at.index(d.len());
+                d[i] = byte;
+            }
+            1 => {
+                let i = at.index(d.len() + 1);
+                d.insert(i, byte);
+            }
+            _ if !d.is_empty() => {
+                let i = at.index(d.len());
+                d.remove(i);
+            }
+            _ => {}
+        }
+        let d = String::from_utf8_lossy(&d).into_owned();
+        let mut sa = Vec::new();
+        if number_shape(a.as_bytes(), &mut sa) {
+            prop_assert!(matches_shape(a.as_bytes(), &sa), "{:?}", a);
+            for t in [&b, &c, &d] {
+                let mut st = Vec::new();
+                let same = number_shape(t.as_bytes(), &mut st) && st == sa;
+                prop_assert_eq!(matches_shape(t.as_bytes(), &sa), same, "{:?} / {:?}", a, t);
+                if same {
+                    prop_assert_eq!(shape_prefix_key(t.as_bytes()), shape_prefix_key(a.as_bytes()), "{:?} / {:?}", a, t);
+                }
+            }
         }
     }
 
@@ -1430,4 +1457,174 @@ fn bytewise_shape(sql: &[u8]) -> Option<Vec<u8>> {
         i += 1;
     }
     Some(out)
+}
+
+/// Pieces of texts for the shape tests: names, numbers, punctuation, and bytes that make a text not plain.
+const SHAPE_PIECES: &[&str] = &[
+    "SELECT",
+    "t1",
+    "x",
+    "e",
+    "E",
+    "_",
+    "abc",
+    "0",
+    "1",
+    "23",
+    "007",
+    "0x",
+    "1e",
+    ".",
+    ",",
+    "(",
+    ")",
+    "=",
+    "-",
+    "/",
+    "*",
+    "+",
+    " ",
+    "\n",
+    ";",
+    "::",
+    "[",
+    "]",
+    "<>",
+    "'",
+    "$",
+    "$1",
+    "--",
+    "/*",
+    "\"",
+    "é",
+    "abcdefghijklmnopqrstuvwxyz",
+];
+
+/// The pieces of [`SHAPE_PIECES`] that keep a text plain (most texts made of them have a shape).
+const PLAIN_PIECES: &[&str] = &[
+    "SELECT",
+    "t1",
+    "x",
+    "_",
+    "abc",
+    "0",
+    "1",
+    "23",
+    "007",
+    ".",
+    ",",
+    "(",
+    ")",
+    "=",
+    "-",
+    "/",
+    "*",
+    "+",
+    " ",
+    "\n",
+    ";",
+    "::",
+    "[",
+    "]",
+    "<>",
+    "abcdefghijklmnopqrstuvwxyz",
+    "e",
+];
+
+/// The text of `parts` with every digit replaced (and some digits doubled), by the number that goes with each part.
+fn with_other_digits(parts: &[(&str, u32)]) -> String {
+    parts
+        .iter()
+        .map(|(p, r)| {
+            p.chars()
+                .enumerate()
+                .map(|(i, c)| match c.to_digit(10) {
+                    Some(_) => {
+                        let d = char::from_digit((r >> (i % 16)) % 10, 10).unwrap_or('0');
+                        if (r >> 20) % 3 == 0 {
+                            format!("{d}9")
+                        } else {
+                            d.to_string()
+                        }
+                    }
+                    None => c.to_string(),
+                })
+                .collect::<String>()
+        })
+        .collect()
+}
+
+#[test]
+fn texts_match_the_shapes_they_have() {
+    let shape = |sql: &str| {
+        let mut out = Vec::new();
+        number_shape(sql.as_bytes(), &mut out).then_some(out)
+    };
+    let pgbench =
+        shape("SELECT abalance FROM pgbench_accounts WHERE aid = 17;").unwrap_or_default();
+    for (sql, matches) in [
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 17;",
+            true,
+        ),
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 4242424242424242;",
+            true,
+        ),
+        ("SELECT abalance FROM pgbench_accounts WHERE aid = 1;", true),
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 17",
+            false,
+        ),
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 17; ",
+            false,
+        ),
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 17x;",
+            false,
+        ),
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = '17';",
+            false,
+        ),
+        ("SELECT abalance FROM pgbench_accounts WHERE aid = ;", false),
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1.7;",
+            false,
+        ),
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = \x01;",
+            false,
+        ),
+        (
+            "select abalance FROM pgbench_accounts WHERE aid = 17;",
+            false,
+        ),
+        ("", false),
+    ] {
+        assert_eq!(matches_shape(sql.as_bytes(), &pgbench), matches, "{sql}");
+    }
+    // Digits in names are names; short texts.
+    let t1 = shape("SELECT * FROM t1 LIMIT 5").unwrap_or_default();
+    assert!(matches_shape(b"SELECT * FROM t1 LIMIT 500", &t1));
+    assert!(!matches_shape(b"SELECT * FROM t2 LIMIT 5", &t1));
+    assert!(!matches_shape(b"SELECT * FROM t12 LIMIT 5", &t1));
+    assert!(matches_shape(b"", &[]));
+    assert!(matches_shape(b"7", &[1]));
+    assert!(!matches_shape(b"7", &[]));
+    // The prefix key: the bytes before the first digit (at most 32).
+    let key = |s: &str| shape_prefix_key(s.as_bytes());
+    assert_eq!(key("SELECT 1"), key("SELECT 22"));
+    assert_ne!(key("SELECT 1"), key("SELECT  1"));
+    assert_eq!(key("BEGIN;"), key("BEGIN;"));
+    assert_ne!(key("BEGIN;"), key("BEGIN"));
+    assert_eq!(
+        key("SELECT abalance FROM pgbench_accounts WHERE aid = 1;"),
+        key("SELECT abalance FROM pgbench_accounts WHERE bid = 2;")
+    );
+    assert_ne!(
+        key("SELECT abalance FROM pgbench_accounts WHERE aid = 1;"),
+        key("SELECT abalance FROM pgbench_tellers WHERE tid = 2;")
+    );
 }
