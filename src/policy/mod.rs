@@ -123,13 +123,13 @@ const RECENT_SLOTS: usize = 64;
 struct RecentShape {
     classifier: u64,
     key: u64,
-    shape: Vec<u8>,
+    shape: crate::sqlscan::ShapeMatcher,
     facts: Arc<Facts>,
 }
 
 thread_local! {
     /// In front of the front cache: the shapes this thread saw last, by a key of the text's first bytes. A text
-    /// is compared with the shape in its slot ([`crate::sqlscan::matches_shape`]) instead of having its shape
+    /// is compared with the shape in its slot ([`crate::sqlscan::ShapeMatcher`]) instead of having its shape
     /// written and hashed: for the texts an application sends again with other numbers, most of the cost of
     /// classifying them.
     static RECENT: std::cell::RefCell<Vec<Option<RecentShape>>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -139,7 +139,7 @@ thread_local! {
 fn recent_get(classifier: u64, key: u64, sql: &[u8]) -> Option<Arc<Facts>> {
     RECENT.with_borrow(|slots| {
         let e = slots.get(key as usize % RECENT_SLOTS)?.as_ref()?;
-        (e.key == key && e.classifier == classifier && crate::sqlscan::matches_shape(sql, &e.shape))
+        (e.key == key && e.classifier == classifier && e.shape.matches(sql))
             .then(|| e.facts.clone())
     })
 }
@@ -156,15 +156,14 @@ fn recent_put(classifier: u64, key: u64, shape: &[u8], facts: &Arc<Facts>) {
             Some(e) => {
                 e.classifier = classifier;
                 e.key = key;
-                e.shape.clear();
-                e.shape.extend_from_slice(shape);
+                e.shape.set(shape);
                 e.facts = facts.clone();
             }
             None => {
                 *slot = Some(RecentShape {
                     classifier,
                     key,
-                    shape: shape.to_vec(),
+                    shape: crate::sqlscan::ShapeMatcher::new(shape),
                     facts: facts.clone(),
                 })
             }

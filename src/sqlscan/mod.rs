@@ -32,8 +32,8 @@ use std::ops::ControlFlow;
 
 pub use tokens::{
     called_functions, deallocate_name, fingerprint, fingerprint_and_literals, fingerprint_bytes,
-    fingerprint_into, leading_words, matches_shape, name_value, number_shape, shape_prefix_key,
-    statements, string_bodies, string_value, tokens, TokenKind,
+    fingerprint_into, leading_words, name_value, number_shape, shape_prefix_key, statements,
+    string_bodies, string_value, tokens, ShapeMatcher, TokenKind,
 };
 
 use classify::{Raw, Stmt, VarName};

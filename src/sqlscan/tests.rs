@@ -1250,11 +1250,11 @@ proptest! {
         let d = String::from_utf8_lossy(&d).into_owned();
         let mut sa = Vec::new();
         if number_shape(a.as_bytes(), &mut sa) {
-            prop_assert!(matches_shape(a.as_bytes(), &sa), "{:?}", a);
+            prop_assert!(ShapeMatcher::new(&sa).matches(a.as_bytes()), "{:?}", a);
             for t in [&b, &c, &d] {
                 let mut st = Vec::new();
                 let same = number_shape(t.as_bytes(), &mut st) && st == sa;
-                prop_assert_eq!(matches_shape(t.as_bytes(), &sa), same, "{:?} / {:?}", a, t);
+                prop_assert_eq!(ShapeMatcher::new(&sa).matches(t.as_bytes()), same, "{:?} / {:?}", a, t);
                 if same {
                     prop_assert_eq!(shape_prefix_key(t.as_bytes()), shape_prefix_key(a.as_bytes()), "{:?} / {:?}", a, t);
                 }
@@ -1603,16 +1603,24 @@ fn texts_match_the_shapes_they_have() {
         ),
         ("", false),
     ] {
-        assert_eq!(matches_shape(sql.as_bytes(), &pgbench), matches, "{sql}");
+        assert_eq!(
+            ShapeMatcher::new(&pgbench).matches(sql.as_bytes()),
+            matches,
+            "{sql}"
+        );
     }
     // Digits in names are names; short texts.
     let t1 = shape("SELECT * FROM t1 LIMIT 5").unwrap_or_default();
-    assert!(matches_shape(b"SELECT * FROM t1 LIMIT 500", &t1));
-    assert!(!matches_shape(b"SELECT * FROM t2 LIMIT 5", &t1));
-    assert!(!matches_shape(b"SELECT * FROM t12 LIMIT 5", &t1));
-    assert!(matches_shape(b"", &[]));
-    assert!(matches_shape(b"7", &[1]));
-    assert!(!matches_shape(b"7", &[]));
+    let t1 = ShapeMatcher::new(&t1);
+    assert!(t1.matches(b"SELECT * FROM t1 LIMIT 500"));
+    assert!(!t1.matches(b"SELECT * FROM t2 LIMIT 5"));
+    assert!(!t1.matches(b"SELECT * FROM t12 LIMIT 5"));
+    assert!(ShapeMatcher::new(b"").matches(b""));
+    assert!(ShapeMatcher::new(&[1]).matches(b"7"));
+    assert!(ShapeMatcher::new(&[1]).matches(b"0123456789012345678"));
+    assert!(!ShapeMatcher::new(&[1]).matches(b"0123456789012345678 "));
+    assert!(!ShapeMatcher::new(&[1]).matches(b"\x01"));
+    assert!(!ShapeMatcher::new(b"").matches(b"7"));
     // The prefix key: the bytes before the first digit (at most 32).
     let key = |s: &str| shape_prefix_key(s.as_bytes());
     assert_eq!(key("SELECT 1"), key("SELECT 22"));

@@ -336,57 +336,101 @@ pub fn number_shape(sql: &[u8], out: &mut Vec<u8>) -> bool {
     true
 }
 
-/// True when `sql` has the shape `shape` (one [`number_shape`] made): `number_shape(sql)` would be `shape`, found
-/// by comparing the two, eight bytes at a time, without writing a shape. The texts that have a shape are the
-/// shape's bytes with each number byte (0x01) replaced by a run of digits; a mismatch can only be such a run.
-/// (In a shape, the byte before a number byte cannot continue a name, and the byte after it is neither a digit,
-/// a letter nor `_`: so the run in `sql` starts a number just where the shape has one, and ends where the shape
-/// goes on, or `sql` does not match.)
-pub fn matches_shape(sql: &[u8], shape: &[u8]) -> bool {
-    let (mut i, mut j) = (0, 0);
-    loop {
-        let (Some(a), Some(b)) = (sql.get(i..), shape.get(j..)) else {
-            return false;
-        };
-        let n = common_prefix(a, b);
-        i += n;
-        j += n;
-        match (sql.get(i), shape.get(j)) {
-            (None, None) => return true,
-            (Some(b), Some(&SHAPE_NUMBER)) if b.is_ascii_digit() => {
-                i += 1;
-                while sql.get(i).is_some_and(u8::is_ascii_digit) {
-                    i += 1;
-                }
-                j += 1;
+/// A shape ([`number_shape`]) with the places of its numbers, to tell whether a text has it without writing
+/// the text's shape: the texts that have a shape are the shape's bytes with each number byte (0x01) replaced by a
+/// run of digits. (In a shape, the byte before a number byte cannot continue a name, and the byte after it is
+/// neither a digit, a letter nor `_`: so a run of digits in such a place starts a number, and ends where the
+/// shape goes on, or the text does not have the shape.)
+#[derive(Debug, Default, Clone)]
+pub struct ShapeMatcher {
+    shape: Vec<u8>,
+    /// Where the shape's number bytes are.
+    numbers: Vec<usize>,
+}
+
+impl ShapeMatcher {
+    /// The matcher of `shape`, which [`number_shape`] wrote.
+    pub fn new(shape: &[u8]) -> ShapeMatcher {
+        let mut m = ShapeMatcher::default();
+        m.set(shape);
+        m
+    }
+
+    /// Makes this the matcher of `shape` (keeping its buffers).
+    pub fn set(&mut self, shape: &[u8]) {
+        self.shape.clear();
+        self.shape.extend_from_slice(shape);
+        self.numbers.clear();
+        self.numbers.extend(
+            shape
+                .iter()
+                .enumerate()
+                .filter(|(_, &b)| b == SHAPE_NUMBER)
+                .map(|(i, _)| i),
+        );
+    }
+
+    /// True when `sql` has this shape: `number_shape(sql)` would write it. Compares the stretches between numbers
+    /// eight bytes at a time, and skips each number's digits.
+    pub fn matches(&self, sql: &[u8]) -> bool {
+        let mut i = 0;
+        let mut from = 0;
+        for &at in &self.numbers {
+            let part = &self.shape[from..at];
+            let Some(text) = sql.get(i..i + part.len()) else {
+                return false;
+            };
+            if !same(text, part) {
+                return false;
             }
-            _ => return false,
+            i += part.len();
+            // One digit at least, then all that follow.
+            if !sql.get(i).is_some_and(u8::is_ascii_digit) {
+                return false;
+            }
+            i += 1 + digit_run(&sql[i + 1..]);
+            from = at + 1;
         }
+        let part = &self.shape[from..];
+        sql.len() - i == part.len() && same(&sql[i..], part)
     }
 }
 
-/// How many bytes `sql` and `shape` have in common at their start before a number byte of the shape, compared
-/// eight at a time. (A number byte always stops it: `sql` must have digits there, not that byte.)
-fn common_prefix(sql: &[u8], shape: &[u8]) -> usize {
-    const LOW: u64 = 0x0101_0101_0101_0101;
-    let len = sql.len().min(shape.len());
-    let (a, b) = (&sql[..len], &shape[..len]);
-    let mut n = 0;
-    while n + 8 <= len {
-        let s = word_at(b, n);
-        // The high bit of the shape's number bytes (0x01 ^ 0x01 is the zero byte; the first one found is exact).
-        let x = s ^ LOW;
-        let numbers = x.wrapping_sub(LOW) & !x & (0x80 * LOW);
-        let d = (word_at(a, n) ^ s) | numbers;
-        if d != 0 {
-            return n + (d.trailing_zeros() / 8) as usize;
+/// `a == b`, for slices of one length, compared eight bytes at a time (the last word overlaps the one before).
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n < 8 || b.len() != n {
+        return a == b;
+    }
+    let mut k = 0;
+    while k + 8 < n {
+        if word_at(a, k) != word_at(b, k) {
+            return false;
         }
-        n += 8;
+        k += 8;
     }
-    while n < len && a[n] == b[n] && b[n] != SHAPE_NUMBER {
-        n += 1;
+    word_at(a, n - 8) == word_at(b, n - 8)
+}
+
+/// How many digits `s` starts with, found eight bytes at a time.
+#[inline]
+fn digit_run(s: &[u8]) -> usize {
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    let mut k = 0;
+    while k + 8 <= s.len() {
+        let t = word_at(s, k) ^ (0x30 * LOW);
+        // The high bit of each byte that is not a digit (see `shape_prefix_key`).
+        let not_digit = (((t & (0x7f * LOW)) + (0x76 * LOW)) | t) & (0x80 * LOW);
+        if not_digit != 0 {
+            return k + (not_digit.trailing_zeros() / 8) as usize;
+        }
+        k += 8;
     }
-    n
+    while s.get(k).is_some_and(u8::is_ascii_digit) {
+        k += 1;
+    }
+    k
 }
 
 /// The eight bytes of `s` at `at` (which the caller knows are there), as a little-endian word.
@@ -400,7 +444,7 @@ fn word_at(s: &[u8], at: usize) -> u64 {
 /// A key of the texts of one shape, read without scanning the text: its bytes before the first digit (at most
 /// 32), which every text of a shape and the shape itself share (digits are where the texts of a shape may
 /// differ; before the first one they are the shape's bytes). Texts of different shapes may share it: it picks
-/// a place to look, [`matches_shape`] decides.
+/// a place to look, [`ShapeMatcher`] decides.
 pub fn shape_prefix_key(sql: &[u8]) -> u64 {
     const LOW: u64 = 0x0101_0101_0101_0101;
     let mut key = 0;
