@@ -41,7 +41,10 @@ fn tx_url(env: &Env, extra: &str) -> String {
 }
 
 async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
-    let rows = client.simple_query(sql).await.unwrap();
+    let rows = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e} ({:?})", sqlstate(&e)));
     rows.iter()
         .find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
@@ -1152,7 +1155,7 @@ fn refused_session_state_fails_the_statement() {
 /// pool modes, and a transaction around it is aborted as Postgres aborts it.
 #[test]
 fn query_timeout_cancels_with_a_clear_error() {
-    let env = Env::with(tx_setup(2, "10s", "query_timeout = \"1s\""));
+    let env = Env::with(tx_setup(2, "10s", "query_timeout = \"2s\""));
     runtime().block_on(async {
         let session_url = env.url(
             "alice",
@@ -1163,15 +1166,16 @@ fn query_timeout_cancels_with_a_clear_error() {
         for url in [tx_url(&env, ""), session_url] {
             let c = env.connect(&url).await.unwrap();
             let started = Instant::now();
-            let e = c.simple_query("select pg_sleep(8)").await.unwrap_err();
+            let e = c.simple_query("select pg_sleep(30)").await.unwrap_err();
             assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
             let msg = e
                 .as_db_error()
                 .map(|d| d.message().to_owned())
                 .unwrap_or_default();
             assert!(msg.contains("query_timeout"), "{msg}");
+            // Cancelled, not finished (wide margins: a loaded machine is slow, not wrong).
             assert!(
-                started.elapsed() < Duration::from_secs(6),
+                started.elapsed() < Duration::from_secs(20),
                 "{:?}",
                 started.elapsed()
             );
@@ -1181,7 +1185,7 @@ fn query_timeout_cancels_with_a_clear_error() {
                 assert_eq!(one(&c, "select pg_sleep(0.01)::text").await, "");
             }
             c.batch_execute("BEGIN").await.unwrap();
-            let e = c.query("select pg_sleep(8)", &[]).await.unwrap_err();
+            let e = c.query("select pg_sleep(30)", &[]).await.unwrap_err();
             assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
             let e = c.simple_query("select 1").await.unwrap_err();
             assert_eq!(sqlstate(&e).as_deref(), Some("25P02"), "{e}");
