@@ -416,12 +416,9 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// How many digits `s` starts with, found eight bytes at a time.
 #[inline]
 fn digit_run(s: &[u8]) -> usize {
-    const LOW: u64 = 0x0101_0101_0101_0101;
     let mut k = 0;
     while k + 8 <= s.len() {
-        let t = word_at(s, k) ^ (0x30 * LOW);
-        // The high bit of each byte that is not a digit (see `shape_prefix_key`).
-        let not_digit = (((t & (0x7f * LOW)) + (0x76 * LOW)) | t) & (0x80 * LOW);
+        let not_digit = not_digit_bits(word_at(s, k));
         if not_digit != 0 {
             return k + (not_digit.trailing_zeros() / 8) as usize;
         }
@@ -431,6 +428,17 @@ fn digit_run(s: &[u8]) -> usize {
         k += 1;
     }
     k
+}
+
+/// A byte of each of the eight bytes of a word.
+const LOW: u64 = 0x0101_0101_0101_0101;
+
+/// The high bit of each byte of `w` that is not an ASCII digit ('0'..='9' xor '0' is below 10; a byte with its
+/// high bit set is no digit).
+#[inline(always)]
+fn not_digit_bits(w: u64) -> u64 {
+    let t = w ^ (0x30 * LOW);
+    (((t & (0x7f * LOW)) + (0x76 * LOW)) | t) & (0x80 * LOW)
 }
 
 /// The eight bytes of `s` at `at` (which the caller knows are there), as a little-endian word.
@@ -446,7 +454,6 @@ fn word_at(s: &[u8], at: usize) -> u64 {
 /// differ; before the first one they are the shape's bytes). Texts of different shapes may share it: it picks
 /// a place to look, [`ShapeMatcher`] decides.
 pub fn shape_prefix_key(sql: &[u8]) -> u64 {
-    const LOW: u64 = 0x0101_0101_0101_0101;
     let mut key = 0;
     let mut at = 0;
     while at < 32 {
@@ -461,12 +468,9 @@ pub fn shape_prefix_key(sql: &[u8]) -> u64 {
             }
             (u64::from_le_bytes(word), rest.len())
         };
-        // The high bit of each byte that is not a digit ('0'..='9' xor '0' is below 10); bytes past the end
-        // count as digits, so the key stops there too.
-        let t = w ^ (0x30 * LOW);
-        let not_digit = (((t & (0x7f * LOW)) + (0x76 * LOW)) | t) & (0x80 * LOW);
+        // Bytes past the end count as digits, so the key stops there too.
         let past_end = if n == 8 { 0 } else { u64::MAX << (n * 8) };
-        let digits = (!not_digit | past_end) & (0x80 * LOW);
+        let digits = (!not_digit_bits(w) | past_end) & (0x80 * LOW);
         if digits != 0 {
             let keep = digits.trailing_zeros() / 8;
             let kept = if keep == 0 {
