@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 pub mod fair;
@@ -136,6 +136,11 @@ pub struct Pool {
     /// Open connections: idle + checked out + being opened.
     total: AtomicUsize,
     waiting: AtomicUsize,
+    /// Wakes the pool's waiters now and then to look at their checkout timeout ([`Pool::wait_ticker`]): one timer
+    /// per pool while anyone waits, not one per wait.
+    wait_tick: tokio::sync::Notify,
+    /// A [`Pool::wait_ticker`] task runs.
+    ticking: AtomicBool,
     max_wait_us: AtomicU64,
     pinned: AtomicUsize,
     /// Client sessions using the pool (each holds a [`PoolClient`]).
@@ -336,6 +341,8 @@ impl Pool {
             idle: Mutex::new(VecDeque::new()),
             total: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            wait_tick: tokio::sync::Notify::new(),
+            ticking: AtomicBool::new(false),
             max_wait_us: AtomicU64::new(0),
             pinned: AtomicUsize::new(0),
             clients: AtomicUsize::new(0),
@@ -445,6 +452,7 @@ impl Pool {
                                         permit,
                                         pass,
                                         Instant::now(),
+                                        Duration::ZERO,
                                     )
                                 }));
                             }
@@ -502,27 +510,49 @@ impl Pool {
         pass: GatePass,
     ) -> Result<Checkout, CheckoutError> {
         let started = Instant::now();
+        let timeout = self.cfg.checkout_timeout;
         let waiting = Counted::new(&self.waiting);
-        let permit = tokio::time::timeout(
-            self.cfg.checkout_timeout,
-            self.slots.clone().acquire_owned(),
-        )
-        .await;
+        self.ensure_wait_ticker();
+        // The timeout is looked at on the pool's tick (a timer of its own per wait costs several hundred
+        // instructions to set and cancel, and nearly every wait ends long before it).
+        let acquire = self.slots.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let permit = loop {
+            tokio::select! {
+                biased;
+                p = &mut acquire => break p.ok(),
+                _ = self.wait_tick.notified() => {
+                    if started.elapsed() >= timeout {
+                        break None;
+                    }
+                }
+            }
+        };
         drop(waiting);
         let waited = started.elapsed();
         self.metrics.checkout_wait.record(waited);
-        let permit = match permit {
-            Ok(Ok(p)) => p,
-            _ => return Err(CheckoutError::Timeout(self.cfg.checkout_timeout)),
+        let Some(permit) = permit else {
+            return Err(CheckoutError::Timeout(timeout));
         };
         self.max_wait_us
             .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
-        self.checkout_fair(startup, shared, permit, pass, started)
+        self.checkout_fair(startup, shared, permit, pass, started, waited)
             .await
     }
 
+    /// Starts [`Pool::wait_ticker`] unless it runs. Called by a waiter already counted in `waiting`.
+    fn ensure_wait_ticker(self: &Arc<Self>) {
+        if self
+            .ticking
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            tokio::spawn(wait_ticker(Arc::downgrade(self)));
+        }
+    }
+
     /// The rest of a checkout that holds its pool slot: the cluster's fair share (when the cluster limits active
-    /// transactions), then an idle connection or a new one.
+    /// transactions), then an idle connection or a new one. `waited` is the wait so far (since `started`).
     async fn checkout_fair(
         self: &Arc<Self>,
         startup: &StartupParams,
@@ -530,14 +560,18 @@ impl Pool {
         permit: OwnedSemaphorePermit,
         pass: GatePass,
         started: Instant,
+        mut waited: Duration,
     ) -> Result<Checkout, CheckoutError> {
         let fair = match &self.fair {
             Some(f) if f.capacity() > 0 => {
-                let left = self.cfg.checkout_timeout.saturating_sub(started.elapsed());
+                let left = self.cfg.checkout_timeout.saturating_sub(waited);
                 let waiting = Counted::new(&self.waiting);
                 let weight = self.weight.load(Ordering::Relaxed);
                 let got = tokio::time::timeout(left, f.acquire(&self.tenant, weight)).await;
                 drop(waiting);
+                waited = started.elapsed();
+                self.max_wait_us
+                    .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
                 match got {
                     Ok(Some(p)) => Some(p),
                     _ => return Err(CheckoutError::Timeout(self.cfg.checkout_timeout)),
@@ -545,10 +579,7 @@ impl Pool {
             }
             _ => None,
         };
-        let waited = started.elapsed();
         self.waits.record(waited);
-        self.max_wait_us
-            .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
         let slot = Slot {
             _permit: permit,
             _pass: pass,
@@ -743,6 +774,35 @@ impl Pool {
     }
 }
 
+/// While a pool has waiters, wakes them every eighth of the checkout timeout (5 ms to 250 ms) to look at their
+/// deadline: a checkout times out at most one tick late. Ends when nobody waits (a new waiter starts it again).
+async fn wait_ticker(pool: Weak<Pool>) {
+    let tick = match pool.upgrade() {
+        Some(p) => {
+            (p.cfg.checkout_timeout / 8).clamp(Duration::from_millis(5), Duration::from_millis(250))
+        }
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(p) = pool.upgrade() else {
+            return;
+        };
+        p.wait_tick.notify_waiters();
+        if p.waiting.load(Ordering::SeqCst) == 0 {
+            p.ticking.store(false, Ordering::SeqCst);
+            // A waiter that came after the load above saw `ticking` still set and counts on this task.
+            if p.waiting.load(Ordering::SeqCst) == 0
+                || p.ticking
+                    .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
 async fn maintain(pool: Weak<Pool>) {
     let interval = match pool.upgrade() {
         Some(p) => {
@@ -769,7 +829,9 @@ struct Counted<'a>(&'a AtomicUsize);
 
 impl<'a> Counted<'a> {
     fn new(c: &'a AtomicUsize) -> Self {
-        c.fetch_add(1, Ordering::Relaxed);
+        // SeqCst: `wait_ticker` and a new waiter each write one variable and read the other (a locked add on x86
+        // either way).
+        c.fetch_add(1, Ordering::SeqCst);
         Counted(c)
     }
 }

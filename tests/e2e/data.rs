@@ -884,6 +884,19 @@ fn pool_exhaustion_gives_53300_after_checkout_timeout() {
             took >= Duration::from_millis(950) && took < Duration::from_secs(3),
             "{took:?}"
         );
+        // Timeouts are looked at on a tick of the pool's that runs only while someone waits: after a pause with
+        // no waiter (it has stopped), the next waiter starts it again and times out as the first did.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let t = Instant::now();
+        let err = within(10, "a fourth client", env.connect(&env.alice()))
+            .await
+            .expect_err("the pool is still exhausted");
+        let took = t.elapsed();
+        assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err:?}");
+        assert!(
+            took >= Duration::from_millis(950) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
 
         // Both holders still work; after one leaves, a new client gets its connection.
         assert_eq!(scalar(&c2, "select 3").await.as_deref(), Some("3"));
