@@ -542,10 +542,12 @@ impl Pool {
 
     /// Starts [`Pool::wait_ticker`] unless it runs. Called by a waiter already counted in `waiting`.
     fn ensure_wait_ticker(self: &Arc<Self>) {
-        if self
-            .ticking
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
+        // Under load the ticker runs already: a read, not a locked write, per wait.
+        if !self.ticking.load(Ordering::SeqCst)
+            && self
+                .ticking
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
         {
             tokio::spawn(wait_ticker(Arc::downgrade(self)));
         }

@@ -716,7 +716,10 @@ where
                                     if !name.is_empty() && !rewrite {
                                         shared.push(Effect::Pin(sqlscan::PinReason::Other));
                                     }
-                                    if let (Some((sql, _)), false) = (cstr(rest), no_effects) {
+                                    // The text is looked for only when its facts did not already say.
+                                    if let Some((sql, _)) =
+                                        (!no_effects).then(|| cstr(rest)).flatten()
+                                    {
                                         if let Some(reason) = shared.record_effects(sql) {
                                             // Refused at Parse, as Postgres fails a Parse: the statement does
                                             // not exist (the rewriter never learns of it).
