@@ -547,7 +547,7 @@ impl PolicyConfig {
 
     /// Checks one setting change (`value` None: back to the default). Also used for startup parameters.
     pub fn setting(&self, name: &str, value: Option<&str>) -> Option<Refusal> {
-        let lname = name.to_ascii_lowercase();
+        let lname = crate::ascii_lowercase(name);
         if lname == "standard_conforming_strings" {
             // Only pgweir can enforce this: the lexers here assume it is on.
             return match value {
@@ -578,7 +578,7 @@ impl PolicyConfig {
             );
         }
         let value = value?;
-        let bound = match lname.as_str() {
+        let bound = match &*lname {
             "work_mem" | "maintenance_work_mem" | "temp_buffers" => self
                 .max_work_mem_kb
                 .map(|m| (m, plan::parse_memory_kb(value), false)),

@@ -162,6 +162,40 @@ fn plans_bound_settings_and_classes() {
     assert_eq!(check_with(&PolicyConfig::default(), "SELECT 1", true), None);
 }
 
+/// Setting names are compared in lowercase whatever their case (a startup parameter's name is as the client
+/// wrote it; lowercase names are not copied for that).
+#[test]
+fn setting_names_bind_in_any_case() {
+    let p = PolicyConfig {
+        max_work_mem_kb: Some(65536),
+        ..PolicyConfig::default()
+    };
+    for name in ["work_mem", "Work_Mem", "WORK_MEM"] {
+        assert_eq!(
+            p.setting(name, Some("64MB")).map(|r| r.rule),
+            None,
+            "{name}"
+        );
+        assert_eq!(
+            p.setting(name, Some("1GB")).map(|r| r.rule),
+            Some("setting"),
+            "{name}"
+        );
+    }
+    for name in ["role", "ROLE", "Session_Authorization"] {
+        assert_eq!(
+            p.setting(name, Some("x")).map(|r| r.rule),
+            Some("set-role"),
+            "{name}"
+        );
+    }
+    assert!(matches!(
+        crate::ascii_lowercase("timezone"),
+        std::borrow::Cow::Borrowed("timezone")
+    ));
+    assert_eq!(crate::ascii_lowercase("TimeZone"), "timezone");
+}
+
 #[test]
 fn refusals_become_errors_with_their_sqlstate_message_and_hint() {
     let r = Refusal::privilege("copy-file", "COPY to or from a server file").hint("use STDIN");

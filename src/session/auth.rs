@@ -99,11 +99,9 @@ pub async fn authenticate(
             let response = password_message::password(&frame)
                 .ok_or_else(|| PgError::protocol_violation("malformed password message"))?;
             // A user without an md5 hash is checked against a dummy so that timing and answer are the same.
-            let stored = user.and_then(|u| u.md5.clone());
+            let stored = user.and_then(|u| u.md5.as_deref());
             let matched = md5_check(
-                stored
-                    .as_deref()
-                    .unwrap_or("md500000000000000000000000000000000"),
+                stored.unwrap_or("md500000000000000000000000000000000"),
                 salt,
                 response,
             );

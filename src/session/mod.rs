@@ -262,21 +262,17 @@ async fn login(
         .filter(|d| !d.is_empty())
         .unwrap_or(&routed.user);
     // The plan's settings policy holds for startup parameters and `options=-c …` too.
+    let options = routing::option_settings(&routed.options);
     let settings = startup
         .params
         .iter()
         .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "options" | "replication"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .chain(
-            routing::option_settings(&routed.options)
-                .into_iter()
-                .flatten(),
-        );
+        .chain(options.iter().flatten());
     let state = proxy
         .tenant_states
         .state(&tenant.id, &tenant.plan, tenant.read_only);
     for (k, v) in settings {
-        if let Some(r) = tenant.plan.policy.setting(&k, Some(&v)) {
+        if let Some(r) = tenant.plan.policy.setting(k, Some(v)) {
             proxy.telemetry.policy_refused(r.rule);
             state.refused(r.rule, format!("(startup parameter {k})"));
             fail!(PgError::fatal(r.code, r.message));
@@ -336,8 +332,8 @@ fn backend_startup_params(
     options: &[String],
 ) -> Result<StartupParams, PgError> {
     let denied = |name: &str, value: &str| -> Option<PgError> {
-        let lname = name.to_ascii_lowercase();
-        let listed = DENIED_STARTUP_PARAMETERS.contains(&lname.as_str())
+        let lname = crate::ascii_lowercase(name);
+        let listed = DENIED_STARTUP_PARAMETERS.contains(&&*lname)
             || proxy
                 .cfg
                 .proxy

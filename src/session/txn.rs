@@ -178,7 +178,8 @@ async fn attach(
 ) -> Option<Client> {
     // AuthenticationOk waits in `out` to go with the parameters in one write (one packet, one wakeup of the
     // client); a refusal goes out right after it, and before a wait for a server connection it goes alone.
-    let mut out = BytesMut::with_capacity(128);
+    // Room for the usual login answer (some 15 ParameterStatus messages): it does not grow and copy on the way.
+    let mut out = BytesMut::with_capacity(1024);
     msg::auth_ok(&mut out);
     let startup = match startup_settings(&s.startup) {
         Ok(v) => v,
