@@ -571,11 +571,13 @@ impl Pool {
                 let weight = self.weight.load(Ordering::Relaxed);
                 let got = tokio::time::timeout(left, f.acquire(&self.tenant, weight)).await;
                 drop(waiting);
-                waited = started.elapsed();
-                self.max_wait_us
-                    .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
                 match got {
-                    Ok(Some(p)) => Some(p),
+                    Ok(Some(p)) => {
+                        waited = started.elapsed();
+                        self.max_wait_us
+                            .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+                        Some(p)
+                    }
                     _ => return Err(CheckoutError::Timeout(self.cfg.checkout_timeout)),
                 }
             }
@@ -776,12 +778,12 @@ impl Pool {
     }
 }
 
-/// While a pool has waiters, wakes them every eighth of the checkout timeout (5 ms to 250 ms) to look at their
+/// While a pool has waiters, wakes them every eighth of the checkout timeout (5 ms to 1 s) to look at their
 /// deadline: a checkout times out at most one tick late. Ends when nobody waits (a new waiter starts it again).
 async fn wait_ticker(pool: Weak<Pool>) {
     let tick = match pool.upgrade() {
         Some(p) => {
-            (p.cfg.checkout_timeout / 8).clamp(Duration::from_millis(5), Duration::from_millis(250))
+            (p.cfg.checkout_timeout / 8).clamp(Duration::from_millis(5), Duration::from_secs(1))
         }
         None => return,
     };
