@@ -136,10 +136,10 @@ pub struct Pool {
     /// Open connections: idle + checked out + being opened.
     total: AtomicUsize,
     waiting: AtomicUsize,
-    /// Wakes the pool's waiters now and then to look at their checkout timeout ([`Pool::wait_ticker`]): one timer
-    /// per pool while anyone waits, not one per wait.
+    /// Wakes the pool's waiters now and then to look at their checkout timeout ([`wait_ticker`]): one timer per
+    /// pool while anyone waits, not one per wait.
     wait_tick: tokio::sync::Notify,
-    /// A [`Pool::wait_ticker`] task runs.
+    /// A [`wait_ticker`] task runs.
     ticking: AtomicBool,
     max_wait_us: AtomicU64,
     pinned: AtomicUsize,
@@ -540,17 +540,21 @@ impl Pool {
             .await
     }
 
-    /// Starts [`Pool::wait_ticker`] unless it runs. Called by a waiter already counted in `waiting`.
+    /// Starts [`wait_ticker`] unless it runs. Called by a waiter already counted in `waiting`.
     fn ensure_wait_ticker(self: &Arc<Self>) {
+        if self.claim_ticker() {
+            tokio::spawn(wait_ticker(Arc::downgrade(self)));
+        }
+    }
+
+    /// Sets `ticking`; true when it was clear (the caller is, or goes on as, the one ticker).
+    fn claim_ticker(&self) -> bool {
         // Under load the ticker runs already: a read, not a locked write, per wait.
-        if !self.ticking.load(Ordering::SeqCst)
+        !self.ticking.load(Ordering::SeqCst)
             && self
                 .ticking
                 .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
-        {
-            tokio::spawn(wait_ticker(Arc::downgrade(self)));
-        }
     }
 
     /// The rest of a checkout that holds its pool slot: the cluster's fair share (when the cluster limits active
@@ -781,11 +785,10 @@ impl Pool {
 /// While a pool has waiters, wakes them every eighth of the checkout timeout (5 ms to 1 s) to look at their
 /// deadline: a checkout times out at most one tick late. Ends when nobody waits (a new waiter starts it again).
 async fn wait_ticker(pool: Weak<Pool>) {
-    let tick = match pool.upgrade() {
-        Some(p) => {
-            (p.cfg.checkout_timeout / 8).clamp(Duration::from_millis(5), Duration::from_secs(1))
-        }
-        None => return,
+    let Some(tick) = period(&pool, |cfg| {
+        (cfg.checkout_timeout / 8).clamp(Duration::from_millis(5), Duration::from_secs(1))
+    }) else {
+        return;
     };
     loop {
         tokio::time::sleep(tick).await;
@@ -796,23 +799,23 @@ async fn wait_ticker(pool: Weak<Pool>) {
         if p.waiting.load(Ordering::SeqCst) == 0 {
             p.ticking.store(false, Ordering::SeqCst);
             // A waiter that came after the load above saw `ticking` still set and counts on this task.
-            if p.waiting.load(Ordering::SeqCst) == 0
-                || p.ticking
-                    .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_err()
-            {
+            if p.waiting.load(Ordering::SeqCst) == 0 || !p.claim_ticker() {
                 return;
             }
         }
     }
 }
 
+/// The period of a pool's background task, from its configuration (None: the pool is gone).
+fn period(pool: &Weak<Pool>, of: impl FnOnce(&PoolConfig) -> Duration) -> Option<Duration> {
+    pool.upgrade().map(|p| of(&p.cfg))
+}
+
 async fn maintain(pool: Weak<Pool>) {
-    let interval = match pool.upgrade() {
-        Some(p) => {
-            (p.cfg.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
-        }
-        None => return,
+    let Some(interval) = period(&pool, |cfg| {
+        (cfg.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
+    }) else {
+        return;
     };
     loop {
         match pool.upgrade() {
