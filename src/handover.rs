@@ -158,24 +158,41 @@ mod tests {
 
     #[test]
     fn listening_sockets_pass_between_processes_intact() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("temporary directory for the handover socket");
         let path = dir.path().join("handover.sock");
-        assert!(take_over(&path).unwrap().is_none(), "nobody answers yet");
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = tcp.local_addr().unwrap();
+        assert!(
+            take_over(&path)
+                .expect("asking with nobody listening is not an error")
+                .is_none(),
+            "nobody answers yet"
+        );
+        let listener =
+            std::os::unix::net::UnixListener::bind(&path).expect("bind the handover socket");
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind a TCP listener on an ephemeral port");
+        let addr = tcp.local_addr().expect("local address of the TCP listener");
         let raw = tcp.as_raw_fd();
         let server = std::thread::spawn(move || {
-            let (s, _) = listener.accept().unwrap();
-            assert!(answer(&s, &[raw]).unwrap());
+            let (s, _) = listener
+                .accept()
+                .expect("accept the taker on the handover socket");
+            assert!(answer(&s, &[raw]).expect("answer sends the listening socket"));
             tcp // kept open until the other side has its copy
         });
-        let got = take_over(&path).unwrap().expect("an answer");
-        let _old = server.join().unwrap();
-        assert_eq!(got.client.local_addr().unwrap(), addr, "the same socket");
+        let got = take_over(&path)
+            .expect("take over through the handover socket")
+            .expect("an answer");
+        let _old = server.join().expect("answering thread does not panic");
+        assert_eq!(
+            got.client
+                .local_addr()
+                .expect("local address of the received socket"),
+            addr,
+            "the same socket"
+        );
         assert!(got.admin.is_none());
         // A connection made now can be accepted through the received socket.
-        let _c = std::net::TcpStream::connect(addr).unwrap();
-        let (_a, _) = got.client.accept().unwrap();
+        let _c = std::net::TcpStream::connect(addr).expect("connect to the handed-over address");
+        let (_a, _) = got.client.accept().expect("accept on the received socket");
     }
 }

@@ -828,9 +828,25 @@ mod tests {
             let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
             let body = &b[5..1 + len];
             let name = match b[0] {
-                b'P' => cstr(body).unwrap().0,
-                b'B' => cstr(cstr(body).unwrap().1).unwrap().0,
-                b'C' | b'D' => cstr(&body[1..]).unwrap().0,
+                b'P' => {
+                    cstr(body)
+                        .expect("Parse body starts with a NUL-terminated statement name")
+                        .0
+                }
+                b'B' => {
+                    cstr(
+                        cstr(body)
+                            .expect("Bind body starts with a NUL-terminated portal name")
+                            .1,
+                    )
+                    .expect("Bind body has a NUL-terminated statement name after the portal")
+                    .0
+                }
+                b'C' | b'D' => {
+                    cstr(&body[1..])
+                        .expect("Close/Describe body has a NUL-terminated name after its kind byte")
+                        .0
+                }
                 _ => &[][..],
             };
             v.push((b[0] as char, String::from_utf8_lossy(name).into_owned()));

@@ -409,7 +409,7 @@ mod tests {
                 .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
                 .unwrap_or_else(|| panic!("{series} missing in {out}"))
                 .parse()
-                .unwrap()
+                .expect("series value is a number")
         };
         assert!(out.starts_with("# HELP x_seconds Help.\n# TYPE x_seconds histogram\n"));
         // A value on a bound belongs to that bucket (le: less or equal).

@@ -272,7 +272,8 @@ mod tests {
 
     #[test]
     fn channel_binding_of_a_generated_certificate() {
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()])
+            .expect("generate a self-signed certificate");
         let der = ck.cert.der().to_vec();
         // rcgen signs with ECDSA P-256 / SHA-256 by default.
         assert_eq!(

@@ -339,8 +339,12 @@ mod tests {
             !unlink.is_finished(),
             "unlink must wait for the cancel in flight"
         );
-        tx.send(()).unwrap();
-        assert_eq!(cancel.await.unwrap(), CancelOutcome::Forwarded);
-        unlink.await.unwrap();
+        tx.send(())
+            .expect("the cancel's forwarder still waits for the signal");
+        assert_eq!(
+            cancel.await.expect("cancel task does not panic"),
+            CancelOutcome::Forwarded
+        );
+        unlink.await.expect("unlink task does not panic");
     }
 }

@@ -114,12 +114,18 @@ mod tests {
 
     #[test]
     fn sealed_values_open_only_with_their_key_and_context() {
-        let key = SecretKey::from_base64(&SecretKey::generate_base64()).unwrap();
+        let key = SecretKey::from_base64(&SecretKey::generate_base64())
+            .expect("a freshly generated key decodes");
         let sealed = key.seal("tenant:acme", "s3cret");
         assert!(!sealed.windows(6).any(|w| w == b"s3cret"));
-        assert_eq!(key.open("tenant:acme", &sealed).unwrap(), "s3cret");
+        assert_eq!(
+            key.open("tenant:acme", &sealed)
+                .expect("the sealing key opens its own seal in the same context"),
+            "s3cret"
+        );
         assert!(key.open("tenant:other", &sealed).is_err());
-        let other = SecretKey::from_base64(&SecretKey::generate_base64()).unwrap();
+        let other = SecretKey::from_base64(&SecretKey::generate_base64())
+            .expect("a second freshly generated key decodes");
         assert!(other.open("tenant:acme", &sealed).is_err());
         let mut damaged = sealed.clone();
         damaged[NONCE_LEN] ^= 1;

@@ -419,8 +419,10 @@ mod tests {
             max_connections: Some(2),
             ..Plan::default()
         })));
-        let a = t.connect().unwrap();
-        let _b = t.connect().unwrap();
+        let a = t.connect().expect("first connection is under the cap of 2");
+        let _b = t
+            .connect()
+            .expect("second connection is under the cap of 2");
         assert!(t.connect().is_none());
         drop(a);
         assert!(t.connect().is_some());

@@ -198,7 +198,9 @@ mod tests {
     #[tokio::test]
     async fn a_changed_limit_admits_waiters_and_zero_lifts_it() {
         let share = FairShare::new(1);
-        let held = share.try_acquire("a", 1).unwrap();
+        let held = share
+            .try_acquire("a", 1)
+            .expect("the first grant is under the limit of 1");
         let waiter = {
             let s = share.clone();
             tokio::spawn(async move { s.acquire("b", 1).await })
@@ -206,7 +208,10 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(share.load(), (1, 1));
         share.set_capacity(2);
-        let second = waiter.await.unwrap().expect("admitted by the larger limit");
+        let second = waiter
+            .await
+            .expect("waiter task does not panic")
+            .expect("admitted by the larger limit");
         assert_eq!(share.load(), (2, 0));
         assert!(share.try_acquire("c", 1).is_none(), "the limit is 2");
         share.set_capacity(0);
@@ -218,7 +223,9 @@ mod tests {
     #[tokio::test]
     async fn waiters_are_served_by_weight_and_a_small_tenant_is_not_starved() {
         let share = FairShare::new(1);
-        let held = share.try_acquire("big", 1).unwrap();
+        let held = share
+            .try_acquire("big", 1)
+            .expect("the first grant is under the limit of 1");
         // The big tenant queues 6 waiters, then the small one 2.
         let mut order = Vec::new();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -226,8 +233,12 @@ mod tests {
             for i in 0..n {
                 let (s, tx) = (share.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let p = s.acquire(tenant, 1).await.unwrap();
-                    tx.send(format!("{tenant}{i}")).unwrap();
+                    let p = s
+                        .acquire(tenant, 1)
+                        .await
+                        .expect("a waiter is admitted once the holder lets go");
+                    tx.send(format!("{tenant}{i}"))
+                        .expect("the test still receives the order");
                     drop(p);
                 });
                 tokio::task::yield_now().await;
@@ -235,7 +246,11 @@ mod tests {
         }
         drop(held);
         for _ in 0..8 {
-            order.push(rx.recv().await.unwrap());
+            order.push(
+                rx.recv()
+                    .await
+                    .expect("each of the 8 waiters reports its turn"),
+            );
         }
         // Alternating while both wait; FIFO would have put the small tenant last.
         let small_at: Vec<usize> = order
@@ -251,7 +266,9 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_that_gives_up_hands_its_grant_on() {
         let share = FairShare::new(1);
-        let held = share.try_acquire("a", 1).unwrap();
+        let held = share
+            .try_acquire("a", 1)
+            .expect("the first grant is under the limit of 1");
         let gone = {
             let s = share.clone();
             tokio::spawn(async move { s.acquire("a", 1).await.map(|_| ()) })
@@ -265,7 +282,7 @@ mod tests {
         };
         tokio::task::yield_now().await;
         drop(held);
-        assert!(next.await.unwrap());
+        assert!(next.await.expect("next waiter task does not panic"));
         assert_eq!(share.load(), (0, 0));
     }
 }

@@ -158,7 +158,10 @@ mod tests {
             "the pause waits for the pass in flight"
         );
         drop(first);
-        let waited = pausing.await.unwrap().unwrap();
+        let waited = pausing
+            .await
+            .expect("pause task does not panic")
+            .expect("the pause succeeds once the pass in flight is dropped");
         assert!(waited >= Duration::from_millis(20));
         assert_eq!(
             gate.pause(Duration::from_secs(1)).await,
@@ -174,7 +177,7 @@ mod tests {
                     .pass(Duration::from_secs(5))
                     .await
                     .expect("released by resume");
-                o.lock().unwrap().push(i);
+                o.lock().expect("order lock not poisoned").push(i);
             }));
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -184,9 +187,12 @@ mod tests {
         );
         assert!(gate.resume().is_some());
         for h in held {
-            h.await.unwrap();
+            h.await.expect("held client task does not panic");
         }
-        assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4]);
+        assert_eq!(
+            *order.lock().expect("order lock not poisoned"),
+            [0, 1, 2, 3, 4]
+        );
         assert!(gate.resume().is_none());
         assert!(gate.try_pass().is_some());
     }
@@ -268,7 +274,7 @@ mod tests {
     #[tokio::test]
     async fn a_pause_dropped_while_waiting_leaves_the_gate_open() {
         let gate = Arc::new(Gate::default());
-        let busy = gate.try_pass().unwrap();
+        let busy = gate.try_pass().expect("open gate");
         let g = gate.clone();
         let pausing = tokio::spawn(async move { g.pause(Duration::from_secs(10)).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -286,7 +292,7 @@ mod tests {
     #[tokio::test]
     async fn a_pause_that_times_out_leaves_the_gate_open() {
         let gate = Arc::new(Gate::default());
-        let _busy = gate.try_pass().unwrap();
+        let _busy = gate.try_pass().expect("open gate");
         assert_eq!(
             gate.pause(Duration::from_millis(30)).await,
             Err(PauseError::Timeout(Duration::from_millis(30)))

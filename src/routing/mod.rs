@@ -254,7 +254,7 @@ mod tests {
     use super::*;
 
     fn ep(s: &str) -> Endpoint {
-        Endpoint::parse(s).unwrap()
+        Endpoint::parse(s).expect("test endpoint parses")
     }
 
     fn check(input: RouteInput<'_>, expected: Result<(&str, Source, &str), &str>) {

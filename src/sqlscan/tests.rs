@@ -770,7 +770,7 @@ fn tokens_match_postgres_boundaries() {
 #[test]
 fn literal_and_identifier_contents() {
     use super::lexer::{ident_content, str_content};
-    let one = |sql: &str| Lexer::new(sql).next().unwrap();
+    let one = |sql: &str| Lexer::new(sql).next().expect("input holds one token");
     let content = |sql: &str| str_content(sql, one(sql)).map(|c| c.into_owned());
     assert_eq!(content("'it''s'").as_deref(), Some("it's"));
     assert_eq!(content("'a' -- x'\n 'b'").as_deref(), Some("ab"));
@@ -910,7 +910,7 @@ fn unicode_identifiers() {
 #[test]
 fn unicode_identifier_decoding() {
     let decode = |sql: &str, esc: u8| {
-        let t = Lexer::new(sql).next().unwrap();
+        let t = Lexer::new(sql).next().expect("input holds one token");
         let mut buf = [0u8; 32];
         lexer::unicode_ident_content(sql, t, esc, &mut buf).map(str::to_owned)
     };
@@ -1384,17 +1384,19 @@ fn number_shapes_mask_numbers_and_nothing_else() {
         let mut out = Vec::new();
         number_shape(sql.as_bytes(), &mut out).then_some(out)
     };
-    let a = shape("SELECT abalance FROM pgbench_accounts WHERE aid = 17;").unwrap();
+    let a = shape("SELECT abalance FROM pgbench_accounts WHERE aid = 17;")
+        .expect("a query with a number has a number shape");
     assert_eq!(
         a,
-        shape("SELECT abalance FROM pgbench_accounts WHERE aid = 424242;").unwrap()
+        shape("SELECT abalance FROM pgbench_accounts WHERE aid = 424242;")
+            .expect("a query with a number has a number shape")
     );
     assert_eq!(
         a,
         b"SELECT abalance FROM pgbench_accounts WHERE aid = \x01;"
     );
     assert_eq!(
-        shape("SELECT 1.5, -2, a/3").unwrap(),
+        shape("SELECT 1.5, -2, a/3").expect("a query with numbers has a number shape"),
         b"SELECT \x01.\x01, -\x01, a/\x01"
     );
     // Digits in names are names.

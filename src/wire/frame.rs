@@ -175,7 +175,7 @@ mod tests {
                         Ok(Verdict::Forward)
                     },
                 )
-                .unwrap();
+                .expect("well-formed frames scan without error");
             out.extend_from_slice(&buf[..s.forward]);
             buf.drain(..s.forward);
         }
@@ -226,7 +226,7 @@ mod tests {
                     })
                 },
             )
-            .unwrap();
+            .expect("well-formed frames scan without error");
         assert!(s.stopped);
         assert_eq!(s.forward, stream.len() - 5);
     }

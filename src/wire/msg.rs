@@ -201,7 +201,8 @@ mod tests {
     fn decode_one_rejects_leftovers_and_contains_panics() {
         let mut out = BytesMut::new();
         parameter_status("TimeZone", "UTC", &mut out);
-        let ps: ParameterStatus = decode_one(&out, "ParameterStatus").unwrap();
+        let ps: ParameterStatus =
+            decode_one(&out, "ParameterStatus").expect("an encoded ParameterStatus decodes");
         assert_eq!((ps.name.as_str(), ps.value.as_str()), ("TimeZone", "UTC"));
 
         // Authentication without its code panics inside pgwire: it must come back as an error.

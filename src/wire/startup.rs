@@ -168,19 +168,20 @@ mod tests {
 
     #[test]
     fn parses_packets() {
-        let p = parse_packet(&startup(&[("user", "alice"), ("database", "app")])).unwrap();
+        let p = parse_packet(&startup(&[("user", "alice"), ("database", "app")]))
+            .expect("a well-formed startup packet parses");
         let FirstPacket::Startup(s) = p else { panic!() };
         assert_eq!(s.get("user"), Some("alice"));
         assert_eq!(s.get("database"), Some("app"));
         assert_eq!(
-            parse_packet(&SSL_REQUEST_CODE.to_be_bytes()).unwrap(),
+            parse_packet(&SSL_REQUEST_CODE.to_be_bytes()).expect("an SSL request parses"),
             FirstPacket::SslRequest
         );
         let mut c = CANCEL_REQUEST_CODE.to_be_bytes().to_vec();
         c.extend_from_slice(&7i32.to_be_bytes());
         c.extend_from_slice(&9i32.to_be_bytes());
         assert_eq!(
-            parse_packet(&c).unwrap(),
+            parse_packet(&c).expect("a cancel request parses"),
             FirstPacket::Cancel {
                 pid: 7,
                 secret: 9i32.to_be_bytes().to_vec()
@@ -214,7 +215,8 @@ mod tests {
 
     #[test]
     fn protocol_options_are_separated() {
-        let p = parse_packet(&startup(&[("user", "a"), ("_pq_.x", "1")])).unwrap();
+        let p = parse_packet(&startup(&[("user", "a"), ("_pq_.x", "1")]))
+            .expect("a startup packet with a protocol option parses");
         let FirstPacket::Startup(s) = p else { panic!() };
         assert_eq!(s.protocol_options, vec!["_pq_.x".to_string()]);
         assert_eq!(s.params.len(), 1);
