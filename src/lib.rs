@@ -57,3 +57,49 @@ pub(crate) fn ascii_lowercase(s: &str) -> std::borrow::Cow<'_, str> {
         std::borrow::Cow::Borrowed(s)
     }
 }
+
+/// Which of two raced futures finished first (see [`race`]).
+pub(crate) enum First<A, B> {
+    A(A),
+    B(B),
+}
+
+/// Runs `a` and `b` until one finishes; on every wakeup `a` is polled first (biased, as `tokio::select!` with
+/// `biased;`, without its branch bookkeeping: this is on every transaction's path). The futures are pinned by the
+/// caller, where they were made: a transaction's futures are large, and moving them here would copy them.
+pub(crate) fn race<'a, A: std::future::Future + ?Sized, B: std::future::Future + ?Sized>(
+    mut a: std::pin::Pin<&'a mut A>,
+    mut b: std::pin::Pin<&'a mut B>,
+) -> impl std::future::Future<Output = First<A::Output, B::Output>> + 'a {
+    std::future::poll_fn(move |cx| {
+        if let std::task::Poll::Ready(v) = a.as_mut().poll(cx) {
+            return std::task::Poll::Ready(First::A(v));
+        }
+        b.as_mut().poll(cx).map(First::B)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{race, First};
+    use std::pin::pin;
+
+    #[tokio::test]
+    async fn race_polls_its_first_future_first_and_ends_with_the_one_that_finishes() {
+        // Both ready: the first wins (biased).
+        let got = race(pin!(async { 1 }), pin!(async { "b" })).await;
+        assert!(matches!(got, First::A(1)));
+        // The first never finishes: the second's value comes back.
+        let got = race(pin!(std::future::pending::<u8>()), pin!(async { "b" })).await;
+        assert!(matches!(got, First::B("b")));
+        // The second finishes later, after a wakeup that polls both again.
+        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+        let sender = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            tx.send(7).is_ok()
+        });
+        let got = race(pin!(std::future::pending::<u8>()), pin!(rx)).await;
+        assert!(matches!(got, First::B(Ok(7))));
+        assert!(sender.await.expect("the sender task does not panic"));
+    }
+}

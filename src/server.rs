@@ -94,10 +94,9 @@ impl Lifecycle {
 
     /// Runs `work` to its end, unless terminating begins first (None: `work` was dropped).
     pub async fn unless_terminated<F: Future>(&self, work: F) -> Option<F::Output> {
-        tokio::select! {
-            biased;
-            out = work => Some(out),
-            _ = self.terminated() => None,
+        match crate::race(std::pin::pin!(work), std::pin::pin!(self.terminated())).await {
+            crate::First::A(out) => Some(out),
+            crate::First::B(()) => None,
         }
     }
 
@@ -160,10 +159,9 @@ impl Watch<'_> {
 
     /// Runs `work` to its end, unless terminating begins first (None: `work` was dropped).
     pub async fn unless_terminated<F: Future>(&mut self, work: F) -> Option<F::Output> {
-        tokio::select! {
-            biased;
-            out = work => Some(out),
-            _ = self.terminated() => None,
+        match crate::race(std::pin::pin!(work), std::pin::pin!(self.terminated())).await {
+            crate::First::A(out) => Some(out),
+            crate::First::B(()) => None,
         }
     }
 

@@ -518,10 +518,9 @@ impl Pool {
         let acquire = self.slots.clone().acquire_owned();
         tokio::pin!(acquire);
         let permit = loop {
-            tokio::select! {
-                biased;
-                p = &mut acquire => break p.ok(),
-                _ = self.wait_tick.notified() => {
+            match crate::race(acquire.as_mut(), std::pin::pin!(self.wait_tick.notified())).await {
+                crate::First::A(p) => break p.ok(),
+                crate::First::B(()) => {
                     if started.elapsed() >= timeout {
                         break None;
                     }

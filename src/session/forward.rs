@@ -482,14 +482,22 @@ impl Pumps<'_, '_> {
         SR: AsyncRead + Unpin,
         SW: crate::net::WriteNow,
     {
-        // Biased: no random draw per wakeup. Neither pump starves the other: each returns only at the end of the
-        // run, and tokio's cooperative budget makes a busy one yield. The server's pump first: most wakeups during
-        // a run are the server's answer, and the one that ends a transaction then ends the run without a look at
-        // the client's socket (a client's bytes left unread wait for the next transaction).
-        tokio::select! {
-            biased;
-            r = server_to_client(sr, cw, self.server_buf, self.s_scan, self.params, self.reported, self.shared) => r,
-            r = client_to_server(cr, sw, self.client_buf, self.c_scan, self.shared) => r,
+        // Both pumps are polled on every wakeup, in a fixed order (`race`: no random draw). Neither starves the other: each returns only at the end of the run, and tokio's cooperative
+        // budget makes a busy one yield. The server's pump first: most wakeups during a run are the server's
+        // answer, and the one that ends a transaction then ends the run without a look at the client's socket (a
+        // client's bytes left unread wait for the next transaction).
+        let s2c = server_to_client(
+            sr,
+            cw,
+            self.server_buf,
+            self.s_scan,
+            self.params,
+            self.reported,
+            self.shared,
+        );
+        let c2s = client_to_server(cr, sw, self.client_buf, self.c_scan, self.shared);
+        match crate::race(std::pin::pin!(s2c), std::pin::pin!(c2s)).await {
+            crate::First::A(r) | crate::First::B(r) => r,
         }
     }
 }

@@ -566,15 +566,15 @@ async fn read_idle(
     // A shutdown ends an idle session (the client is told 57P01) — after a moment in which a request already on
     // its way (a client that has just logged in, or was about to send) is still served. Reads are cancel-safe
     // (plain and TLS), so a read cut short by the shutdown loses nothing.
-    tokio::select! {
-        biased;
-        r = read_some(stream, buf) => r,
-        _ = watch.drained() => {
-            match Box::pin(tokio::time::timeout(DRAIN_GRACE, read_some(stream, buf))).await {
-                Ok(r) => r,
-                Err(_) => IdleRead::Stopping,
-            }
+    {
+        let read = std::pin::pin!(read_some(stream, buf));
+        if let crate::First::A(r) = crate::race(read, std::pin::pin!(watch.drained())).await {
+            return r;
         }
+    }
+    match Box::pin(tokio::time::timeout(DRAIN_GRACE, read_some(stream, buf))).await {
+        Ok(r) => r,
+        Err(_) => IdleRead::Stopping,
     }
 }
 
@@ -650,10 +650,14 @@ async fn wait_for_server(
     // From here until the link, a cancel is remembered and answers the request (57014).
     key.slot.mark_waiting().await;
     loop {
-        tokio::select! {
-            biased;
-            c = &mut wait => break Some(c),
-            _ = key.slot.woken() => {
+        match crate::race(
+            std::pin::Pin::new(&mut wait),
+            std::pin::pin!(key.slot.woken()),
+        )
+        .await
+        {
+            crate::First::A(c) => break Some(c),
+            crate::First::B(()) => {
                 if key.slot.take_cancelled().await {
                     break None;
                 }
