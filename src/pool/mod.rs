@@ -460,15 +460,16 @@ impl Pool {
                     }
                     _ => None,
                 };
-                self.waits.record(Duration::ZERO);
                 let slot = Slot {
                     _permit: permit,
                     _pass: pass,
                     _fair: fair,
                 };
-                match self.take_quiet(startup, shared) {
-                    Some(conn) => CheckoutFuture::Ready(Some(self.guard(conn, slot))),
-                    None => CheckoutFuture::Wait(crate::boxed(|| self.open(slot, startup, shared))),
+                match self.take_with(slot, startup, shared, Duration::ZERO) {
+                    Ok(c) => CheckoutFuture::Ready(Some(c)),
+                    Err(slot) => {
+                        CheckoutFuture::Wait(crate::boxed(|| self.open(slot, startup, shared)))
+                    }
                 }
             }
             Err(_) => {
@@ -535,8 +536,36 @@ impl Pool {
         };
         self.max_wait_us
             .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+        if !self.fair.as_ref().is_some_and(|f| f.capacity() > 0) {
+            // No fair share to wait for: no further future.
+            let slot = Slot {
+                _permit: permit,
+                _pass: pass,
+                _fair: None,
+            };
+            return match self.take_with(slot, startup, shared, waited) {
+                Ok(c) => Ok(c),
+                Err(slot) => self.open(slot, startup, shared).await,
+            };
+        }
         self.checkout_fair(startup, shared, permit, pass, started, waited)
             .await
+    }
+
+    /// An idle connection for a checkout that holds its `slot` (its wait, `waited`, is recorded), or the slot back
+    /// when none fits (a connection is to be opened).
+    fn take_with(
+        self: &Arc<Self>,
+        slot: Slot,
+        startup: &StartupParams,
+        shared: bool,
+        waited: Duration,
+    ) -> Result<Checkout, Slot> {
+        self.waits.record(waited);
+        match self.take_quiet(startup, shared) {
+            Some(conn) => Ok(self.guard(conn, slot)),
+            None => Err(slot),
+        }
     }
 
     /// Starts [`wait_ticker`] unless it runs. Called by a waiter already counted in `waiting`.
@@ -586,16 +615,15 @@ impl Pool {
             }
             _ => None,
         };
-        self.waits.record(waited);
         let slot = Slot {
             _permit: permit,
             _pass: pass,
             _fair: fair,
         };
-        if let Some(conn) = self.take_quiet(startup, shared) {
-            return Ok(self.guard(conn, slot));
+        match self.take_with(slot, startup, shared, waited) {
+            Ok(c) => Ok(c),
+            Err(slot) => self.open(slot, startup, shared).await,
         }
-        self.open(slot, startup, shared).await
     }
 
     /// Opens a server connection for a checkout that holds its slot.
