@@ -67,6 +67,11 @@ pub(crate) enum First<A, B> {
 /// Runs `a` and `b` until one finishes; on every wakeup `a` is polled first (biased, as `tokio::select!` with
 /// `biased;`, without its branch bookkeeping: this is on every transaction's path). The futures are pinned by the
 /// caller, where they were made: a transaction's futures are large, and moving them here would copy them.
+///
+/// Unlike `select!`, `race` does not look at tokio's cooperative budget itself. When the task has spent it, a
+/// budget-aware `a` (a socket read, a semaphore) returns Pending and has the task woken again, and `b` is polled:
+/// it may win though `a` would have after the yield. Every caller's `b` is a wakeup whose handler looks again
+/// (drain, shutdown, cancel, timeout tick) or a pump that is budget-aware itself.
 pub(crate) fn race<'a, A: std::future::Future + ?Sized, B: std::future::Future + ?Sized>(
     mut a: std::pin::Pin<&'a mut A>,
     mut b: std::pin::Pin<&'a mut B>,
@@ -86,8 +91,9 @@ mod tests {
 
     #[tokio::test]
     async fn race_polls_its_first_future_first_and_ends_with_the_one_that_finishes() {
-        // Both ready: the first wins (biased).
-        let got = race(pin!(async { 1 }), pin!(async { "b" })).await;
+        // The first is ready: the second is not even polled (it would panic).
+        let never = async { panic!("the second future is polled though the first is ready") };
+        let got = race(pin!(async { 1 }), pin!(never)).await;
         assert!(matches!(got, First::A(1)));
         // The first never finishes: the second's value comes back.
         let got = race(pin!(std::future::pending::<u8>()), pin!(async { "b" })).await;
@@ -100,6 +106,19 @@ mod tests {
         });
         let got = race(pin!(std::future::pending::<u8>()), pin!(rx)).await;
         assert!(matches!(got, First::B(Ok(7))));
+        assert!(sender.await.expect("the sender task does not panic"));
+        // Both wait; after the wakeup both are ready and the first is polled again first: it wins.
+        let (tx_a, rx_a) = tokio::sync::oneshot::channel::<u32>();
+        let (tx_b, rx_b) = tokio::sync::oneshot::channel::<u32>();
+        let sender = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            tx_b.send(2).is_ok() && tx_a.send(1).is_ok()
+        });
+        let got = race(pin!(rx_a), pin!(rx_b)).await;
+        assert!(
+            matches!(got, First::A(Ok(1))),
+            "the first is polled first after a wakeup"
+        );
         assert!(sender.await.expect("the sender task does not panic"));
     }
 }

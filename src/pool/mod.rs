@@ -439,8 +439,8 @@ impl Pool {
         // Free permits exist only while nobody waits (released permits go to waiters first): FIFO holds.
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) => {
-                let fair = match &self.fair {
-                    Some(f) if f.capacity() > 0 => {
+                let fair = match self.fair_limit() {
+                    Some(f) => {
                         match f.try_acquire(&self.tenant, self.weight.load(Ordering::Relaxed)) {
                             Some(p) => Some(p),
                             None => {
@@ -536,7 +536,7 @@ impl Pool {
         };
         self.max_wait_us
             .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
-        if !self.fair.as_ref().is_some_and(|f| f.capacity() > 0) {
+        if self.fair_limit().is_none() {
             // No fair share to wait for: no further future.
             let slot = Slot {
                 _permit: permit,
@@ -550,6 +550,11 @@ impl Pool {
         }
         self.checkout_fair(startup, shared, permit, pass, started, waited)
             .await
+    }
+
+    /// The cluster's fair share, when it limits active transactions now (a capacity of 0 is no limit).
+    fn fair_limit(&self) -> Option<&Arc<FairShare>> {
+        self.fair.as_ref().filter(|f| f.capacity() > 0)
     }
 
     /// An idle connection for a checkout that holds its `slot` (its wait, `waited`, is recorded), or the slot back
@@ -596,8 +601,8 @@ impl Pool {
         started: Instant,
         mut waited: Duration,
     ) -> Result<Checkout, CheckoutError> {
-        let fair = match &self.fair {
-            Some(f) if f.capacity() > 0 => {
+        let fair = match self.fair_limit() {
+            Some(f) => {
                 let left = self.cfg.checkout_timeout.saturating_sub(waited);
                 let waiting = Counted::new(&self.waiting);
                 let weight = self.weight.load(Ordering::Relaxed);

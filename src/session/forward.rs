@@ -482,11 +482,12 @@ impl Pumps<'_, '_> {
         SR: AsyncRead + Unpin,
         SW: crate::net::WriteNow,
     {
-        // Both pumps are polled on every wakeup, in a fixed order (`race`: no random draw). Neither starves the other: each returns only at the end of the run, and tokio's cooperative
-        // budget makes a busy one yield. The server's pump first: most wakeups during a run are the server's
-        // answer, and the one that ends a transaction then ends the run without a look at the client's socket (a
-        // client's bytes left unread wait for the next transaction).
-        let s2c = server_to_client(
+        // Both pumps are polled on every wakeup, in a fixed order (`race`: no random draw). Neither starves the
+        // other: each returns only at the end of the run, and tokio's cooperative budget makes a busy one yield.
+        // The server's pump first: most wakeups during a run are the server's answer, and the one that ends a
+        // transaction then ends the run without a look at the client's socket (a client's bytes left unread wait
+        // for the next transaction).
+        let s2c = std::pin::pin!(server_to_client(
             sr,
             cw,
             self.server_buf,
@@ -494,9 +495,15 @@ impl Pumps<'_, '_> {
             self.params,
             self.reported,
             self.shared,
-        );
-        let c2s = client_to_server(cr, sw, self.client_buf, self.c_scan, self.shared);
-        match crate::race(std::pin::pin!(s2c), std::pin::pin!(c2s)).await {
+        ));
+        let c2s = std::pin::pin!(client_to_server(
+            cr,
+            sw,
+            self.client_buf,
+            self.c_scan,
+            self.shared
+        ));
+        match crate::race(s2c, c2s).await {
             crate::First::A(r) | crate::First::B(r) => r,
         }
     }

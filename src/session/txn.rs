@@ -339,7 +339,7 @@ impl Client {
         let mut duration_us = 0;
         loop {
             // Not boxed on its own: this future is (it exists only during a transaction). Pinned in place: the
-            // select holds a reference, not a second copy of the future.
+            // race against shutdown (`unless_terminated`) holds a reference, not a second copy of the future.
             let end = {
                 let run = forward::run(
                     stream,
@@ -650,12 +650,13 @@ async fn wait_for_server(
     // From here until the link, a cancel is remembered and answers the request (57014).
     key.slot.mark_waiting().await;
     loop {
-        match crate::race(
+        // Both futures of the race are gone before the cancel is looked at.
+        let first = crate::race(
             std::pin::Pin::new(&mut wait),
             std::pin::pin!(key.slot.woken()),
         )
-        .await
-        {
+        .await;
+        match first {
             crate::First::A(c) => break Some(c),
             crate::First::B(()) => {
                 if key.slot.take_cancelled().await {
