@@ -10,6 +10,7 @@ mod basics;
 mod branches;
 mod control;
 mod data;
+mod drivers;
 mod policy;
 mod robustness;
 mod stress;

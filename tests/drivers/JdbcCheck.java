@@ -1,0 +1,99 @@
+// pgjdbc against pgweir in transaction mode: server-prepared statements (prepareThreshold=1: named from the first
+// use, then only Bind/Execute), batches, transactions, an error inside a transaction, per-client settings; clients
+// in threads.
+//
+// usage: java -cp postgresql.jar:. JdbcCheck HOST PORT USER PASSWORD DATABASE CLIENTS ROUNDS; prints 'ok ...' or
+// fails (exit 1).
+import java.sql.*;
+import java.util.*;
+import java.util.concurrent.*;
+
+public class JdbcCheck {
+    static void check(boolean ok, String what) {
+        if (!ok) throw new AssertionError(what);
+    }
+
+    static void client(int i, String[] a, int rounds) throws Exception {
+        String url = "jdbc:postgresql://" + a[0] + ":" + a[1] + "/" + a[4]
+            + "?sslmode=disable&prepareThreshold=1&ApplicationName=jdbc-" + i;
+        try (Connection c = DriverManager.getConnection(url, a[2], a[3])) {
+            c.setAutoCommit(true);
+            try (PreparedStatement own = c.prepareStatement(
+                    "SELECT ?::int * 1000 + ?::int, current_setting('application_name')");
+                 PreparedStatement pid = c.prepareStatement("SELECT pg_backend_pid()");
+                 PreparedStatement ins = c.prepareStatement(
+                    "INSERT INTO drv_items(driver, client, n) VALUES ('jdbc', ?, ?)");
+                 PreparedStatement div = c.prepareStatement("SELECT 1 / ?::int")) {
+                for (int r = 0; r < rounds; r++) {
+                    own.setInt(1, i);
+                    own.setInt(2, r);
+                    try (ResultSet rs = own.executeQuery()) {
+                        check(rs.next(), "a row");
+                        check(rs.getInt(1) == i * 1000 + r, "client " + i + " round " + r + ": got " + rs.getInt(1));
+                        check(rs.getString(2).equals("jdbc-" + i), "client " + i + ": application_name " + rs.getString(2));
+                    }
+                    c.setAutoCommit(false);
+                    int p1, p2;
+                    try (ResultSet rs = pid.executeQuery()) { rs.next(); p1 = rs.getInt(1); }
+                    ins.setInt(1, i);
+                    ins.setInt(2, r);
+                    ins.executeUpdate();
+                    try (ResultSet rs = pid.executeQuery()) { rs.next(); p2 = rs.getInt(1); }
+                    c.commit();
+                    check(p1 == p2, "a transaction keeps its server connection");
+                    if (r % 7 == 3) {
+                        div.setInt(1, 0);
+                        try {
+                            div.executeQuery().close();
+                            throw new AssertionError("division by zero succeeded");
+                        } catch (SQLException e) {
+                            check("22012".equals(e.getSQLState()), "sqlstate " + e.getSQLState());
+                        }
+                        c.rollback();
+                    }
+                    c.setAutoCommit(true);
+                }
+                // A batch: many Bind/Execute of one statement, one Sync.
+                for (int k = 0; k < 20; k++) {
+                    ins.setInt(1, i);
+                    ins.setInt(2, 10000 + k);
+                    ins.addBatch();
+                }
+                int[] counts = ins.executeBatch();
+                check(counts.length == 20, "batch of 20");
+            }
+            try (PreparedStatement n = c.prepareStatement(
+                    "SELECT count(*) FROM drv_items WHERE driver = 'jdbc' AND client = ?")) {
+                n.setInt(1, i);
+                try (ResultSet rs = n.executeQuery()) {
+                    rs.next();
+                    check(rs.getInt(1) == rounds + 20, "client " + i + ": " + rs.getInt(1) + " rows");
+                }
+            }
+        }
+    }
+
+    public static void main(String[] a) throws Exception {
+        int clients = Integer.parseInt(a[5]);
+        int rounds = Integer.parseInt(a[6]);
+        ExecutorService pool = Executors.newFixedThreadPool(clients);
+        List<Future<?>> all = new ArrayList<>();
+        for (int i = 0; i < clients; i++) {
+            final int id = i;
+            all.add(pool.submit(() -> { client(id, a, rounds); return null; }));
+        }
+        int failed = 0;
+        for (Future<?> f : all) {
+            try {
+                f.get();
+            } catch (ExecutionException e) {
+                e.getCause().printStackTrace();
+                failed++;
+            }
+        }
+        pool.shutdown();
+        if (failed > 0) System.exit(1);
+        System.out.println("ok pgjdbc " + org.postgresql.util.DriverInfo.DRIVER_VERSION + ": " + clients
+            + " clients, " + clients * rounds + " rounds");
+    }
+}

@@ -1,0 +1,58 @@
+"""asyncpg against pgweir in transaction mode: named prepared statements (asyncpg's statement cache), explicit
+prepare, executemany (one pipelined batch), transactions, an error inside a transaction, per-client settings.
+
+usage: asyncpg_check.py HOST PORT USER PASSWORD DATABASE CLIENTS ROUNDS; prints 'ok ...' or fails (exit 1)."""
+import asyncio
+import sys
+
+import asyncpg
+
+
+async def client(i, args, rounds):
+    host, port, user, password, database = args
+    conn = await asyncpg.connect(host=host, port=int(port), user=user, password=password, database=database,
+                                 ssl=False, server_settings={"application_name": f"asyncpg-{i}"})
+    try:
+        # asyncpg names every statement it prepares (__asyncpg_stmt_N__), the same names in every client.
+        own = await conn.prepare("SELECT $1::int * 1000 + $2::int AS v, current_setting('application_name') AS app")
+        for r in range(rounds):
+            row = await own.fetchrow(i, r)
+            assert row["v"] == i * 1000 + r, f"client {i} round {r}: got {row['v']}"
+            assert row["app"] == f"asyncpg-{i}", f"client {i}: application_name {row['app']}"
+            # The statement cache: the same text again is Bind/Execute of a statement prepared earlier.
+            assert await conn.fetchval("SELECT $1::text || '-' || $2::int", f"c{i}", r) == f"c{i}-{r}"
+            async with conn.transaction():
+                p1 = await conn.fetchval("SELECT pg_backend_pid()")
+                await conn.execute("INSERT INTO drv_items(driver, client, n) VALUES ('asyncpg', $1, $2)", i, r)
+                p2 = await conn.fetchval("SELECT pg_backend_pid()")
+                assert p1 == p2, "a transaction keeps its server connection"
+            if r % 7 == 3:
+                try:
+                    async with conn.transaction():
+                        await conn.fetchval("SELECT 1 / $1::int", 0)
+                    raise AssertionError("division by zero succeeded")
+                except asyncpg.exceptions.DivisionByZeroError:
+                    pass
+        await conn.executemany("INSERT INTO drv_items(driver, client, n) VALUES ('asyncpg', $1, $2)",
+                               [(i, 10000 + k) for k in range(20)])
+        n = await conn.fetchval("SELECT count(*) FROM drv_items WHERE driver = 'asyncpg' AND client = $1", i)
+        assert n == rounds + 20, f"client {i}: {n} rows"
+        # A statement closed and prepared again under the same text.
+        stmt = await conn.prepare("SELECT $1::int + 1")
+        assert await stmt.fetchval(41) == 42
+        del stmt
+        await conn.reset()
+        assert await conn.fetchval("SELECT $1::int + 1", 1) == 2
+    finally:
+        await conn.close()
+    return rounds
+
+
+async def main():
+    args = sys.argv[1:6]
+    clients, rounds = int(sys.argv[6]), int(sys.argv[7])
+    done = await asyncio.gather(*(client(i, args, rounds) for i in range(clients)))
+    print(f"ok asyncpg {asyncpg.__version__}: {len(done)} clients, {sum(done)} rounds")
+
+
+asyncio.run(main())

@@ -1,0 +1,71 @@
+"""psycopg 3 against pgweir in transaction mode: server-side prepared statements (prepare=True, and the automatic
+ones after prepare_threshold uses), pipeline mode, transactions, an error inside a transaction, per-client
+settings; clients in threads.
+
+usage: psycopg_check.py HOST PORT USER PASSWORD DATABASE CLIENTS ROUNDS; prints 'ok ...' or fails (exit 1)."""
+import sys
+import threading
+
+import psycopg
+
+errors = []
+
+
+def client(i, args, rounds):
+    host, port, user, password, database = args
+    try:
+        with psycopg.connect(host=host, port=port, user=user, password=password, dbname=database,
+                             sslmode="disable", application_name=f"psycopg-{i}", autocommit=True,
+                             prepare_threshold=2) as conn:
+            conn.execute("SET search_path TO public")
+            for r in range(rounds):
+                v, app = conn.execute("SELECT %s::int * 1000 + %s::int, current_setting('application_name')",
+                                      (i, r), prepare=True).fetchone()
+                assert v == i * 1000 + r, f"client {i} round {r}: got {v}"
+                assert app == f"psycopg-{i}", f"client {i}: application_name {app}"
+                # Prepared automatically from its third use (prepare_threshold).
+                t = conn.execute("SELECT %s::text || '-' || %s::int", (f"c{i}", r)).fetchone()[0]
+                assert t == f"c{i}-{r}", t
+                with conn.transaction():
+                    p1 = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+                    conn.execute("INSERT INTO drv_items(driver, client, n) VALUES ('psycopg', %s, %s)", (i, r),
+                                 prepare=True)
+                    p2 = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+                    assert p1 == p2, "a transaction keeps its server connection"
+                if r % 7 == 3:
+                    try:
+                        with conn.transaction():
+                            conn.execute("SELECT 1 / %s::int", (0,), prepare=True)
+                        raise AssertionError("division by zero succeeded")
+                    except psycopg.errors.DivisionByZero:
+                        pass
+            # Pipeline mode: many statements sent before the first result is read.
+            with conn.pipeline():
+                curs = [conn.execute("SELECT %s::int * 2", (k,), prepare=True) for k in range(20)]
+                for k, cur in enumerate(curs):
+                    assert cur.fetchone()[0] == 2 * k
+                with conn.cursor() as cur:
+                    cur.executemany("INSERT INTO drv_items(driver, client, n) VALUES ('psycopg', %s, %s)",
+                                    [(i, 10000 + k) for k in range(20)])
+            n = conn.execute("SELECT count(*) FROM drv_items WHERE driver = 'psycopg' AND client = %s",
+                             (i,)).fetchone()[0]
+            assert n == rounds + 20, f"client {i}: {n} rows"
+    except Exception as e:  # reported by the main thread
+        errors.append(f"client {i}: {e!r}")
+
+
+def main():
+    args = sys.argv[1:6]
+    clients, rounds = int(sys.argv[6]), int(sys.argv[7])
+    threads = [threading.Thread(target=client, args=(i, args, rounds)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+        sys.exit(1)
+    print(f"ok psycopg {psycopg.__version__}: {clients} clients, {clients * rounds} rounds")
+
+
+main()
