@@ -1,6 +1,6 @@
 // pgjdbc against pgweir in transaction mode: server-prepared statements (prepareThreshold=1: named from the first
-// use, then only Bind/Execute), batches, transactions, an error inside a transaction, per-client settings; clients
-// in threads.
+// use, then only Bind/Execute), batches, transactions, an error inside a transaction, a query timeout (a cancel),
+// per-client settings; clients in threads.
 //
 // usage: java -cp postgresql.jar:. JdbcCheck HOST PORT USER PASSWORD DATABASE CLIENTS ROUNDS; prints 'ok ...' or
 // fails (exit 1).
@@ -41,6 +41,17 @@ public class JdbcCheck {
                     try (ResultSet rs = pid.executeQuery()) { rs.next(); p2 = rs.getInt(1); }
                     c.commit();
                     check(p1 == p2, "a transaction keeps its server connection");
+                    if (r == 5) {
+                        // A query timeout: pgjdbc cancels the query; the cancel must reach this client's query only.
+                        try (Statement slow = c.createStatement()) {
+                            slow.setQueryTimeout(1);
+                            slow.executeQuery("SELECT pg_sleep(5)").close();
+                            throw new AssertionError("pg_sleep(5) was not cancelled");
+                        } catch (SQLException e) {
+                            check("57014".equals(e.getSQLState()), "sqlstate " + e.getSQLState());
+                        }
+                        c.rollback();
+                    }
                     if (r % 7 == 3) {
                         div.setInt(1, 0);
                         try {

@@ -1,5 +1,6 @@
 """asyncpg against pgweir in transaction mode: named prepared statements (asyncpg's statement cache), explicit
-prepare, executemany (one pipelined batch), transactions, an error inside a transaction, per-client settings.
+prepare, executemany (one pipelined batch), transactions, an error inside a transaction, a query timeout (a
+cancel), per-client settings.
 
 usage: asyncpg_check.py HOST PORT USER PASSWORD DATABASE CLIENTS ROUNDS; prints 'ok ...' or fails (exit 1)."""
 import asyncio
@@ -26,6 +27,14 @@ async def client(i, args, rounds):
                 await conn.execute("INSERT INTO drv_items(driver, client, n) VALUES ('asyncpg', $1, $2)", i, r)
                 p2 = await conn.fetchval("SELECT pg_backend_pid()")
                 assert p1 == p2, "a transaction keeps its server connection"
+            if r == 5:
+                # A timeout: asyncpg sends a CancelRequest, which must reach this client's query and no other.
+                try:
+                    await conn.fetchval("SELECT pg_sleep(5)", timeout=0.3)
+                    raise AssertionError("pg_sleep(5) was not cancelled")
+                except asyncio.TimeoutError:
+                    pass
+                assert await conn.fetchval("SELECT $1::int", i) == i
             if r % 7 == 3:
                 try:
                     async with conn.transaction():

@@ -1,6 +1,6 @@
 """psycopg 3 against pgweir in transaction mode: server-side prepared statements (prepare=True, and the automatic
-ones after prepare_threshold uses), pipeline mode, transactions, an error inside a transaction, per-client
-settings; clients in threads.
+ones after prepare_threshold uses), pipeline mode, transactions, an error inside a transaction, a cancel,
+per-client settings; clients in threads.
 
 usage: psycopg_check.py HOST PORT USER PASSWORD DATABASE CLIENTS ROUNDS; prints 'ok ...' or fails (exit 1)."""
 import sys
@@ -32,6 +32,17 @@ def client(i, args, rounds):
                                  prepare=True)
                     p2 = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
                     assert p1 == p2, "a transaction keeps its server connection"
+                if r == 5:
+                    # A cancel from another thread must reach this client's query and no other.
+                    timer = threading.Timer(0.3, conn.cancel_safe)
+                    timer.start()
+                    try:
+                        conn.execute("SELECT pg_sleep(5)")
+                        raise AssertionError("pg_sleep(5) was not cancelled")
+                    except psycopg.errors.QueryCanceled:
+                        pass
+                    timer.join()
+                    assert conn.execute("SELECT %s::int", (i,)).fetchone()[0] == i
                 if r % 7 == 3:
                     try:
                         with conn.transaction():

@@ -1,7 +1,9 @@
 //! Real drivers against transaction pooling: asyncpg, psycopg 3, node-postgres and pgjdbc each run a check
 //! program of `tests/drivers` (several clients at once on a pool of two server connections: named prepared
-//! statements across transactions, the driver's batching or pipelining, transactions, an error inside one,
-//! per-client settings; each client checks that every row it gets is its own).
+//! statements across transactions, the driver's batching or pipelining, transactions, an error inside one, a
+//! query cancelled by the driver, per-client settings; each client checks that every row it gets is its own).
+//! Each runs twice: with pgweir's default server-side statement cache, and with one of two statements per server
+//! connection, so that statements are evicted and prepared again under the drivers' feet.
 //!
 //! `.ci/run` installs the drivers and sets `PGWEIR_DRIVERS=required`: there a missing driver fails its test.
 //! Elsewhere a test whose driver is not installed says so on stderr and passes.
@@ -15,11 +17,18 @@ use crate::harness::*;
 const CLIENTS: usize = 6;
 const ROUNDS: usize = 40;
 
-/// Tenant `tx` (transaction pooling, two server connections) is the default: the drivers connect with a plain
-/// host/port/user/password/database.
-fn drivers_env() -> Env {
+/// Server-side statement caches: pgweir's default, and one so small that the drivers' statements are evicted
+/// (Closed on the server) and prepared again all the time.
+const STATEMENT_CACHES: [Option<usize>; 2] = [None, Some(2)];
+
+/// Tenant `tx` (transaction pooling, two server connections, `max_prepared_statements` when given) is the
+/// default: the drivers connect with a plain host/port/user/password/database.
+fn drivers_env(max_prepared: Option<usize>) -> Env {
+    let cache = max_prepared.map_or(String::new(), |n| {
+        format!("max_prepared_statements = {n}\n")
+    });
     let env = Env::with(Setup {
-        pool: "max_size = 2\ncheckout_timeout = \"30s\"\nconnect_timeout = \"3s\"".into(),
+        pool: format!("max_size = 2\n{cache}checkout_timeout = \"30s\"\nconnect_timeout = \"3s\""),
         proxy: "default_tenant = \"tx\"".into(),
         extra_config: acme_tenant(
             "tx",
@@ -33,6 +42,21 @@ fn drivers_env() -> Env {
         "CREATE TABLE IF NOT EXISTS drv_items(driver text, client int, n int)",
     );
     env
+}
+
+/// Runs the check program that `cmd` makes once per statement cache of [`STATEMENT_CACHES`], each on a fresh
+/// backend, and counts the rows each client of `driver` wrote (`per_client`).
+fn check_driver(driver: &str, per_client: usize, cmd: impl Fn() -> Command) {
+    for cache in STATEMENT_CACHES {
+        let env = drivers_env(cache);
+        eprintln!("{driver}, max_prepared_statements {cache:?}:");
+        run_check(&env, cmd());
+        assert_eq!(
+            rows_per_client(&env, driver),
+            expected_rows(per_client),
+            "{driver}, max_prepared_statements {cache:?}"
+        );
+    }
 }
 
 fn drivers_dir() -> PathBuf {
@@ -128,11 +152,11 @@ fn asyncpg_named_statements_and_batches_in_transaction_mode() {
     ) {
         return;
     }
-    let env = drivers_env();
-    let mut cmd = Command::new("python3");
-    cmd.arg(drivers_dir().join("asyncpg_check.py"));
-    run_check(&env, cmd);
-    assert_eq!(rows_per_client(&env, "asyncpg"), expected_rows(ROUNDS + 20));
+    check_driver("asyncpg", ROUNDS + 20, || {
+        let mut cmd = Command::new("python3");
+        cmd.arg(drivers_dir().join("asyncpg_check.py"));
+        cmd
+    });
 }
 
 #[test]
@@ -144,11 +168,11 @@ fn psycopg_prepared_statements_and_pipeline_in_transaction_mode() {
     ) {
         return;
     }
-    let env = drivers_env();
-    let mut cmd = Command::new("python3");
-    cmd.arg(drivers_dir().join("psycopg_check.py"));
-    run_check(&env, cmd);
-    assert_eq!(rows_per_client(&env, "psycopg"), expected_rows(ROUNDS + 20));
+    check_driver("psycopg", ROUNDS + 20, || {
+        let mut cmd = Command::new("python3");
+        cmd.arg(drivers_dir().join("psycopg_check.py"));
+        cmd
+    });
 }
 
 #[test]
@@ -161,11 +185,11 @@ fn node_postgres_named_statements_in_transaction_mode() {
     ) {
         return;
     }
-    let env = drivers_env();
-    let mut cmd = Command::new("node");
-    cmd.arg(dir.join("pg_check.js")).current_dir(&dir);
-    run_check(&env, cmd);
-    assert_eq!(rows_per_client(&env, "node-pg"), expected_rows(ROUNDS));
+    check_driver("node-pg", ROUNDS, || {
+        let mut cmd = Command::new("node");
+        cmd.arg(dir.join("pg_check.js")).current_dir(&dir);
+        cmd
+    });
 }
 
 /// The pgjdbc jar: `PGWEIR_JDBC_JAR`, or Debian's libpostgresql-jdbc-java.
@@ -201,11 +225,11 @@ fn pgjdbc_server_prepared_statements_and_batches_in_transaction_mode() {
         "javac failed: {}",
         String::from_utf8_lossy(&javac.stderr)
     );
-    let env = drivers_env();
-    let mut cmd = Command::new("java");
-    cmd.arg("-cp")
-        .arg(format!("{}:{}", jar.display(), classes.path().display()))
-        .arg("JdbcCheck");
-    run_check(&env, cmd);
-    assert_eq!(rows_per_client(&env, "jdbc"), expected_rows(ROUNDS + 20));
+    check_driver("jdbc", ROUNDS + 20, || {
+        let mut cmd = Command::new("java");
+        cmd.arg("-cp")
+            .arg(format!("{}:{}", jar.display(), classes.path().display()))
+            .arg("JdbcCheck");
+        cmd
+    });
 }
