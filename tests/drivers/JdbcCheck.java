@@ -1,5 +1,6 @@
 // pgjdbc against pgweir in transaction mode: server-prepared statements (prepareThreshold=1: named from the first
-// use, then only Bind/Execute), batches, transactions, an error inside a transaction, a query timeout (a cancel),
+// use, then only Bind/Execute), batches, COPY FROM STDIN, a fetch size (a portal read over several Syncs),
+// transactions, an error inside a transaction, a query timeout (a cancel),
 // per-client settings; clients in threads.
 //
 // usage: java -cp postgresql.jar:. JdbcCheck HOST PORT USER PASSWORD DATABASE CLIENTS ROUNDS; prints 'ok ...' or
@@ -73,12 +74,35 @@ public class JdbcCheck {
                 int[] counts = ins.executeBatch();
                 check(counts.length == 20, "batch of 20");
             }
+            // COPY FROM STDIN.
+            StringBuilder rows = new StringBuilder();
+            for (int k = 0; k < 10; k++) rows.append("jdbc\t").append(i).append('\t').append(20000 + k).append('\n');
+            long copied = new org.postgresql.copy.CopyManager((org.postgresql.core.BaseConnection) c)
+                .copyIn("COPY drv_items (driver, client, n) FROM STDIN", new java.io.StringReader(rows.toString()));
+            check(copied == 10, "copied " + copied);
+            // A fetch size in a transaction: the rows come a few at a time from a named portal (Execute with a row
+            // limit, then PortalSuspended), over several Syncs.
+            c.setAutoCommit(false);
+            try (PreparedStatement series = c.prepareStatement("SELECT n FROM generate_series(1, 50) n WHERE n > ?")) {
+                series.setFetchSize(7);
+                series.setInt(1, 0);
+                int expect = 1;
+                try (ResultSet rs = series.executeQuery()) {
+                    while (rs.next()) {
+                        check(rs.getInt(1) == expect, "row " + rs.getInt(1) + ", expected " + expect);
+                        expect++;
+                    }
+                }
+                check(expect == 51, "50 rows, got " + (expect - 1));
+            }
+            c.commit();
+            c.setAutoCommit(true);
             try (PreparedStatement n = c.prepareStatement(
                     "SELECT count(*) FROM drv_items WHERE driver = 'jdbc' AND client = ?")) {
                 n.setInt(1, i);
                 try (ResultSet rs = n.executeQuery()) {
                     rs.next();
-                    check(rs.getInt(1) == rounds + 20, "client " + i + ": " + rs.getInt(1) + " rows");
+                    check(rs.getInt(1) == rounds + 30, "client " + i + ": " + rs.getInt(1) + " rows");
                 }
             }
         }

@@ -1,5 +1,5 @@
 """asyncpg against pgweir in transaction mode: named prepared statements (asyncpg's statement cache), explicit
-prepare, executemany (one pipelined batch), transactions, an error inside a transaction, a query timeout (a
+prepare, executemany (one pipelined batch), COPY FROM STDIN, a cursor, transactions, an error inside a transaction, a query timeout (a
 cancel), per-client settings.
 
 usage: asyncpg_check.py HOST PORT USER PASSWORD DATABASE CLIENTS ROUNDS; prints 'ok ...' or fails (exit 1)."""
@@ -44,8 +44,15 @@ async def client(i, args, rounds):
                     pass
         await conn.executemany("INSERT INTO drv_items(driver, client, n) VALUES ('asyncpg', $1, $2)",
                                [(i, 10000 + k) for k in range(20)])
+        # COPY FROM STDIN, and a cursor read a few rows at a time (Execute with a row limit, PortalSuspended).
+        await conn.copy_records_to_table("drv_items", columns=["driver", "client", "n"],
+                                         records=[("asyncpg", i, 20000 + k) for k in range(10)])
+        async with conn.transaction():
+            got = [r[0] async for r in conn.cursor("SELECT n FROM generate_series(1, 50) n WHERE n > $1", 0,
+                                                   prefetch=7)]
+        assert got == list(range(1, 51)), got
         n = await conn.fetchval("SELECT count(*) FROM drv_items WHERE driver = 'asyncpg' AND client = $1", i)
-        assert n == rounds + 20, f"client {i}: {n} rows"
+        assert n == rounds + 30, f"client {i}: {n} rows"
         # A statement closed and prepared again under the same text.
         stmt = await conn.prepare("SELECT $1::int + 1")
         assert await stmt.fetchval(41) == 42

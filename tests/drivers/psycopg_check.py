@@ -1,5 +1,5 @@
 """psycopg 3 against pgweir in transaction mode: server-side prepared statements (prepare=True, and the automatic
-ones after prepare_threshold uses), pipeline mode, transactions, an error inside a transaction, a cancel,
+ones after prepare_threshold uses), pipeline mode, COPY FROM STDIN, a server-side cursor, transactions, an error inside a transaction, a cancel,
 per-client settings; clients in threads.
 
 usage: psycopg_check.py HOST PORT USER PASSWORD DATABASE CLIENTS ROUNDS; prints 'ok ...' or fails (exit 1)."""
@@ -58,9 +58,20 @@ def client(i, args, rounds):
                 with conn.cursor() as cur:
                     cur.executemany("INSERT INTO drv_items(driver, client, n) VALUES ('psycopg', %s, %s)",
                                     [(i, 10000 + k) for k in range(20)])
+            # COPY FROM STDIN, and a server-side cursor fetched a few rows at a time.
+            with conn.cursor() as cur:
+                with cur.copy("COPY drv_items (driver, client, n) FROM STDIN") as copy:
+                    for k in range(10):
+                        copy.write_row(("psycopg", i, 20000 + k))
+            with conn.transaction():
+                with conn.cursor(name=f"series_{i}") as cur:
+                    cur.itersize = 7
+                    cur.execute("SELECT n FROM generate_series(1, 50) n")
+                    got = [row[0] for row in cur]
+            assert got == list(range(1, 51)), got
             n = conn.execute("SELECT count(*) FROM drv_items WHERE driver = 'psycopg' AND client = %s",
                              (i,)).fetchone()[0]
-            assert n == rounds + 20, f"client {i}: {n} rows"
+            assert n == rounds + 30, f"client {i}: {n} rows"
     except Exception as e:  # reported by the main thread
         errors.append(f"client {i}: {e!r}")
 

@@ -152,7 +152,7 @@ fn asyncpg_named_statements_and_batches_in_transaction_mode() {
     ) {
         return;
     }
-    check_driver("asyncpg", ROUNDS + 20, || {
+    check_driver("asyncpg", ROUNDS + 30, || {
         let mut cmd = Command::new("python3");
         cmd.arg(drivers_dir().join("asyncpg_check.py"));
         cmd
@@ -168,7 +168,7 @@ fn psycopg_prepared_statements_and_pipeline_in_transaction_mode() {
     ) {
         return;
     }
-    check_driver("psycopg", ROUNDS + 20, || {
+    check_driver("psycopg", ROUNDS + 30, || {
         let mut cmd = Command::new("python3");
         cmd.arg(drivers_dir().join("psycopg_check.py"));
         cmd
@@ -225,7 +225,7 @@ fn pgjdbc_server_prepared_statements_and_batches_in_transaction_mode() {
         "javac failed: {}",
         String::from_utf8_lossy(&javac.stderr)
     );
-    check_driver("jdbc", ROUNDS + 20, || {
+    check_driver("jdbc", ROUNDS + 30, || {
         let mut cmd = Command::new("java");
         cmd.arg("-cp")
             .arg(format!("{}:{}", jar.display(), classes.path().display()))
