@@ -185,6 +185,9 @@ struct Shared<'a> {
     last_server_tag: AtomicU8,
     /// The server is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone/CopyFail.
     copy_in: AtomicBool,
+    /// CopyDone/CopyFail messages the client sent before the server's CopyInResponse came (a client may send the
+    /// COPY statement, its data and CopyDone at once, as asyncpg does): a COPY they end is over when it starts.
+    copy_ends_early: AtomicU64,
     /// Syncs sent since the last Execute or Query: if that one starts a COPY FROM STDIN, the server ignores them.
     syncs_since_start: AtomicU64,
     effects: Mutex<Vec<Effect>>,
@@ -379,6 +382,7 @@ pub async fn run(
         tx_status: AtomicU8::new(b'I'),
         last_server_tag: AtomicU8::new(0),
         copy_in: AtomicBool::new(false),
+        copy_ends_early: AtomicU64::new(0),
         syncs_since_start: AtomicU64::new(0),
         effects: Mutex::new(Vec::new()),
         may_unpin: AtomicBool::new(false),
@@ -721,7 +725,11 @@ where
                         shared.batch_open.store(true, Ordering::Relaxed);
                         shared.syncs_since_start.store(0, Ordering::Relaxed);
                     }
-                    b'c' | b'f' => shared.copy_in.store(false, Ordering::Relaxed),
+                    b'c' | b'f' => {
+                        if !shared.copy_in.swap(false, Ordering::Relaxed) {
+                            shared.copy_ends_early.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     b'P' => {
                         shared.batch_open.store(true, Ordering::Relaxed);
                         if let (true, Some(f)) = (txn, frame) {
@@ -828,6 +836,29 @@ where
             continue;
         }
         if scan.stopped {
+            // A Terminate, left in `buf` (the session sees it after the run). When it came right behind requests
+            // the server has not answered yet (drivers may send their last request and Terminate at once), the
+            // answers are awaited first, as Postgres would run those requests before it reads the Terminate: the
+            // run then ends with the transaction and the server connection is kept, not closed mid-request. Not
+            // while the server waits for the client (a batch without its Sync, COPY FROM STDIN), nor pinned.
+            if shared.mode == Mode::Transaction
+                && !shared.batch_open.load(Ordering::Relaxed)
+                && !shared.copy_in.load(Ordering::Relaxed)
+            {
+                // No waker is registered: `race` polls this pump after the server's on every wakeup, and it is
+                // the server's answers that end the wait. The server's pump ends the run itself at a
+                // ReadyForQuery 'I'; this one ends it when the last answer leaves a transaction open.
+                std::future::poll_fn(|_| {
+                    if shared.ready.load(Ordering::Relaxed)
+                        >= shared.requests.load(Ordering::Relaxed)
+                    {
+                        std::task::Poll::Ready(())
+                    } else {
+                        std::task::Poll::Pending
+                    }
+                })
+                .await;
+            }
             return EndReason::ClientTerminated;
         }
         make_room(buf);
@@ -1283,6 +1314,9 @@ where
                             h.record_us(now_us.saturating_sub(since));
                         }
                         if ready == shared.requests.load(Ordering::Relaxed) {
+                            // Every request is answered: no COPY is pending, a CopyDone or CopyFail seen so far
+                            // was a stray one (the server ignores those).
+                            shared.copy_ends_early.store(0, Ordering::Relaxed);
                             shared
                                 .idle_since_ms
                                 .store(now_us / 1000 + 1, Ordering::Relaxed);
@@ -1297,11 +1331,21 @@ where
                         }
                     }
                     (b'G', _) => {
-                        // CopyInResponse: Syncs the client sent after the statement that started the COPY are
-                        // ignored by the server, so they get no ReadyForQuery.
-                        shared.copy_in.store(true, Ordering::Relaxed);
-                        let ignored = shared.syncs_since_start.swap(0, Ordering::Relaxed);
-                        shared.requests.fetch_sub(ignored, Ordering::Relaxed);
+                        // CopyInResponse. If the client already ended this COPY (it sent CopyDone or CopyFail
+                        // without waiting for this message), the server leaves COPY mode when it reads that, and
+                        // later Syncs count: the COPY is not entered here. (Were it entered, the client's next
+                        // Syncs would be taken for ignored ones, every later ReadyForQuery would be one no request
+                        // accounts for, and a transaction could seem finished while a request is still with the
+                        // server.)
+                        if shared.copy_ends_early.load(Ordering::Relaxed) > 0 {
+                            shared.copy_ends_early.fetch_sub(1, Ordering::Relaxed);
+                        } else {
+                            // Syncs the client sent after the statement that started the COPY are ignored by the
+                            // server, so they get no ReadyForQuery.
+                            shared.copy_in.store(true, Ordering::Relaxed);
+                            let ignored = shared.syncs_since_start.swap(0, Ordering::Relaxed);
+                            shared.requests.fetch_sub(ignored, Ordering::Relaxed);
+                        }
                     }
                     (b'S', Some(f))
                         if shared.limits.policy.is_some() && conforming_strings_off(f) =>

@@ -1311,3 +1311,131 @@ pool_mode = "transaction"
         assert_eq!(served, vec![0, 1, 2, 3, 4]);
     });
 }
+
+/// A driver may send its last request and Terminate at once (asyncpg's close does): the request runs, as on
+/// Postgres, and the server connection is kept for the next client instead of being closed mid-request — also
+/// when the request leaves a transaction open (then it is rolled back).
+#[test]
+fn terminate_right_behind_a_request_keeps_the_server_connection() {
+    let env = tx_env(1);
+    psql_ok(
+        &env.alice(),
+        "CREATE TABLE term_pids(pid int); CREATE SEQUENCE term_seq",
+    );
+    runtime().block_on(async {
+        // Autocommit: the insert is kept.
+        let mut a = Raw::connect_to(&env, "tx").await;
+        let mut m = BytesMut::new();
+        ext::query("INSERT INTO term_pids SELECT pg_backend_pid()", &mut m);
+        m.extend_from_slice(&[b'X', 0, 0, 0, 4]);
+        a.send(&m.split()).await;
+        drop(a);
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        let mut inserted = String::new();
+        assert!(
+            within(10, "the request before Terminate", async {
+                loop {
+                    inserted = one(&b, "SELECT coalesce(max(pid), 0) FROM term_pids").await;
+                    if inserted != "0" {
+                        break true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+        );
+        assert_eq!(
+            one(&b, "SELECT pg_backend_pid()").await,
+            inserted,
+            "the one server connection of the pool was kept"
+        );
+        // A request that leaves a transaction open: rolled back, and the connection still kept.
+        let mut a = Raw::connect_to(&env, "tx").await;
+        ext::query(
+            "BEGIN; SELECT setval('term_seq', pg_backend_pid()); INSERT INTO term_pids VALUES (-1)",
+            &mut m,
+        );
+        m.extend_from_slice(&[b'X', 0, 0, 0, 4]);
+        a.send(&m.split()).await;
+        drop(a);
+        let mut seq = String::new();
+        assert!(
+            within(10, "the transaction before Terminate", async {
+                loop {
+                    seq = one(
+                        &b,
+                        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM term_seq",
+                    )
+                    .await;
+                    if seq != "0" {
+                        break true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+        );
+        assert_eq!(one(&b, "SELECT pg_backend_pid()").await, seq);
+        assert_eq!(
+            one(&b, "SELECT count(*) FROM term_pids WHERE pid = -1").await,
+            "0",
+            "the open transaction was rolled back"
+        );
+    });
+}
+
+/// A client may send a COPY FROM STDIN statement, its data and CopyDone at once, without waiting for the server's
+/// CopyInResponse — asyncpg's `copy_records_to_table` does, right after a Parse/Describe/Flush that it never
+/// closes with a Sync. pgweir must see that COPY as over: if it took the server for still in COPY mode, it would
+/// take the client's later Syncs for ignored ones, and the client would hold the server connection to the end.
+#[test]
+fn copy_sent_in_one_go_does_not_hold_the_server_connection() {
+    let env = tx_env(1);
+    psql_ok(&env.alice(), "CREATE TABLE copy_once(v text)");
+    runtime().block_on(async {
+        let mut a = Raw::connect_to(&env, "tx").await;
+        let mut m = BytesMut::new();
+        // asyncpg's look at the table's columns: a batch left open (Flush, no Sync).
+        ext::parse("intro", "SELECT v FROM copy_once LIMIT 1", &mut m);
+        ext::describe(b'S', "intro", &mut m);
+        ext::flush(&mut m);
+        a.send(&m.split()).await;
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let f = within(10, "the Describe's answer", a.frame())
+                .await
+                .expect("a frame");
+            got.push(char::from(f.0));
+        }
+        assert_eq!(got, ['1', 't', 'T']);
+        // The COPY, its data and its end at once.
+        ext::query("COPY copy_once FROM STDIN", &mut m);
+        m.extend_from_slice(&[b'd', 0, 0, 0, 6, b'x', b'\n', b'c', 0, 0, 0, 4]);
+        a.send(&m.split()).await;
+        let copied: Vec<char> = a
+            .until_ready()
+            .await
+            .iter()
+            .map(|f| char::from(f.0))
+            .collect();
+        assert_eq!(copied, ['G', 'C', 'Z']);
+        // The next request ends with a Sync (it also closes the open batch).
+        ext::bind("", "intro", &[], &mut m);
+        ext::execute("", &mut m);
+        ext::sync(&mut m);
+        a.send(&m.split()).await;
+        let rows = a.until_ready().await;
+        assert!(
+            rows.iter()
+                .any(|f| f.0 == b'D' && crate::raw::data_row(&f.1) == [Some("x".to_owned())]),
+            "the copied row"
+        );
+        // The transaction is over: another client gets the pool's only server connection while a stays.
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        assert_eq!(
+            within(5, "another client's query", one(&b, "SELECT 'b'")).await,
+            "b"
+        );
+        assert_eq!(a.value("SELECT 'a'").await.as_deref(), Some("a"));
+    });
+}
