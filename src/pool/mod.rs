@@ -707,12 +707,17 @@ impl Pool {
 
     fn put_idle(&self, mut conn: Box<ServerConn>, now: Instant) {
         // Unread bytes on a connection about to idle mean it is not where pgweir thinks it is: never reuse it.
-        if !conn.buf.is_empty()
-            || conn
-                .created
-                .checked_add(self.cfg.max_lifetime)
-                .is_some_and(|end| now >= end)
+        if !conn.buf.is_empty() {
+            tracing::debug!(pool = %self.key, server_pid = conn.pid, unread = conn.buf.len(), "server connection released with unread bytes; closing it");
+            self.close(conn);
+            return;
+        }
+        if conn
+            .created
+            .checked_add(self.cfg.max_lifetime)
+            .is_some_and(|end| now >= end)
         {
+            tracing::debug!(pool = %self.key, server_pid = conn.pid, "server connection past its max_lifetime; closing it");
             self.close(conn);
             return;
         }
@@ -1018,6 +1023,7 @@ impl Checkout {
 impl Drop for Checkout {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
+            tracing::debug!(pool = %self.pool.key, server_pid = conn.pid, "server connection dropped by its user; closing it");
             self.pool.close(conn);
         }
     }

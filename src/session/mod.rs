@@ -544,7 +544,12 @@ async fn finish(stream: &mut ClientStream, tenant: &str, end: &forward::End, che
                 send_error(stream, &e).await;
             }
         }
-        EndReason::ServerGone | EndReason::ClientTerminated | EndReason::ClientGone => {}
+        EndReason::ServerGone => {}
+        EndReason::ClientTerminated | EndReason::ClientGone => {
+            if !end.server_clean {
+                debug!(%tenant, reason = ?end.reason, tx_status = %char::from(end.tx_status), "client left with a request outstanding; closing its server connection");
+            }
+        }
     }
     if end.server_clean {
         checkout.release(end.tx_status);
