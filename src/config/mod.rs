@@ -223,8 +223,10 @@ pub struct PoolConfig {
     /// While a tenant (or branch) is paused, a client waits at most this long for it to resume; then it gets 57P03.
     #[serde(with = "humantime_serde")]
     pub pause_wait_timeout: Duration,
-    /// Transaction mode: named prepared statements kept per server connection (least recently used are closed).
-    /// 0 turns the support off: a client that prepares a named statement is pinned to its server connection.
+    /// Transaction mode: named prepared statements kept per server connection (least recently used are closed;
+    /// a transaction that uses more at once keeps them all, and the surplus is closed at that connection's next
+    /// prepare). 0 turns the support off: a client that prepares a named statement is pinned to its server
+    /// connection.
     pub max_prepared_statements: usize,
 }
 

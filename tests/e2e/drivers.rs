@@ -1,9 +1,13 @@
 //! Real drivers against transaction pooling: asyncpg, psycopg 3, node-postgres and pgjdbc each run a check
-//! program of `tests/drivers` (several clients at once on a pool of two server connections: named prepared
-//! statements across transactions, the driver's batching or pipelining, transactions, an error inside one, a
-//! query cancelled by the driver, per-client settings; each client checks that every row it gets is its own).
-//! Each runs twice: with pgweir's default server-side statement cache, and with one of two statements per server
-//! connection, so that statements are evicted and prepared again under the drivers' feet.
+//! program of `tests/drivers`: six clients at once on a pool of two server connections, with named prepared
+//! statements across transactions (one name and text in every client resolved through each client's own
+//! search_path; node-postgres: one name with a different text in each client), transactions, an error inside one
+//! (its insert rolled back), per-client settings, and except for node-postgres (whose `pg` package alone has none
+//! of these) the driver's batching or pipelining, COPY FROM STDIN, a cursor read a few rows at a time and a query
+//! cancelled by the driver (it must end at once). Each client checks that every row it gets is its own; the test
+//! then counts and sums the rows each client wrote. Each runs twice: with pgweir's default server-side statement
+//! cache, and with two statements per server connection, so that statements are evicted and prepared again under
+//! the drivers' feet (the programs check that no server connection holds more).
 //!
 //! `.ci/run` installs the drivers and sets `PGWEIR_DRIVERS=required`: there a missing driver fails its test.
 //! Elsewhere a test whose driver is not installed says so on stderr and passes.
@@ -37,23 +41,49 @@ fn drivers_env(max_prepared: Option<usize>) -> Env {
         ),
         ..Setup::default()
     });
-    psql_ok(
-        &env.alice(),
-        "CREATE TABLE IF NOT EXISTS drv_items(driver text, client int, n int)",
-    );
+    let mut setup = String::from("CREATE TABLE drv_items(driver text, client int, n int);");
+    // Schema s<i> holds a table `who` with the value i: client i puts s<i> first in its search_path.
+    for i in 0..CLIENTS {
+        setup.push_str(&format!(
+            "CREATE SCHEMA s{i}; CREATE TABLE s{i}.who(v int); INSERT INTO s{i}.who VALUES ({i});"
+        ));
+    }
+    psql_ok(&env.alice(), &setup);
     env
 }
 
 /// Runs the check program that `cmd` makes once per statement cache of [`STATEMENT_CACHES`], each on a fresh
-/// backend, and counts the rows each client of `driver` wrote (`per_client`).
-fn check_driver(driver: &str, per_client: usize, cmd: impl Fn() -> Command) {
+/// backend, and checks the rows each client of `driver` wrote: `rows` rows of each round (n = the round) and
+/// `extra` more (a batch of 20, n = 10000.., and COPY of 10, n = 20000..). With a small cache the program also
+/// checks that no server connection holds more statements than the cache, or than `per_transaction` (the most
+/// named statements one transaction of the program uses) if that is more (`PGWEIR_CHECK_MAX_PREPARED`).
+fn check_driver(driver: &str, extra: bool, per_transaction: usize, cmd: impl Fn() -> Command) {
     for cache in STATEMENT_CACHES {
         let env = drivers_env(cache);
         eprintln!("{driver}, max_prepared_statements {cache:?}:");
-        run_check(&env, cmd());
+        let mut c = cmd();
+        if let Some(n) = cache {
+            // A transaction keeps every statement it uses on its server connection, over the cache's size if it
+            // needs more; the surplus is closed at that connection's next prepare.
+            c.env(
+                "PGWEIR_CHECK_MAX_PREPARED",
+                n.max(per_transaction).to_string(),
+            );
+        }
+        let out = run_check(&env, c);
+        // Every client ran on the pool's server connections: two at most (one if the clients never overlapped).
+        let servers: usize = out
+            .trim()
+            .rsplit_once("servers=")
+            .and_then(|(_, n)| n.parse().ok())
+            .unwrap_or_else(|| panic!("no servers=N in {out:?}"));
+        assert!(
+            (1..=2).contains(&servers),
+            "{driver}: {servers} server connections"
+        );
         assert_eq!(
             rows_per_client(&env, driver),
-            expected_rows(per_client),
+            expected_rows(extra),
             "{driver}, max_prepared_statements {cache:?}"
         );
     }
@@ -86,7 +116,10 @@ fn available(driver: &str, present: bool, install: &str) -> bool {
 }
 
 /// Runs a check program with the connection arguments; it must print `ok ...` and succeed within two minutes.
+/// Its output goes to files (a pipe nobody reads while it runs could fill and stall it).
 fn run_check(env: &Env, mut cmd: Command) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
     cmd.args([
         "127.0.0.1".to_string(),
         env.addr.port().to_string(),
@@ -96,51 +129,56 @@ fn run_check(env: &Env, mut cmd: Command) -> String {
         CLIENTS.to_string(),
         ROUNDS.to_string(),
     ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+    .stderr(std::fs::File::create(&err_path).expect("stderr file"));
     let mut child = cmd.spawn().expect("start the check program");
     let deadline = Instant::now() + Duration::from_secs(120);
-    while child
-        .try_wait()
-        .expect("wait for the check program")
-        .is_none()
-    {
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the check program") {
+            break Some(status);
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("collect output");
-            panic!(
-                "the check program did not finish within 2 minutes:\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let _ = child.wait();
+            break None;
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("collect output");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let Some(status) = status else {
+        panic!("the check program did not finish within 2 minutes:\n{stdout}\n{stderr}");
+    };
     assert!(
-        out.status.success() && stdout.starts_with("ok "),
-        "check program failed ({}):\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        status.success() && stdout.starts_with("ok "),
+        "check program failed ({status}):\nstdout: {stdout}\nstderr: {stderr}"
     );
     eprintln!("{}", stdout.trim());
     stdout
 }
 
-/// Rows each client of `driver` wrote, as seen on the backend through a session-mode login.
+/// Rows each client of `driver` wrote (`client:count:sum of n`), as seen on the backend through a session-mode
+/// login.
 fn rows_per_client(env: &Env, driver: &str) -> Vec<String> {
     let out = psql_ok(
         &env.alice(),
         &format!(
-            "SELECT client || ':' || count(*) FROM drv_items WHERE driver = '{driver}' GROUP BY client ORDER BY client"
+            "SELECT client || ':' || count(*) || ':' || sum(n) FROM drv_items WHERE driver = '{driver}' \
+             GROUP BY client ORDER BY client"
         ),
     );
     out.lines().map(str::to_owned).collect()
 }
 
-fn expected_rows(per_client: usize) -> Vec<String> {
-    (0..CLIENTS).map(|i| format!("{i}:{per_client}")).collect()
+/// What [`rows_per_client`] must find: a row per round (n = 0..ROUNDS; none of the rolled-back n = -1), and with
+/// `extra` a batch of 20 (n = 10000..10020) and a COPY of 10 (n = 20000..20010).
+fn expected_rows(extra: bool) -> Vec<String> {
+    let (mut count, mut sum) = (ROUNDS, ROUNDS * (ROUNDS - 1) / 2);
+    if extra {
+        count += 30;
+        sum += (10000..10020).sum::<usize>() + (20000..20010).sum::<usize>();
+    }
+    (0..CLIENTS).map(|i| format!("{i}:{count}:{sum}")).collect()
 }
 
 #[test]
@@ -152,7 +190,7 @@ fn asyncpg_named_statements_and_batches_in_transaction_mode() {
     ) {
         return;
     }
-    check_driver("asyncpg", ROUNDS + 30, || {
+    check_driver("asyncpg", true, 0, || {
         let mut cmd = Command::new("python3");
         cmd.arg(drivers_dir().join("asyncpg_check.py"));
         cmd
@@ -168,7 +206,7 @@ fn psycopg_prepared_statements_and_pipeline_in_transaction_mode() {
     ) {
         return;
     }
-    check_driver("psycopg", ROUNDS + 30, || {
+    check_driver("psycopg", true, 2, || {
         let mut cmd = Command::new("python3");
         cmd.arg(drivers_dir().join("psycopg_check.py"));
         cmd
@@ -185,7 +223,7 @@ fn node_postgres_named_statements_in_transaction_mode() {
     ) {
         return;
     }
-    check_driver("node-pg", ROUNDS, || {
+    check_driver("node-pg", false, 2, || {
         let mut cmd = Command::new("node");
         cmd.arg(dir.join("pg_check.js")).current_dir(&dir);
         cmd
@@ -225,7 +263,8 @@ fn pgjdbc_server_prepared_statements_and_batches_in_transaction_mode() {
         "javac failed: {}",
         String::from_utf8_lossy(&javac.stderr)
     );
-    check_driver("jdbc", ROUNDS + 30, || {
+    // pgjdbc prepares BEGIN, COMMIT and ROLLBACK too: BEGIN, an insert, a division and ROLLBACK.
+    check_driver("jdbc", true, 4, || {
         let mut cmd = Command::new("java");
         cmd.arg("-cp")
             .arg(format!("{}:{}", jar.display(), classes.path().display()))
