@@ -76,6 +76,9 @@ pub struct End {
     pub server_sent_error: bool,
     /// Transaction status of the last ReadyForQuery.
     pub tx_status: u8,
+    /// The run had COPY FROM STDIN traffic, whose Syncs pgweir can only count by inference: before the server
+    /// connection is reused, a query of pgweir's own must show it in sync (see `txn::in_sync`).
+    pub copy_seen: bool,
     /// Transaction and pinned modes: session-state effects of the statements the client sent.
     pub effects: Vec<Effect>,
     /// ParameterStatus values the server reported during the run.
@@ -160,6 +163,9 @@ pub struct Statements<'a> {
     pub max_per_server: usize,
 }
 
+/// How long a Terminate sent right behind unanswered requests waits for their answers (see `client_to_server`).
+const TERMINATE_WAIT: Duration = Duration::from_secs(5);
+
 /// State shared by the two directions (atomics: both run in one task, but the task must be `Send`).
 struct Shared<'a> {
     mode: Mode,
@@ -187,7 +193,14 @@ struct Shared<'a> {
     copy_in: AtomicBool,
     /// CopyDone/CopyFail messages the client sent before the server's CopyInResponse came (a client may send the
     /// COPY statement, its data and CopyDone at once, as asyncpg does): a COPY they end is over when it starts.
-    copy_ends_early: AtomicU64,
+    /// Each holds the Syncs sent between the start of the statement and that CopyDone: the server ignores them
+    /// if the statement turns out to be a COPY.
+    copy_ends_early: Mutex<std::collections::VecDeque<u64>>,
+    /// CopyInResponse came, or the client sent CopyDone/CopyFail.
+    copy_seen: AtomicBool,
+    /// More ReadyForQuery messages came than requests were counted: pgweir's count is wrong, so the end of a
+    /// transaction cannot be told; the client keeps its server connection, which is closed when it leaves.
+    lost_count: AtomicBool,
     /// Syncs sent since the last Execute or Query: if that one starts a COPY FROM STDIN, the server ignores them.
     syncs_since_start: AtomicU64,
     effects: Mutex<Vec<Effect>>,
@@ -288,6 +301,12 @@ impl<'r> Shared<'r> {
         self.stmt_pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lock_copy_ends(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<u64>> {
+        self.copy_ends_early
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     fn rewriter(&self) -> Option<std::sync::MutexGuard<'_, Rewriter<'r>>> {
         self.rewriter
             .as_ref()
@@ -382,7 +401,9 @@ pub async fn run(
         tx_status: AtomicU8::new(b'I'),
         last_server_tag: AtomicU8::new(0),
         copy_in: AtomicBool::new(false),
-        copy_ends_early: AtomicU64::new(0),
+        copy_ends_early: Mutex::new(Default::default()),
+        copy_seen: AtomicBool::new(false),
+        lost_count: AtomicBool::new(false),
         syncs_since_start: AtomicU64::new(0),
         effects: Mutex::new(Vec::new()),
         may_unpin: AtomicBool::new(false),
@@ -437,6 +458,8 @@ pub async fn run(
             | EndReason::ClientIdle
     ) && requests == ready
         && !shared.batch_open.load(Ordering::Relaxed)
+        && !shared.copy_in.load(Ordering::Relaxed)
+        && !shared.lost_count.load(Ordering::Relaxed)
         && !shared.writing.load(Ordering::Relaxed)
         && s_scan.at_boundary()
         && c_scan.at_boundary();
@@ -446,6 +469,7 @@ pub async fn run(
         server_at_boundary: s_scan.at_boundary(),
         server_sent_error: shared.last_server_tag.load(Ordering::Relaxed) == b'E',
         tx_status: shared.tx_status.load(Ordering::Relaxed),
+        copy_seen: shared.copy_seen.load(Ordering::Relaxed),
         effects: shared
             .effects
             .into_inner()
@@ -524,6 +548,7 @@ fn transaction_finished(shared: &Shared<'_>, ready: u64) -> bool {
         && !shared.batch_open.load(Ordering::Relaxed)
         && !shared.writing.load(Ordering::Relaxed)
         && !shared.client_mid_frame.load(Ordering::Relaxed)
+        && !shared.lost_count.load(Ordering::Relaxed)
 }
 
 /// Makes room for the next read.
@@ -726,8 +751,10 @@ where
                         shared.syncs_since_start.store(0, Ordering::Relaxed);
                     }
                     b'c' | b'f' => {
+                        shared.copy_seen.store(true, Ordering::Relaxed);
                         if !shared.copy_in.swap(false, Ordering::Relaxed) {
-                            shared.copy_ends_early.fetch_add(1, Ordering::Relaxed);
+                            let syncs = shared.syncs_since_start.load(Ordering::Relaxed);
+                            shared.lock_copy_ends().push_back(syncs);
                         }
                     }
                     b'P' => {
@@ -840,24 +867,32 @@ where
             // the server has not answered yet (drivers may send their last request and Terminate at once), the
             // answers are awaited first, as Postgres would run those requests before it reads the Terminate: the
             // run then ends with the transaction and the server connection is kept, not closed mid-request. Not
-            // while the server waits for the client (a batch without its Sync, COPY FROM STDIN), nor pinned.
+            // while the server waits for the client (a batch without its Sync, COPY FROM STDIN), nor pinned, and
+            // for a bounded time (a long query, or a count pgweir got wrong, ends in the close as before).
             if shared.mode == Mode::Transaction
                 && !shared.batch_open.load(Ordering::Relaxed)
                 && !shared.copy_in.load(Ordering::Relaxed)
             {
-                // No waker is registered: `race` polls this pump after the server's on every wakeup, and it is
-                // the server's answers that end the wait. The server's pump ends the run itself at a
-                // ReadyForQuery 'I'; this one ends it when the last answer leaves a transaction open.
-                std::future::poll_fn(|_| {
+                // No waker of its own: `race` polls this pump after the server's on every wakeup, and it is the
+                // server's answers (or the timer) that end the wait. The server's pump ends the run itself at a
+                // ReadyForQuery 'I'; this one ends it when the last answer leaves a transaction open, when the
+                // server turns to COPY (it would wait for the client's data), or when the time is up.
+                let answered = std::future::poll_fn(|_| {
                     if shared.ready.load(Ordering::Relaxed)
                         >= shared.requests.load(Ordering::Relaxed)
+                        || shared.copy_in.load(Ordering::Relaxed)
+                        || shared.lost_count.load(Ordering::Relaxed)
                     {
                         std::task::Poll::Ready(())
                     } else {
                         std::task::Poll::Pending
                     }
-                })
-                .await;
+                });
+                let bound = shared
+                    .limits
+                    .query_timeout
+                    .map_or(TERMINATE_WAIT, |t| t.min(TERMINATE_WAIT));
+                let _ = tokio::time::timeout(bound, answered).await;
             }
             return EndReason::ClientTerminated;
         }
@@ -1313,10 +1348,19 @@ where
                         if let (Some(h), true) = (shared.limits.query_seconds, since != 0) {
                             h.record_us(now_us.saturating_sub(since));
                         }
-                        if ready == shared.requests.load(Ordering::Relaxed) {
-                            // Every request is answered: no COPY is pending, a CopyDone or CopyFail seen so far
-                            // was a stray one (the server ignores those).
-                            shared.copy_ends_early.store(0, Ordering::Relaxed);
+                        let requests = shared.requests.load(Ordering::Relaxed);
+                        if ready > requests {
+                            shared.lost_count.store(true, Ordering::Relaxed);
+                        }
+                        if ready == requests {
+                            // Every request is answered. Unless a batch is still open (its Execute may start a
+                            // COPY), no COPY is pending: a CopyDone or CopyFail seen so far was a stray one (the
+                            // server ignores those).
+                            if shared.copy_seen.load(Ordering::Relaxed)
+                                && !shared.batch_open.load(Ordering::Relaxed)
+                            {
+                                shared.lock_copy_ends().clear();
+                            }
                             shared
                                 .idle_since_ms
                                 .store(now_us / 1000 + 1, Ordering::Relaxed);
@@ -1337,8 +1381,11 @@ where
                         // Syncs would be taken for ignored ones, every later ReadyForQuery would be one no request
                         // accounts for, and a transaction could seem finished while a request is still with the
                         // server.)
-                        if shared.copy_ends_early.load(Ordering::Relaxed) > 0 {
-                            shared.copy_ends_early.fetch_sub(1, Ordering::Relaxed);
+                        shared.copy_seen.store(true, Ordering::Relaxed);
+                        let ended = shared.lock_copy_ends().pop_front();
+                        if let Some(ignored) = ended {
+                            // The Syncs between the statement and its CopyDone came during the COPY: ignored.
+                            shared.requests.fetch_sub(ignored, Ordering::Relaxed);
                         } else {
                             // Syncs the client sent after the statement that started the COPY are ignored by the
                             // server, so they get no ReadyForQuery.

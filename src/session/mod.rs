@@ -507,7 +507,12 @@ async fn send_visible<W: AsyncWrite + Unpin>(stream: &mut W, err: &ClientVisible
 /// The end of a session in either pool mode (the cancel slot already unlinked): tells the client what pgweir has
 /// to say about why it ended, and gives the server connection back (reset) only if it is clean — otherwise
 /// dropping the checkout closes it.
-async fn finish(stream: &mut ClientStream, tenant: &str, end: &forward::End, checkout: Checkout) {
+async fn finish(
+    stream: &mut ClientStream,
+    tenant: &str,
+    end: &forward::End,
+    mut checkout: Checkout,
+) {
     use forward::EndReason;
     match &end.reason {
         EndReason::ServerGone if end.server_at_boundary && !end.server_sent_error => {
@@ -552,6 +557,10 @@ async fn finish(stream: &mut ClientStream, tenant: &str, end: &forward::End, che
         }
     }
     if end.server_clean {
+        if end.copy_seen && !txn::in_sync(checkout.conn()).await {
+            warn!(%tenant, "server connection out of sync after COPY; closing it");
+            return;
+        }
         checkout.release(end.tx_status);
     }
 }

@@ -335,6 +335,7 @@ impl Client {
         let mut pins = Pins::default();
         let mut counted_pin = None;
         let mut cancel_forwarded = false;
+        let mut copy_seen = false;
         // Until the last ReadyForQuery of the transaction (the runs count from `started`).
         let mut duration_us = 0;
         loop {
@@ -366,6 +367,7 @@ impl Client {
             // Unlinked while pgweir runs its own queries on the connection.
             c.key.slot.set(SlotState::Idle).await;
             cancel_forwarded |= c.key.slot.take_forwarded() | end.cancel_sent;
+            copy_seen |= end.copy_seen;
 
             for (name, value) in &end.reported {
                 let name = name.to_ascii_lowercase();
@@ -440,6 +442,11 @@ impl Client {
                 drop(checkout);
                 return Next::Idle;
             }
+        }
+        if copy_seen && !in_sync(checkout.conn()).await {
+            warn!(tenant = %c.tenant, "server connection out of sync after COPY; closing it");
+            drop(checkout);
+            return Next::Idle;
         }
         // Idle since the last ReadyForQuery: no clock read for it.
         checkout.release_idle_since(started + std::time::Duration::from_micros(duration_us));
@@ -921,6 +928,45 @@ async fn run_internal(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Whether a server connection is where pgweir thinks it is: between requests, with no answer to anything the
+/// client sent still to come. Asked after a run with COPY FROM STDIN, where pgweir infers which of the client's
+/// Syncs the server ignored (a wrong guess would end a transaction early and hand the connection on with answers
+/// in flight). A query of pgweir's own, with a marker the client cannot guess, must be the very next thing the
+/// server answers, and nothing may follow its ReadyForQuery.
+pub(super) async fn in_sync(conn: &mut ServerConn) -> bool {
+    if !conn.buf.is_empty() {
+        return false;
+    }
+    let marker = format!("pgweir-{:016x}", rand::random::<u64>());
+    let check = async {
+        let mut out = BytesMut::with_capacity(64);
+        msg::query(&format!("SELECT '{marker}'"), &mut out);
+        conn.stream.write_all(&out).await.ok()?;
+        conn.stream.flush().await.ok()?;
+        // Expected: RowDescription, the marker's DataRow, CommandComplete, ReadyForQuery.
+        let mut step = 0;
+        loop {
+            let frame = read_frame(&mut conn.stream, &mut conn.buf, 1 << 20)
+                .await
+                .ok()?;
+            match (step, frame[0]) {
+                (_, b'S') => conn.observe_parameter_status(&frame),
+                (_, b'N') => {}
+                (_, b'A') => conn.notifications.extend_from_slice(&frame),
+                (0, b'T') => step = 1,
+                (1, b'D') if data_row(&frame) == [Some(marker.clone())] => step = 2,
+                (2, b'C') => step = 3,
+                (3, b'Z') => return Some(conn.buf.is_empty()),
+                _ => return Some(false),
+            }
+        }
+    };
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(5), check).await,
+        Ok(Some(true))
+    )
 }
 
 /// Text columns of a DataRow frame.

@@ -1439,3 +1439,97 @@ fn copy_sent_in_one_go_does_not_hold_the_server_connection() {
         assert_eq!(a.value("SELECT 'a'").await.as_deref(), Some("a"));
     });
 }
+
+/// A COPY started by an Execute whose batch is still open (no Sync yet) while an earlier query's answer comes:
+/// that answer leaves every counted request answered, but the COPY is still to start, and the CopyDone the client
+/// already sent ends it. pgweir must not forget that CopyDone (it would then take the COPY for a running one, the
+/// client's Sync for an ignored one, and lose count of the server's answers: a later pipeline could end early and
+/// its answers reach the next client).
+#[test]
+fn copy_ended_ahead_of_an_open_batch_keeps_the_count() {
+    let env = tx_env(1);
+    psql_ok(&env.alice(), "CREATE TABLE copy_batch(v text)");
+    runtime().block_on(async {
+        let mut a = Raw::connect_to(&env, "tx").await;
+        let mut m = BytesMut::new();
+        ext::query("SELECT 1", &mut m);
+        ext::parse("", "COPY copy_batch FROM STDIN", &mut m);
+        ext::bind("", "", &[], &mut m);
+        ext::execute("", &mut m);
+        m.extend_from_slice(&[b'd', 0, 0, 0, 6, b'x', b'\n', b'c', 0, 0, 0, 4]);
+        ext::flush(&mut m);
+        a.send(&m.split()).await;
+        let first: Vec<char> = a
+            .until_ready()
+            .await
+            .iter()
+            .map(|f| char::from(f.0))
+            .collect();
+        assert_eq!(first, ['T', 'D', 'C', 'Z']);
+        let mut copy = Vec::new();
+        for _ in 0..4 {
+            let f = within(10, "the COPY's answers", a.frame())
+                .await
+                .expect("a frame");
+            copy.push(char::from(f.0));
+        }
+        assert_eq!(copy, ['1', '2', 'G', 'C']);
+        ext::sync(&mut m);
+        a.send(&m.split()).await;
+        let synced: Vec<char> = a
+            .until_ready()
+            .await
+            .iter()
+            .map(|f| char::from(f.0))
+            .collect();
+        assert_eq!(synced, ['Z']);
+        // Two queries at once: both answers reach this client, in order.
+        ext::query("SELECT 'a1'", &mut m);
+        ext::query("SELECT pg_sleep(0.2), 'a2'", &mut m);
+        a.send(&m.split()).await;
+        let one_ = a.results().await;
+        let two = a.results().await;
+        assert_eq!(one_.rows, [[Some("a1".to_owned())]]);
+        assert_eq!(two.rows, [[Some(String::new()), Some("a2".to_owned())]]);
+        // The transaction is over: another client gets the pool's only server connection, with its own answers.
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        assert_eq!(
+            within(10, "another client's query", one(&b, "SELECT 'b'")).await,
+            "b"
+        );
+        assert_eq!(a.value("SELECT 'a3'").await.as_deref(), Some("a3"));
+        assert_eq!(
+            one(&b, "SELECT count(*) FROM copy_batch").await,
+            "1",
+            "the copied row"
+        );
+    });
+}
+
+/// A Terminate behind a request is waited for only while the wait can end: not through a COPY the server starts
+/// (it would wait for data that never comes), and not past a bound for a long request. Either way the server
+/// connection is closed and the pool's only slot is free again for the next client.
+#[test]
+fn terminate_behind_a_copy_or_a_long_request_frees_the_slot() {
+    let env = tx_env(1);
+    psql_ok(&env.alice(), "CREATE TABLE copy_term(v text)");
+    runtime().block_on(async {
+        for (what, sql) in [
+            ("a COPY", "COPY copy_term FROM STDIN"),
+            ("a long request", "SELECT pg_sleep(120)"),
+        ] {
+            let mut a = Raw::connect_to(&env, "tx").await;
+            let mut m = BytesMut::new();
+            ext::query(sql, &mut m);
+            m.extend_from_slice(&[b'X', 0, 0, 0, 4]);
+            a.send(&m.split()).await;
+            drop(a);
+            let b = env.connect(&tx_url(&env, "")).await.unwrap();
+            assert_eq!(
+                within(30, what, one(&b, "SELECT 'b'")).await,
+                "b",
+                "the next client after {what} and Terminate"
+            );
+        }
+    });
+}
