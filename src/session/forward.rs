@@ -193,9 +193,13 @@ struct Shared<'a> {
     copy_in: AtomicBool,
     /// CopyDone/CopyFail messages the client sent before the server's CopyInResponse came (a client may send the
     /// COPY statement, its data and CopyDone at once, as asyncpg does): a COPY they end is over when it starts.
-    /// Each holds the Syncs sent between the start of the statement and that CopyDone: the server ignores them
-    /// if the statement turns out to be a COPY.
-    copy_ends_early: Mutex<std::collections::VecDeque<u64>>,
+    /// Each holds the Syncs sent between the start of the statement and that CopyDone (the server ignores them if
+    /// the statement turns out to be a COPY), and the ReadyForQuery by which the statement's CopyInResponse would
+    /// have come: once that is in, the CopyDone was a stray one (the server ignores those) and is dropped.
+    copy_ends_early: Mutex<std::collections::VecDeque<(u64, u64)>>,
+    /// The number of the ReadyForQuery before which the last Query or Execute sent would start its COPY: the
+    /// Query's own, or the one of the Sync after the Execute.
+    start_deadline: AtomicU64,
     /// CopyInResponse came, or the client sent CopyDone/CopyFail.
     copy_seen: AtomicBool,
     /// More ReadyForQuery messages came than requests were counted: pgweir's count is wrong, so the end of a
@@ -301,7 +305,7 @@ impl<'r> Shared<'r> {
         self.stmt_pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_copy_ends(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<u64>> {
+    fn lock_copy_ends(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, u64)>> {
         self.copy_ends_early
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -402,6 +406,7 @@ pub async fn run(
         last_server_tag: AtomicU8::new(0),
         copy_in: AtomicBool::new(false),
         copy_ends_early: Mutex::new(Default::default()),
+        start_deadline: AtomicU64::new(0),
         copy_seen: AtomicBool::new(false),
         lost_count: AtomicBool::new(false),
         syncs_since_start: AtomicU64::new(0),
@@ -722,7 +727,8 @@ where
                 match tag {
                     b'X' => return Ok(Verdict::Stop),
                     b'Q' => {
-                        shared.requests.fetch_add(1, Ordering::Relaxed);
+                        let n = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+                        shared.start_deadline.store(n, Ordering::Relaxed);
                         shared.syncs_since_start.store(0, Ordering::Relaxed);
                         if let (Some(f), false) = (frame, no_effects) {
                             let sql = body(f);
@@ -748,13 +754,19 @@ where
                     }
                     b'E' => {
                         shared.batch_open.store(true, Ordering::Relaxed);
+                        let n = shared.requests.load(Ordering::Relaxed) + 1;
+                        shared.start_deadline.store(n, Ordering::Relaxed);
                         shared.syncs_since_start.store(0, Ordering::Relaxed);
                     }
                     b'c' | b'f' => {
                         shared.copy_seen.store(true, Ordering::Relaxed);
                         if !shared.copy_in.swap(false, Ordering::Relaxed) {
                             let syncs = shared.syncs_since_start.load(Ordering::Relaxed);
-                            shared.lock_copy_ends().push_back(syncs);
+                            let deadline = shared.start_deadline.load(Ordering::Relaxed);
+                            // Unless the statement is answered already (then this one is stray).
+                            if deadline > shared.ready.load(Ordering::Relaxed) {
+                                shared.lock_copy_ends().push_back((syncs, deadline));
+                            }
                         }
                     }
                     b'P' => {
@@ -1080,7 +1092,8 @@ fn refuse(
     match tag {
         b'Q' | b'F' => {
             queue_refusal(shared, r.to_error(), seq);
-            shared.requests.fetch_add(1, Ordering::Relaxed);
+            let n = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+            shared.start_deadline.store(n, Ordering::Relaxed);
             shared.syncs_since_start.store(0, Ordering::Relaxed);
             crate::wire::msg::query(refusal_marker(), out);
         }
@@ -1348,9 +1361,19 @@ where
                         if let (Some(h), true) = (shared.limits.query_seconds, since != 0) {
                             h.record_us(now_us.saturating_sub(since));
                         }
+                        // A ReadyForQuery is never sent in COPY mode: a COPY that failed while the client still
+                        // sends data is over (the client's CopyDone or CopyFail to come is a stray one).
+                        shared.copy_in.store(false, Ordering::Relaxed);
                         let requests = shared.requests.load(Ordering::Relaxed);
                         if ready > requests {
                             shared.lost_count.store(true, Ordering::Relaxed);
+                        }
+                        if shared.copy_seen.load(Ordering::Relaxed) {
+                            // CopyDones whose statement is answered without a CopyInResponse were stray ones.
+                            let mut ends = shared.lock_copy_ends();
+                            while ends.front().is_some_and(|&(_, d)| d <= ready) {
+                                ends.pop_front();
+                            }
                         }
                         if ready == requests {
                             // Every request is answered. Unless a batch is still open (its Execute may start a
@@ -1383,7 +1406,7 @@ where
                         // server.)
                         shared.copy_seen.store(true, Ordering::Relaxed);
                         let ended = shared.lock_copy_ends().pop_front();
-                        if let Some(ignored) = ended {
+                        if let Some((ignored, _)) = ended {
                             // The Syncs between the statement and its CopyDone came during the COPY: ignored.
                             shared.requests.fetch_sub(ignored, Ordering::Relaxed);
                         } else {

@@ -557,7 +557,7 @@ async fn finish(
         }
     }
     if end.server_clean {
-        if end.copy_seen && !txn::in_sync(checkout.conn()).await {
+        if end.copy_seen && !txn::in_sync(checkout.conn(), end.tx_status).await {
             warn!(%tenant, "server connection out of sync after COPY; closing it");
             return;
         }

@@ -335,7 +335,6 @@ impl Client {
         let mut pins = Pins::default();
         let mut counted_pin = None;
         let mut cancel_forwarded = false;
-        let mut copy_seen = false;
         // Until the last ReadyForQuery of the transaction (the runs count from `started`).
         let mut duration_us = 0;
         loop {
@@ -367,7 +366,6 @@ impl Client {
             // Unlinked while pgweir runs its own queries on the connection.
             c.key.slot.set(SlotState::Idle).await;
             cancel_forwarded |= c.key.slot.take_forwarded() | end.cancel_sent;
-            copy_seen |= end.copy_seen;
 
             for (name, value) in &end.reported {
                 let name = name.to_ascii_lowercase();
@@ -379,6 +377,13 @@ impl Client {
             if !matches!(end.reason, EndReason::TransactionEnd) || !end.server_clean {
                 Box::pin(finish(stream, &c.tenant, &end, checkout)).await;
                 return Next::Stop;
+            }
+            // First of all pgweir's own queries on the connection: answers still in flight must not be taken
+            // for theirs.
+            if end.copy_seen && !in_sync(checkout.conn(), end.tx_status).await {
+                warn!(tenant = %c.tenant, "server connection out of sync after COPY; closing it");
+                drop(checkout);
+                return Next::Idle;
             }
             let released = pins.apply(&end.effects);
             if !pins.unknown() && !end.effects.is_empty() {
@@ -442,11 +447,6 @@ impl Client {
                 drop(checkout);
                 return Next::Idle;
             }
-        }
-        if copy_seen && !in_sync(checkout.conn()).await {
-            warn!(tenant = %c.tenant, "server connection out of sync after COPY; closing it");
-            drop(checkout);
-            return Next::Idle;
         }
         // Idle since the last ReadyForQuery: no clock read for it.
         checkout.release_idle_since(started + std::time::Duration::from_micros(duration_us));
@@ -935,7 +935,7 @@ async fn run_internal(
 /// Syncs the server ignored (a wrong guess would end a transaction early and hand the connection on with answers
 /// in flight). A query of pgweir's own, with a marker the client cannot guess, must be the very next thing the
 /// server answers, and nothing may follow its ReadyForQuery.
-pub(super) async fn in_sync(conn: &mut ServerConn) -> bool {
+pub(super) async fn in_sync(conn: &mut ServerConn, tx_status: u8) -> bool {
     if !conn.buf.is_empty() {
         return false;
     }
@@ -958,7 +958,7 @@ pub(super) async fn in_sync(conn: &mut ServerConn) -> bool {
                 (0, b'T') => step = 1,
                 (1, b'D') if data_row(&frame) == [Some(marker.clone())] => step = 2,
                 (2, b'C') => step = 3,
-                (3, b'Z') => return Some(conn.buf.is_empty()),
+                (3, b'Z') => return Some(frame.get(5) == Some(&tx_status) && conn.buf.is_empty()),
                 _ => return Some(false),
             }
         }

@@ -1533,3 +1533,42 @@ fn terminate_behind_a_copy_or_a_long_request_frees_the_slot() {
         }
     });
 }
+
+/// A COPY FROM STDIN that fails while the client still sends data (a bad row early in a long stream): the server
+/// answers ErrorResponse and ReadyForQuery before the client's CopyDone. The transaction is over there; the
+/// client's CopyDone that follows is a stray one. The session goes on and the connection is reused.
+#[test]
+fn copy_failing_mid_stream_in_transaction_mode_keeps_the_session() {
+    let env = tx_env(1);
+    psql_ok(&env.alice(), "CREATE TABLE copy_mid(v int)");
+    runtime().block_on(async {
+        let mut a = Raw::connect_to(&env, "tx").await;
+        let mut m = BytesMut::new();
+        ext::query("COPY copy_mid FROM STDIN", &mut m);
+        a.send(&m.split()).await;
+        let g = within(10, "CopyInResponse", a.frame())
+            .await
+            .expect("a frame");
+        assert_eq!(g.0, b'G');
+        m.extend_from_slice(&[b'd', 0, 0, 0, 8, b'b', b'a', b'd', b'\n']);
+        a.send(&m.split()).await;
+        let failed = a.until_ready().await;
+        let e = failed.iter().find(|f| f.0 == b'E').expect("an error");
+        assert_eq!(crate::raw::error_fields(&e.1).code, "22P02");
+        // The client learns of the failure only now; its CopyDone and more data come after it.
+        m.extend_from_slice(&[b'd', 0, 0, 0, 6, b'1', b'\n', b'c', 0, 0, 0, 4]);
+        a.send(&m.split()).await;
+        assert_eq!(a.value("SELECT 'a'").await.as_deref(), Some("a"));
+        let b = env.connect(&tx_url(&env, "")).await.unwrap();
+        assert_eq!(
+            within(
+                10,
+                "another client's query",
+                one(&b, "SELECT count(*) FROM copy_mid")
+            )
+            .await,
+            "0"
+        );
+        assert_eq!(a.value("SELECT 'a2'").await.as_deref(), Some("a2"));
+    });
+}
