@@ -153,7 +153,13 @@ pub(super) async fn run(
         if buf[0] == b'X' {
             return true;
         }
-        match crate::boxed(|| c.transaction(proxy, stream, &mut buf, &mut watch)).await {
+        let next = match crate::boxed(|| c.acquire(proxy, stream, &mut buf)).await {
+            Ok(checkout) => {
+                crate::boxed(|| c.transaction(proxy, stream, &mut buf, &mut watch, checkout)).await
+            }
+            Err(next) => next,
+        };
+        match next {
             Next::Idle => {}
             Next::Stop => return false,
         }
@@ -258,14 +264,19 @@ async fn attach(
 }
 
 impl Client {
-    /// One request or transaction: `buf` starts with the client's first message of it.
-    async fn transaction(
+    /// The server connection for the request at the start of `buf`, linked to the client's cancel key; or what
+    /// comes next when the request needs none (answered by pgweir, cancelled while it waited) or cannot get one.
+    ///
+    /// A future of its own, apart from [`Client::transaction`]'s: a client waiting for a connection holds only
+    /// this small one, and the large forwarding state exists only for transactions that run. With many more
+    /// clients than server connections, that keeps the memory the running transactions touch small (and in the
+    /// CPU's caches) instead of spread over every waiting client's copy of it.
+    async fn acquire(
         &mut self,
         proxy: &Arc<Proxy>,
         stream: &mut ClientStream,
         buf: &mut BytesMut,
-        watch: &mut crate::server::Watch<'_>,
-    ) -> Next {
+    ) -> Result<Checkout, Next> {
         let c = self;
         let per_server = c.pool.config().max_prepared_statements;
         let max = proxy.cfg.proxy.max_message_bytes;
@@ -280,10 +291,10 @@ impl Client {
             };
             if let Some(n) = answered {
                 if write_flush(stream, &out).await.is_err() {
-                    return Next::Stop;
+                    return Err(Next::Stop);
                 }
                 buf.advance(n);
-                return Next::Idle;
+                return Err(Next::Idle);
             }
         }
         let got = wait_for_server(&c.pool, &c.key).await;
@@ -291,13 +302,13 @@ impl Client {
             Some(Ok(co)) => co,
             Some(Err(e)) => {
                 report_checkout_error(stream, &c.pool, &c.tenant, e).await;
-                return Next::Stop;
+                return Err(Next::Stop);
             }
             None => {
-                return match drop_cancelled(&c.key, stream, buf, max).await {
+                return Err(match drop_cancelled(&c.key, stream, buf, max).await {
                     true => Next::Idle,
                     false => Next::Stop,
-                };
+                });
             }
         };
         // Before linking: a cancel that comes while pgweir moves the settings must not cancel pgweir's own query
@@ -308,7 +319,7 @@ impl Client {
             if let Err(e) = Box::pin(sync(checkout.conn(), &c.desired)).await {
                 warn!(tenant = %c.tenant, error = %e, "could not move session settings to a server connection");
                 send_error(stream, &e).await;
-                return Next::Stop;
+                return Err(Next::Stop);
             }
         }
         // Linking and a cancel that arrived meanwhile exclude each other.
@@ -319,11 +330,26 @@ impl Client {
             .await
         {
             checkout.release_idle();
-            return match drop_cancelled(&c.key, stream, buf, max).await {
+            return Err(match drop_cancelled(&c.key, stream, buf, max).await {
                 true => Next::Idle,
                 false => Next::Stop,
-            };
+            });
         }
+        Ok(checkout)
+    }
+
+    /// One request or transaction on `checkout` (linked by [`Client::acquire`]): `buf` starts with the client's
+    /// first message of it.
+    async fn transaction(
+        &mut self,
+        proxy: &Arc<Proxy>,
+        stream: &mut ClientStream,
+        buf: &mut BytesMut,
+        watch: &mut crate::server::Watch<'_>,
+        mut checkout: Checkout,
+    ) -> Next {
+        let c = self;
+        let per_server = c.pool.config().max_prepared_statements;
         let telemetry = &proxy.telemetry;
         c.pool
             .usage
