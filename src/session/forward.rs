@@ -248,6 +248,38 @@ fn refusal_marker() -> &'static str {
     MARKER.get_or_init(|| format!("pgweir_refused_{:016x}", rand::random::<u64>()))
 }
 
+/// `Shared` belongs to one task (both pumps run in it, polled in turn, never at once), so its counters change by
+/// a load and a store: the same result as `fetch_add`/`swap`, without a locked instruction (each of those costs
+/// about 20 cycles on x86, several of them per transaction). The atomics are there only so that the task is `Send`.
+#[inline]
+fn add(a: &AtomicU64, n: u64) -> u64 {
+    let v = a.load(Ordering::Relaxed).wrapping_add(n);
+    a.store(v, Ordering::Relaxed);
+    v
+}
+
+/// Subtracts `n` from a counter of `Shared` (see [`add`]).
+#[inline]
+fn sub(a: &AtomicU64, n: u64) {
+    a.store(a.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
+}
+
+/// Sets a counter of `Shared` to 0 and returns what it held (see [`add`]).
+#[inline]
+fn take(a: &AtomicU64) -> u64 {
+    let v = a.load(Ordering::Relaxed);
+    a.store(0, Ordering::Relaxed);
+    v
+}
+
+/// Sets a flag of `Shared` and returns what it held (see [`add`]).
+#[inline]
+fn replace(a: &AtomicBool, v: bool) -> bool {
+    let old = a.load(Ordering::Relaxed);
+    a.store(v, Ordering::Relaxed);
+    old
+}
+
 impl<'r> Shared<'r> {
     /// Microseconds since `started`, plus 1 (so that 0 can mean "not set").
     fn now_us(&self) -> u64 {
@@ -727,7 +759,7 @@ where
                 match tag {
                     b'X' => return Ok(Verdict::Stop),
                     b'Q' => {
-                        let n = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+                        let n = add(&shared.requests, 1);
                         shared.start_deadline.store(n, Ordering::Relaxed);
                         shared.syncs_since_start.store(0, Ordering::Relaxed);
                         if let (Some(f), false) = (frame, no_effects) {
@@ -743,13 +775,13 @@ where
                         }
                     }
                     b'F' => {
-                        shared.requests.fetch_add(1, Ordering::Relaxed);
+                        add(&shared.requests, 1);
                     }
                     // During COPY FROM STDIN the server ignores Sync.
                     b'S' if shared.copy_in.load(Ordering::Relaxed) => {}
                     b'S' => {
-                        shared.requests.fetch_add(1, Ordering::Relaxed);
-                        shared.syncs_since_start.fetch_add(1, Ordering::Relaxed);
+                        add(&shared.requests, 1);
+                        add(&shared.syncs_since_start, 1);
                         shared.batch_open.store(false, Ordering::Relaxed);
                     }
                     b'E' => {
@@ -760,7 +792,7 @@ where
                     }
                     b'c' | b'f' => {
                         shared.copy_seen.store(true, Ordering::Relaxed);
-                        if !shared.copy_in.swap(false, Ordering::Relaxed) {
+                        if !replace(&shared.copy_in, false) {
                             let syncs = shared.syncs_since_start.load(Ordering::Relaxed);
                             let deadline = shared.start_deadline.load(Ordering::Relaxed);
                             // Unless the statement is answered already (then this one is stray).
@@ -1092,7 +1124,7 @@ fn refuse(
     match tag {
         b'Q' | b'F' => {
             queue_refusal(shared, r.to_error(), seq);
-            let n = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+            let n = add(&shared.requests, 1);
             shared.start_deadline.store(n, Ordering::Relaxed);
             shared.syncs_since_start.store(0, Ordering::Relaxed);
             crate::wire::msg::query(refusal_marker(), out);
@@ -1148,8 +1180,8 @@ fn check_query_timeout(shared: &Shared<'_>) {
     let Some(limit) = shared.limits.query_timeout else {
         return;
     };
-    let since = shared.busy_since_us.load(Ordering::SeqCst);
-    if since == 0 || shared.timed_out.load(Ordering::SeqCst) {
+    let since = shared.busy_since_us.load(Ordering::Relaxed);
+    if since == 0 || shared.timed_out.load(Ordering::Relaxed) {
         return;
     }
     let busy = shared
@@ -1162,20 +1194,9 @@ fn check_query_timeout(shared: &Shared<'_>) {
     let Some(t) = shared.cancel.clone() else {
         return;
     };
-    // Once per request: `timed_out` stays set until the request's ReadyForQuery. The request may have ended
-    // between the reads above and here (its ReadyForQuery resets both): then nothing is cancelled, or the cancel
-    // would hit the next request.
-    if shared
-        .timed_out
-        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-        .is_err()
-    {
-        return;
-    }
-    if shared.busy_since_us.load(Ordering::SeqCst) != since {
-        shared.timed_out.store(false, Ordering::SeqCst);
-        return;
-    }
+    // Once per request: `timed_out` stays set until the request's ReadyForQuery (checked above). Nothing else
+    // runs between those reads and here (`Shared` belongs to this task), so the request is still the one timed.
+    shared.timed_out.store(true, Ordering::Relaxed);
     shared.cancel_sent.store(true, Ordering::Relaxed);
     tokio::spawn(async move {
         if let Err(e) = crate::backend::send_cancel(&t.host, t.port, t.pid, &t.secret).await {
@@ -1205,7 +1226,7 @@ async fn read_client<R: AsyncRead + Unpin>(
         return match r.read_buf(buf).await {
             Ok(0) | Err(_) => Err(EndReason::ClientGone),
             Ok(n) => {
-                shared.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                add(&shared.bytes_in, n as u64);
                 Ok(())
             }
         };
@@ -1215,7 +1236,7 @@ async fn read_client<R: AsyncRead + Unpin>(
         match tokio::time::timeout(tick, r.read_buf(buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(EndReason::ClientGone),
             Ok(Ok(n)) => {
-                shared.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                add(&shared.bytes_in, n as u64);
                 return Ok(());
             }
             Err(_) => {
@@ -1311,7 +1332,7 @@ where
                     }
                     (b'C', Some(f)) => {
                         if stats {
-                            shared.rows.fetch_add(command_rows(f), Ordering::Relaxed);
+                            add(&shared.rows, command_rows(f));
                         }
                         if rewrite && prepared::deallocates_all(f) {
                             if let Some(mut rw) = shared.rewriter() {
@@ -1320,7 +1341,7 @@ where
                         }
                     }
                     (b'Z', Some(f)) => {
-                        let ready = shared.ready.fetch_add(1, Ordering::Relaxed) + 1;
+                        let ready = add(&shared.ready, 1);
                         if shared.refusals_pending.load(Ordering::Relaxed) {
                             // Stand-ins the server skipped (an earlier error in their batch) got no error.
                             let mut q = shared.refusals.lock().unwrap_or_else(|e| e.into_inner());
@@ -1340,7 +1361,7 @@ where
                         let now_us = shared.now_us();
                         shared.last_ready_us.store(now_us, Ordering::Relaxed);
                         if let Some(p) = shared.limits.policy {
-                            let rows = shared.rows.swap(0, Ordering::Relaxed);
+                            let rows = take(&shared.rows);
                             let mut q = shared.lock_stmts();
                             while q.front().is_some_and(|(seq, _, _)| *seq < ready) {
                                 q.pop_front();
@@ -1387,12 +1408,12 @@ where
                             shared
                                 .idle_since_ms
                                 .store(now_us / 1000 + 1, Ordering::Relaxed);
-                            shared.busy_since_us.store(0, Ordering::SeqCst);
+                            shared.busy_since_us.store(0, Ordering::Relaxed);
                         } else {
                             // The next request's time starts now.
-                            shared.busy_since_us.store(now_us, Ordering::SeqCst);
+                            shared.busy_since_us.store(now_us, Ordering::Relaxed);
                         }
-                        shared.timed_out.store(false, Ordering::SeqCst);
+                        shared.timed_out.store(false, Ordering::Relaxed);
                         if status == b'I' && transaction_finished(shared, ready) {
                             return Ok(Verdict::Last);
                         }
@@ -1408,13 +1429,13 @@ where
                         let ended = shared.lock_copy_ends().pop_front();
                         if let Some((ignored, _)) = ended {
                             // The Syncs between the statement and its CopyDone came during the COPY: ignored.
-                            shared.requests.fetch_sub(ignored, Ordering::Relaxed);
+                            sub(&shared.requests, ignored);
                         } else {
                             // Syncs the client sent after the statement that started the COPY are ignored by the
                             // server, so they get no ReadyForQuery.
                             shared.copy_in.store(true, Ordering::Relaxed);
-                            let ignored = shared.syncs_since_start.swap(0, Ordering::Relaxed);
-                            shared.requests.fetch_sub(ignored, Ordering::Relaxed);
+                            let ignored = take(&shared.syncs_since_start);
+                            sub(&shared.requests, ignored);
                         }
                     }
                     (b'S', Some(f))
@@ -1529,7 +1550,7 @@ where
         match r.read_buf(buf).await {
             Ok(0) | Err(_) => return EndReason::ServerGone,
             Ok(n) => {
-                shared.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                add(&shared.bytes_out, n as u64);
             }
         }
     }
