@@ -10,7 +10,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 harness="${BENCH_HARNESS:-$here/../shared/bench/peers.sh}"
-cargo build --release --manifest-path "$here/Cargo.toml"
+# PGWEIR_BIN=<binary> (e.g. target/pgo/pgweir from benches/pgo-build.sh) benchmarks that build instead.
+if [ -z "${PGWEIR_BIN:-}" ]; then cargo build --release --manifest-path "$here/Cargo.toml"; fi
 export PGWEIR_POOL_MODE="${PGWEIR_POOL_MODE:-transaction}"
 floor=()
 if [ "${PGWEIR_FLOOR:-0}" = 1 ]; then
