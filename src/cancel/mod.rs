@@ -137,7 +137,8 @@ impl CancelSlot {
     /// only marks it pending while busy): such a server must run a query of pgweir's own before it serves anyone
     /// else, so the pending cancel lands there.
     pub fn take_forwarded(&self) -> bool {
-        self.forwarded.swap(false, Ordering::Relaxed)
+        // A load first: the flag is almost never set, and a swap is a locked instruction per transaction.
+        self.forwarded.load(Ordering::Relaxed) && self.forwarded.swap(false, Ordering::Relaxed)
     }
 
     /// True if a cancel arrived while waiting; resets the flag.

@@ -13,6 +13,9 @@ use super::Plan;
 /// One tenant's state.
 pub struct TenantState {
     plan: RwLock<Arc<Plan>>,
+    /// Bumped after each change of `plan`: a [`ConnectionSlot`]'s copy of the plan is good while this is unchanged
+    /// (one plain load per statement instead of the read lock's two locked instructions).
+    plan_gen: AtomicU64,
     connections: AtomicU32,
     bucket: Mutex<Bucket>,
     /// An operator switched the tenant to read-only (config `read_only`, or the admin API).
@@ -86,6 +89,7 @@ impl TenantState {
     fn new(plan: Arc<Plan>) -> TenantState {
         TenantState {
             plan: RwLock::new(plan),
+            plan_gen: AtomicU64::new(0),
             connections: AtomicU32::new(0),
             bucket: Mutex::new(Bucket { tat: None }),
             operator_read_only: AtomicBool::new(false),
@@ -246,6 +250,7 @@ impl TenantState {
         };
         if !same {
             *self.plan.write().unwrap_or_else(|p| p.into_inner()) = plan.clone();
+            self.plan_gen.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -258,7 +263,21 @@ impl TenantState {
                 (n < max).then_some(n + 1)
             })
             .is_ok();
-        taken.then(|| ConnectionSlot(self.clone()))
+        taken.then(|| ConnectionSlot {
+            state: self.clone(),
+            plan: self.snapshot(),
+        })
+    }
+
+    /// The plan in force now, with the generation it belongs to.
+    fn snapshot(&self) -> PlanSnapshot {
+        // The generation first: if the plan changes in between, the snapshot is older than it says and is taken
+        // again at the next check (never the other way round).
+        let gen = self.plan_gen.load(Ordering::Acquire);
+        PlanSnapshot {
+            gen,
+            plan: self.plan.read().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
     }
 
     pub fn connections(&self) -> u32 {
@@ -310,17 +329,69 @@ impl TenantState {
 }
 
 /// A client connection counted against its tenant's `max_connections` until dropped.
-pub struct ConnectionSlot(Arc<TenantState>);
+pub struct ConnectionSlot {
+    state: Arc<TenantState>,
+    plan: PlanSnapshot,
+}
+
+/// A copy of a tenant's plan and the generation it belongs to (see [`TenantState::plan_gen`]).
+pub struct PlanSnapshot {
+    gen: u64,
+    plan: Arc<Plan>,
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.state.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl ConnectionSlot {
     pub fn tenant(&self) -> &Arc<TenantState> {
-        &self.0
+        &self.state
+    }
+
+    /// Takes the tenant's plan again if it changed since the last look (one plain load when it did not).
+    pub fn refresh_plan(&mut self) {
+        if self.state.plan_gen.load(Ordering::Acquire) != self.plan.gen {
+            self.plan = self.state.snapshot();
+        }
+    }
+
+    /// The tenant's state with this connection's copy of its plan.
+    pub fn with_plan(&self) -> PlanRef<'_> {
+        PlanRef {
+            state: &self.state,
+            snapshot: &self.plan,
+        }
+    }
+}
+
+/// A tenant's state and a connection's copy of its plan: [`PlanRef::with_plan`] is [`TenantState::with_plan`]
+/// without a lock while the copy is current.
+#[derive(Clone, Copy)]
+pub struct PlanRef<'a> {
+    pub state: &'a TenantState,
+    snapshot: &'a PlanSnapshot,
+}
+
+impl PlanRef<'_> {
+    /// Runs `f` with the plan in force: the copy while it is current, else the tenant's (under its lock).
+    #[inline]
+    pub fn with_plan<R>(&self, f: impl FnOnce(&Plan) -> R) -> R {
+        if self.state.plan_gen.load(Ordering::Acquire) == self.snapshot.gen {
+            f(&self.snapshot.plan)
+        } else {
+            self.state.with_plan(f)
+        }
+    }
+}
+
+impl std::ops::Deref for PlanRef<'_> {
+    type Target = TenantState;
+
+    fn deref(&self) -> &TenantState {
+        self.state
     }
 }
 
@@ -386,6 +457,33 @@ mod tests {
             rate_wait: Duration::from_millis(wait_ms),
             ..Plan::default()
         })))
+    }
+
+    /// A connection's copy of the plan is used while current; a plan change shows at once (the tenant's plan is
+    /// read under its lock until the copy is taken again).
+    #[test]
+    fn a_connection_sees_a_plan_change_before_and_after_it_refreshes_its_copy() {
+        let tenants = Tenants::default();
+        let free = Arc::new(Plan {
+            max_connections: Some(5),
+            ..Plan::default()
+        });
+        let state = tenants.state("t", &free, false);
+        let mut slot = state.connect().expect("a slot");
+        assert_eq!(slot.with_plan().with_plan(|p| p.max_connections), Some(5));
+        // The same plan again (a login) changes nothing.
+        tenants.state("t", &free.clone(), false);
+        assert_eq!(slot.plan.gen, state.plan_gen.load(Ordering::Relaxed));
+        let pro = Arc::new(Plan {
+            max_connections: Some(50),
+            ..Plan::default()
+        });
+        tenants.refresh(|_| Some((pro.clone(), false)));
+        assert_ne!(slot.plan.gen, state.plan_gen.load(Ordering::Relaxed));
+        assert_eq!(slot.with_plan().with_plan(|p| p.max_connections), Some(50));
+        slot.refresh_plan();
+        assert!(Arc::ptr_eq(&slot.plan.plan, &pro));
+        assert_eq!(slot.with_plan().with_plan(|p| p.max_connections), Some(50));
     }
 
     #[test]

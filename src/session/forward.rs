@@ -8,7 +8,7 @@
 //! effect on session state (`crate::sqlscan`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -117,7 +117,7 @@ pub struct Limits<'h> {
 /// What forwarding needs of the tenant's policy.
 #[derive(Clone, Copy)]
 pub struct Policy<'h> {
-    pub state: &'h crate::policy::limits::TenantState,
+    pub state: crate::policy::limits::PlanRef<'h>,
     pub classifier: &'h crate::policy::Classifier,
     pub telemetry: &'h crate::telemetry::Telemetry,
     pub tenant: &'h str,
@@ -166,7 +166,40 @@ pub struct Statements<'a> {
 /// How long a Terminate sent right behind unanswered requests waits for their answers (see `client_to_server`).
 const TERMINATE_WAIT: Duration = Duration::from_secs(5);
 
-/// State shared by the two directions (atomics: both run in one task, but the task must be `Send`).
+/// Interior mutability for the parts of [`Shared`] that are not plain counters: a `RefCell` that is `Sync`.
+///
+/// A `Shared` lives in [`run`]'s frame and only the two pumps of that run see it. `race` polls them in turn from
+/// the one task that owns the run, so no two threads ever touch a `TaskCell` at once: a task moves to another
+/// thread only between polls, and tokio orders those. Hence a `RefCell` suffices where a `Mutex` cost two locked
+/// instructions (some 40 cycles on x86) per use, several uses per transaction. A borrow cannot be held across an
+/// `.await` (`RefMut` is not `Send`, and the task must be), and a second borrow while one is held panics where a
+/// second lock of a `Mutex` would deadlock.
+struct TaskCell<T>(std::cell::RefCell<T>);
+
+// SAFETY: a `TaskCell` is only ever reachable through the `Shared` of one `run`, whose references stay inside
+// that run's future; a future is polled by one thread at a time (it needs `Pin<&mut>`), and tokio's hand-over of a
+// task between threads synchronises (acquire/release on the task state). So the `RefCell` is never used from two
+// threads at once, which is all that `Sync` adds to what `RefCell<T: Send>` is. Nothing may hand a `&Shared` or a
+// `&TaskCell` to another task or thread (no spawn can borrow it: they need `'static`).
+unsafe impl<T: Send> Sync for TaskCell<T> {}
+
+impl<T> TaskCell<T> {
+    fn new(v: T) -> Self {
+        TaskCell(std::cell::RefCell::new(v))
+    }
+
+    #[inline]
+    fn lock(&self) -> std::cell::RefMut<'_, T> {
+        self.0.borrow_mut()
+    }
+
+    fn into_inner(self) -> T {
+        self.0.into_inner()
+    }
+}
+
+/// State shared by the two directions. Both run in one task; the atomics (relaxed loads and stores, see [`add`])
+/// and [`TaskCell`]s are there only because the task must be `Send`.
 struct Shared<'a> {
     mode: Mode,
     limits: Limits<'a>,
@@ -196,7 +229,7 @@ struct Shared<'a> {
     /// Each holds the Syncs sent between the start of the statement and that CopyDone (the server ignores them if
     /// the statement turns out to be a COPY), and the ReadyForQuery by which the statement's CopyInResponse would
     /// have come: once that is in, the CopyDone was a stray one (the server ignores those) and is dropped.
-    copy_ends_early: Mutex<std::collections::VecDeque<(u64, u64)>>,
+    copy_ends_early: TaskCell<std::collections::VecDeque<(u64, u64)>>,
     /// The number of the ReadyForQuery before which the last Query or Execute sent would start its COPY: the
     /// Query's own, or the one of the Sync after the Execute.
     start_deadline: AtomicU64,
@@ -207,14 +240,17 @@ struct Shared<'a> {
     lost_count: AtomicBool,
     /// Syncs sent since the last Execute or Query: if that one starts a COPY FROM STDIN, the server ignores them.
     syncs_since_start: AtomicU64,
-    effects: Mutex<Vec<Effect>>,
+    effects: TaskCell<Vec<Effect>>,
     /// Pinned mode: a statement may have released what pinned the client.
     may_unpin: AtomicBool,
     /// Named prepared statements are rewritten (transaction pooling).
-    rewriter: Option<Mutex<Rewriter<'a>>>,
+    rewriter: Option<TaskCell<Rewriter<'a>>>,
     /// Signalled after each ReadyForQuery while rewriting: a message waiting for an earlier batch to settle
     /// (`Rewriter::must_wait`) looks again.
     settled: tokio::sync::Notify,
+    /// The client side waits on `settled` (a notification nobody waits for is not sent: it costs a locked
+    /// instruction per ReadyForQuery).
+    settle_wanted: AtomicBool,
     /// Microseconds after `started` (+1) since when a request has been waiting for its answer; 0 when none.
     busy_since_us: AtomicU64,
     /// The query timeout cancelled the current request: its 57014 is reworded for the client.
@@ -227,10 +263,10 @@ struct Shared<'a> {
     bytes_out: AtomicU64,
     /// Refused statements whose stand-in has gone to the server: (number of the ReadyForQuery that ends the
     /// request, the error the client gets instead of the stand-in's).
-    refusals: Mutex<Fifo<(u64, bytes::Bytes)>>,
+    refusals: TaskCell<Fifo<(u64, bytes::Bytes)>>,
     refusals_pending: AtomicBool,
     /// Statement statistics: (request number, statement facts, µs since `started` when it went to the server).
-    stmt_pending: Mutex<Fifo<(u64, Arc<crate::policy::Facts>, u64)>>,
+    stmt_pending: TaskCell<Fifo<(u64, Arc<crate::policy::Facts>, u64)>>,
     /// Rows reported by CommandComplete since the last ReadyForQuery.
     rows: AtomicU64,
 }
@@ -326,34 +362,24 @@ impl<'r> Shared<'r> {
                 return Some(reason);
             }
         }
-        self.effects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(found);
+        self.effects.lock().extend(found);
         None
     }
 
-    fn lock_stmts(&self) -> std::sync::MutexGuard<'_, Fifo<(u64, Arc<crate::policy::Facts>, u64)>> {
-        self.stmt_pending.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_stmts(&self) -> std::cell::RefMut<'_, Fifo<(u64, Arc<crate::policy::Facts>, u64)>> {
+        self.stmt_pending.lock()
     }
 
-    fn lock_copy_ends(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, u64)>> {
-        self.copy_ends_early
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn lock_copy_ends(&self) -> std::cell::RefMut<'_, std::collections::VecDeque<(u64, u64)>> {
+        self.copy_ends_early.lock()
     }
 
-    fn rewriter(&self) -> Option<std::sync::MutexGuard<'_, Rewriter<'r>>> {
-        self.rewriter
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    fn rewriter(&self) -> Option<std::cell::RefMut<'_, Rewriter<'r>>> {
+        self.rewriter.as_ref().map(|m| m.lock())
     }
 
     fn push(&self, e: Effect) {
-        self.effects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(e);
+        self.effects.lock().push(e);
     }
 }
 
@@ -422,7 +448,7 @@ pub async fn run(
         ..
     } = conn;
     let rewriter =
-        statements.map(|s| Mutex::new(Rewriter::new(s.client, prepared, s.max_per_server)));
+        statements.map(|s| TaskCell::new(Rewriter::new(s.client, prepared, s.max_per_server)));
     let shared = Shared {
         mode,
         limits,
@@ -437,15 +463,16 @@ pub async fn run(
         tx_status: AtomicU8::new(b'I'),
         last_server_tag: AtomicU8::new(0),
         copy_in: AtomicBool::new(false),
-        copy_ends_early: Mutex::new(Default::default()),
+        copy_ends_early: TaskCell::new(Default::default()),
         start_deadline: AtomicU64::new(0),
         copy_seen: AtomicBool::new(false),
         lost_count: AtomicBool::new(false),
         syncs_since_start: AtomicU64::new(0),
-        effects: Mutex::new(Vec::new()),
+        effects: TaskCell::new(Vec::new()),
         may_unpin: AtomicBool::new(false),
         rewriter,
         settled: tokio::sync::Notify::new(),
+        settle_wanted: AtomicBool::new(false),
         busy_since_us: AtomicU64::new(0),
         timed_out: AtomicBool::new(false),
         cancel_sent: AtomicBool::new(false),
@@ -453,9 +480,9 @@ pub async fn run(
         // Client bytes consumed: those already read count, those left over at the end do not.
         bytes_in: AtomicU64::new(client_buf.len() as u64),
         bytes_out: AtomicU64::new(0),
-        refusals: Mutex::new(Default::default()),
+        refusals: TaskCell::new(Default::default()),
         refusals_pending: AtomicBool::new(false),
-        stmt_pending: Mutex::new(Default::default()),
+        stmt_pending: TaskCell::new(Default::default()),
         rows: AtomicU64::new(0),
     };
     let mut c_scan = Scanner::new(max_message);
@@ -507,10 +534,7 @@ pub async fn run(
         server_sent_error: shared.last_server_tag.load(Ordering::Relaxed) == b'E',
         tx_status: shared.tx_status.load(Ordering::Relaxed),
         copy_seen: shared.copy_seen.load(Ordering::Relaxed),
-        effects: shared
-            .effects
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner()),
+        effects: shared.effects.into_inner(),
         reported,
         cancel_sent: shared.cancel_sent.load(Ordering::Relaxed),
         answered: ready,
@@ -903,6 +927,7 @@ where
         }
         if wait {
             // Everything before the waiting message is with the server; its replies settle the earlier batch.
+            shared.settle_wanted.store(true, Ordering::Relaxed);
             shared.settled.notified().await;
             continue;
         }
@@ -1104,7 +1129,6 @@ fn queue_refusal(shared: &Shared<'_>, err: crate::wire::PgError, seq: u64) {
     shared
         .refusals
         .lock()
-        .unwrap_or_else(|e| e.into_inner())
         .push_back((seq, err.to_bytes().freeze()));
     shared.refusals_pending.store(true, Ordering::Relaxed);
 }
@@ -1304,7 +1328,7 @@ where
                             && f.windows(refusal_marker().len())
                                 .any(|w| w == refusal_marker().as_bytes()) =>
                     {
-                        let mut q = shared.refusals.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut q = shared.refusals.lock();
                         if let Some((_, err)) = q.pop_front() {
                             replacement = Some(err);
                         }
@@ -1344,7 +1368,7 @@ where
                         let ready = add(&shared.ready, 1);
                         if shared.refusals_pending.load(Ordering::Relaxed) {
                             // Stand-ins the server skipped (an earlier error in their batch) got no error.
-                            let mut q = shared.refusals.lock().unwrap_or_else(|e| e.into_inner());
+                            let mut q = shared.refusals.lock();
                             while q.front().is_some_and(|(seq, _)| *seq <= ready) {
                                 q.pop_front();
                             }
@@ -1354,7 +1378,9 @@ where
                         }
                         if let Some(mut rw) = shared.rewriter() {
                             rw.server_ready(ready);
-                            shared.settled.notify_one();
+                            if replace(&shared.settle_wanted, false) {
+                                shared.settled.notify_one();
+                            }
                         }
                         let status = f.get(5).copied().unwrap_or(b'I');
                         shared.tx_status.store(status, Ordering::Relaxed);

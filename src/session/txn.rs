@@ -356,6 +356,7 @@ impl Client {
             .transactions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
+        c.slot.refresh_plan();
         let limits = super::run_limits(proxy, &c.slot, &c.tenant, &c.pool.key().database);
         let mut mode = Mode::Transaction;
         let mut pins = Pins::default();
