@@ -50,7 +50,10 @@ rm -f "$out"/pgweir-*.profdata
 cp "$out/pgweir.profdata" "$out/pgweir-$sum.profdata"
 
 echo "== optimized build"
-CARGO_TARGET_DIR="$out/use" RUSTFLAGS="-Cprofile-use=$out/pgweir-$sum.profdata" \
+# The profile marks functions hot (.text.hot.*) or cold (.text.unlikely.*); rust-lld mixes them back into one .text
+# unless told to keep the prefixes, which puts the hot ones together (callgrind, pgbench -S 16 clients: 71 -> 49 L1i
+# misses per transaction, same profile).
+CARGO_TARGET_DIR="$out/use" RUSTFLAGS="-Cprofile-use=$out/pgweir-$sum.profdata -Clink-arg=-Wl,-z,keep-text-section-prefix" \
   cargo build --release --bin pgweir --manifest-path "$here/Cargo.toml"
 cp "$out/use/release/pgweir" "$out/pgweir"
 echo "PGO build: $out/pgweir"
