@@ -11,7 +11,7 @@
 # 10-20 % in a side-by-side run. See docs/ARCHITECTURE.md ("Performance").
 #
 # Steps: an instrumented build (target/pgo/gen); the instrumented pgweir as the only target of the side-by-side
-# harness (../shared/bench/peers.sh, as benches/compare.sh uses it: throw-away PostgreSQL 15 cluster, pgbench data,
+# harness (benches/compare.sh with ../shared/bench/peers.sh: throw-away PostgreSQL 15 cluster, pgbench data,
 # select / extended / prepared at 16, 64 and 256 clients, TPC-B, connection churn; it stops pgweir with SIGTERM, and
 # that clean exit writes the profile); then the final build with the merged profile (target/pgo/use). Needs the
 # llvm-tools rustup component (installed when missing) and what the harness needs. PGO_SECONDS sets the seconds per
@@ -38,10 +38,9 @@ rm -rf "$out/raw"
 
 echo "== training run"
 rm -rf "$out/train"
-"${BENCH_HARNESS:-$here/../shared/bench/peers.sh}" --peers "" --rounds 1 --duration "$secs" \
-  --workloads "select extended prepared tpcb churn" --out "$out/train" \
-  --extra-name pgweir --extra-port "${PGO_PORT:-55410}" \
-  --extra-cmd "PGWEIR_BIN='$out/gen/release/pgweir' bash '$here/benches/pgweir-bench-target.sh'"
+# compare.sh runs the harness with pgweir as its extra target; the later --peers "" drops direct PG and PgBouncer.
+PGWEIR_BIN="$out/gen/release/pgweir" PGWEIR_FLOOR=0 "$here/benches/compare.sh" --peers "" --rounds 1 \
+  --duration "$secs" --workloads "select extended prepared tpcb churn" --out "$out/train"
 "$profdata" merge -o "$out/pgweir.profdata" "$out"/raw/*.profraw
 # Cargo does not see a profile's contents, only the flag: a path named by the profile's hash rebuilds every crate
 # when the profile changes (the same path would leave the last build's binary in place).

@@ -256,7 +256,8 @@ impl TenantState {
 
     /// Takes a client connection slot unless the plan's `max_connections` are in use.
     pub fn connect(self: &Arc<Self>) -> Option<ConnectionSlot> {
-        let max = self.with_plan(|p| p.max_connections).unwrap_or(u32::MAX);
+        let plan = self.snapshot();
+        let max = plan.plan.max_connections.unwrap_or(u32::MAX);
         let taken = self
             .connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -265,7 +266,7 @@ impl TenantState {
             .is_ok();
         taken.then(|| ConnectionSlot {
             state: self.clone(),
-            plan: self.snapshot(),
+            plan,
         })
     }
 
@@ -359,7 +360,7 @@ impl ConnectionSlot {
     }
 
     /// The tenant's state with this connection's copy of its plan.
-    pub fn with_plan(&self) -> PlanRef<'_> {
+    pub fn plan_ref(&self) -> PlanRef<'_> {
         PlanRef {
             state: &self.state,
             snapshot: &self.plan,
@@ -371,7 +372,7 @@ impl ConnectionSlot {
 /// without a lock while the copy is current.
 #[derive(Clone, Copy)]
 pub struct PlanRef<'a> {
-    pub state: &'a TenantState,
+    state: &'a TenantState,
     snapshot: &'a PlanSnapshot,
 }
 
@@ -470,9 +471,9 @@ mod tests {
         });
         let state = tenants.state("t", &free, false);
         let mut slot = state.connect().expect("a slot");
-        assert_eq!(slot.with_plan().with_plan(|p| p.max_connections), Some(5));
+        assert_eq!(slot.plan_ref().with_plan(|p| p.max_connections), Some(5));
         // The same plan again (a login) changes nothing.
-        tenants.state("t", &free.clone(), false);
+        tenants.state("t", &free, false);
         assert_eq!(slot.plan.gen, state.plan_gen.load(Ordering::Relaxed));
         let pro = Arc::new(Plan {
             max_connections: Some(50),
@@ -480,10 +481,10 @@ mod tests {
         });
         tenants.refresh(|_| Some((pro.clone(), false)));
         assert_ne!(slot.plan.gen, state.plan_gen.load(Ordering::Relaxed));
-        assert_eq!(slot.with_plan().with_plan(|p| p.max_connections), Some(50));
+        assert_eq!(slot.plan_ref().with_plan(|p| p.max_connections), Some(50));
         slot.refresh_plan();
         assert!(Arc::ptr_eq(&slot.plan.plan, &pro));
-        assert_eq!(slot.with_plan().with_plan(|p| p.max_connections), Some(50));
+        assert_eq!(slot.plan_ref().with_plan(|p| p.max_connections), Some(50));
     }
 
     #[test]

@@ -151,7 +151,7 @@ fn run_limits<'a>(
 ) -> forward::Limits<'a> {
     forward::Limits::from_config(&proxy.cfg.proxy, Some(&proxy.telemetry.query_seconds))
         .with_policy(proxy.cfg.proxy.sql_policy.then_some(forward::Policy {
-            state: slot.with_plan(),
+            state: slot.plan_ref(),
             classifier: &proxy.classifier,
             telemetry: &proxy.telemetry,
             tenant,
