@@ -23,6 +23,7 @@ pub mod auth;
 pub mod backend;
 pub mod cancel;
 pub mod catalog;
+pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod handover;

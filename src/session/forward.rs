@@ -203,7 +203,8 @@ impl<T> TaskCell<T> {
 struct Shared<'a> {
     mode: Mode,
     limits: Limits<'a>,
-    started: Instant,
+    /// [`crate::clock::now_us`] when the run's timings start.
+    started_us: u64,
     /// `now_us` of the last ReadyForQuery.
     last_ready_us: AtomicU64,
     /// Milliseconds after `started` (+1) since when every request is answered and the client has sent nothing;
@@ -319,7 +320,7 @@ fn replace(a: &AtomicBool, v: bool) -> bool {
 impl<'r> Shared<'r> {
     /// Microseconds since `started`, plus 1 (so that 0 can mean "not set").
     fn now_us(&self) -> u64 {
-        self.started.elapsed().as_micros() as u64 + 1
+        crate::clock::now_us().saturating_sub(self.started_us) + 1
     }
 
     /// `now_us` for the start of request `seq`. The first request of a transaction (it was read before the
@@ -428,7 +429,8 @@ impl<T> Fifo<T> {
 /// Forwards between `client` and `conn` until one side leaves, or (transaction mode) a transaction ends.
 /// `client_buf` holds client bytes read but not yet forwarded; it is scanned before anything is read.
 ///
-/// `started` is the time the run's timings count from (the caller's start of the transaction, or now).
+/// `started_us` ([`crate::clock::now_us`]) is the time the run's timings count from (the caller's start of the
+/// transaction, or now).
 pub async fn run(
     client: &mut ClientStream,
     client_buf: &mut BytesMut,
@@ -436,7 +438,7 @@ pub async fn run(
     limits: Limits<'_>,
     mode: Mode,
     statements: Option<Statements<'_>>,
-    started: Instant,
+    started_us: u64,
 ) -> End {
     let max_message = limits.max_message;
     let cancel = limits.query_timeout.map(|_| conn.cancel_target());
@@ -452,7 +454,7 @@ pub async fn run(
     let shared = Shared {
         mode,
         limits,
-        started,
+        started_us,
         last_ready_us: AtomicU64::new(0),
         idle_since_ms: AtomicU64::new(0),
         requests: AtomicU64::new(0),
@@ -648,11 +650,14 @@ where
     // Without the rewriter (session mode), the client's named statements by name, for the statistics of the
     // Binds that use them.
     let named_stats = policy.is_some() && !rewrite;
-    let mut named: std::collections::HashMap<
-        Vec<u8>,
-        Arc<crate::policy::Facts>,
-        foldhash::quality::RandomState,
-    > = Default::default();
+    // Made at the first named Parse (a map and its hasher's seed are not free, and most runs have none).
+    let mut named: Option<
+        std::collections::HashMap<
+            Vec<u8>,
+            Arc<crate::policy::Facts>,
+            foldhash::quality::RandomState,
+        >,
+    > = None;
     loop {
         let mut replaced = false;
         let mut wait = false;
@@ -714,6 +719,7 @@ where
                             if let (true, Some((name, _)), Some(facts)) =
                                 (named_stats, cstr(body(f)), &facts)
                             {
+                                let named = named.get_or_insert_with(Default::default);
                                 if !name.is_empty()
                                     && (named.len() < MAX_NAMED_STATS || named.contains_key(name))
                                 {
@@ -753,7 +759,7 @@ where
                         b'B' => {
                             if let Some((_, rest)) = cstr(body(f)) {
                                 if let Some((name, _)) = cstr(rest).filter(|(n, _)| !n.is_empty()) {
-                                    if let Some(facts) = named.get(name) {
+                                    if let Some(facts) = named.as_ref().and_then(|m| m.get(name)) {
                                         batch_stmt = Some(facts.clone());
                                     }
                                 }
@@ -761,8 +767,8 @@ where
                         }
                         // Close of a statement ('S'), not of a portal.
                         b'C' if body(f).first() == Some(&b'S') => {
-                            if let Some((name, _)) = cstr(&body(f)[1..]) {
-                                named.remove(name);
+                            if let (Some((name, _)), Some(m)) = (cstr(&body(f)[1..]), &mut named) {
+                                m.remove(name);
                             }
                         }
                         _ => {}
@@ -1208,10 +1214,8 @@ fn check_query_timeout(shared: &Shared<'_>) {
     if since == 0 || shared.timed_out.load(Ordering::Relaxed) {
         return;
     }
-    let busy = shared
-        .started
-        .elapsed()
-        .saturating_sub(Duration::from_micros(since - 1));
+    // Both count from the run's start, plus 1.
+    let busy = Duration::from_micros(shared.now_us().saturating_sub(since));
     if busy < limit {
         return;
     }
@@ -1269,9 +1273,7 @@ async fn read_client<R: AsyncRead + Unpin>(
                 if since == 0 {
                     continue;
                 }
-                let idle = shared
-                    .started
-                    .elapsed()
+                let idle = Duration::from_micros(shared.now_us() - 1)
                     .saturating_sub(Duration::from_millis(since - 1));
                 let in_transaction =
                     matches!(shared.tx_status.load(Ordering::Relaxed), b'T' | b'E');
@@ -1310,18 +1312,19 @@ where
         let mut replacement: Option<bytes::Bytes> = None;
         let mut violation = false;
         // Bytes may already be buffered (read while the connection was logging in or idle).
-        let scan = scanner.scan(
+        // Only the frames looked at are visited (a server's rows pass without a call).
+        let scan = scanner.scan_wanted(
             buf,
             |tag| {
                 tag == b'Z'
                     || tag == b'S'
+                    || tag == b'G'
                     || (rewrite && matches!(tag, b'1' | b'3' | b'C'))
                     || ((timeouts || shared.refusals_pending.load(Ordering::Relaxed))
                         && tag == b'E')
                     || (stats && tag == b'C')
             },
             |tag, frame| -> Result<Verdict, FrameError> {
-                shared.last_server_tag.store(tag, Ordering::Relaxed);
                 match (tag, frame) {
                     (b'E', Some(f))
                         if shared.refusals_pending.load(Ordering::Relaxed)
@@ -1485,6 +1488,11 @@ where
             Ok(s) => s,
             Err(e) => return EndReason::ServerProtocol(e),
         };
+        if scan.last_tag != 0 {
+            shared
+                .last_server_tag
+                .store(scan.last_tag, Ordering::Relaxed);
+        }
         if violation {
             return EndReason::PolicyViolation(
                 "standard_conforming_strings was turned off on the server; pgweir ends the session",

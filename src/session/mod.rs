@@ -701,7 +701,7 @@ async fn session_mode(
         run_limits(proxy, &s.slot, &s.tenant, &s.target.database),
         forward::Mode::Session,
         None,
-        std::time::Instant::now(),
+        crate::clock::now_us(),
     ));
     let end = proxy.lifecycle.unless_terminated(run).await;
     let Some(end) = end else {

@@ -153,12 +153,9 @@ pub(super) async fn run(
         if buf[0] == b'X' {
             return true;
         }
-        let next = match crate::boxed(|| c.acquire(proxy, stream, &mut buf)).await {
-            Ok(checkout) => {
-                crate::boxed(|| c.transaction(proxy, stream, &mut buf, &mut watch, checkout)).await
-            }
-            Err(next) => next,
-        };
+        // One box for both phases (one allocation per transaction): while the request waits for a connection,
+        // the box is as large as the transaction's state, a few hundred bytes more than the wait's own.
+        let next = crate::boxed(|| c.request(proxy, stream, &mut buf, &mut watch)).await;
         match next {
             Next::Idle => {}
             Next::Stop => return false,
@@ -264,13 +261,25 @@ async fn attach(
 }
 
 impl Client {
+    /// The request at the start of `buf`: a server connection for it ([`Client::acquire`]), then the transaction.
+    async fn request(
+        &mut self,
+        proxy: &Arc<Proxy>,
+        stream: &mut ClientStream,
+        buf: &mut BytesMut,
+        watch: &mut crate::server::Watch<'_>,
+    ) -> Next {
+        match self.acquire(proxy, stream, buf).await {
+            Ok(checkout) => self.transaction(proxy, stream, buf, watch, checkout).await,
+            Err(next) => next,
+        }
+    }
+
     /// The server connection for the request at the start of `buf`, linked to the client's cancel key; or what
     /// comes next when the request needs none (answered by pgweir, cancelled while it waited) or cannot get one.
     ///
-    /// A future of its own, apart from [`Client::transaction`]'s: a client waiting for a connection holds only
-    /// this small one, and the large forwarding state exists only for transactions that run. With many more
-    /// clients than server connections, that keeps the memory the running transactions touch small (and in the
-    /// CPU's caches) instead of spread over every waiting client's copy of it.
+    /// Its state and [`Client::transaction`]'s share the request's box (the states of two awaits of one future
+    /// overlap): the forwarding state is written over the memory the wait used.
     async fn acquire(
         &mut self,
         proxy: &Arc<Proxy>,
@@ -355,7 +364,7 @@ impl Client {
             .usage
             .transactions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let started = std::time::Instant::now();
+        let started = crate::clock::now_us();
         c.slot.refresh_plan();
         let limits = super::run_limits(proxy, &c.slot, &c.tenant, &c.pool.key().database);
         let mut mode = Mode::Transaction;
@@ -476,7 +485,7 @@ impl Client {
             }
         }
         // Idle since the last ReadyForQuery: no clock read for it.
-        checkout.release_idle_since(started + std::time::Duration::from_micros(duration_us));
+        checkout.release_idle_since(crate::clock::instant(started + duration_us));
         Next::Idle
     }
 }
@@ -622,8 +631,13 @@ async fn read_some(stream: &mut ClientStream, buf: &mut BytesMut) -> IdleRead {
         Stream::Plain(_) => loop {
             stream.readable().await;
             // Not 512: the allocator's 512-byte pages hold every idle session's future, and a short-lived buffer
-            // among them would keep those pages from being returned after a burst.
-            buf.reserve(READ_BUFFER);
+            // among them would keep those pages from being returned after a burst. An empty buffer is made
+            // anew (`reserve` on it takes BytesMut's general path).
+            if buf.capacity() == 0 {
+                *buf = BytesMut::with_capacity(READ_BUFFER);
+            } else {
+                buf.reserve(READ_BUFFER);
+            }
             match stream.read_now(buf) {
                 Ok(Some(n)) => break Ok(n),
                 Err(e) => break Err(e),

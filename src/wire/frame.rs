@@ -59,6 +59,8 @@ pub struct Scan {
     /// The visitor ended the pass: `Stop` (the frame at `forward` is not forwarded) or `Last` (the frame ending at
     /// `forward` is the last one forwarded).
     pub stopped: bool,
+    /// The tag of the last frame whose header the pass moved past (0: none, the pass only continued a frame).
+    pub last_tag: u8,
 }
 
 /// Incremental frame walker for one direction of a connection.
@@ -85,7 +87,34 @@ impl Scanner {
     /// the scan moves past its header: with the whole frame (header included) for wanted tags, with `None` for
     /// the others.
     #[inline]
-    pub fn scan<W, V, E>(&mut self, buf: &[u8], wants: W, mut visit: V) -> Result<Scan, E>
+    pub fn scan<W, V, E>(&mut self, buf: &[u8], wants: W, visit: V) -> Result<Scan, E>
+    where
+        W: Fn(u8) -> bool,
+        V: FnMut(u8, Option<&[u8]>) -> Result<Verdict, E>,
+        E: From<FrameError>,
+    {
+        self.walk::<true, _, _, _>(buf, wants, visit)
+    }
+
+    /// [`Scanner::scan`] that calls `visit` for the wanted frames only (always whole): the others pass without a
+    /// call. For a stream whose most frames need no look (a server's rows), and a visitor that is not small.
+    #[inline]
+    pub fn scan_wanted<W, V, E>(&mut self, buf: &[u8], wants: W, visit: V) -> Result<Scan, E>
+    where
+        W: Fn(u8) -> bool,
+        V: FnMut(u8, Option<&[u8]>) -> Result<Verdict, E>,
+        E: From<FrameError>,
+    {
+        self.walk::<false, _, _, _>(buf, wants, visit)
+    }
+
+    #[inline]
+    fn walk<const ALL: bool, W, V, E>(
+        &mut self,
+        buf: &[u8],
+        wants: W,
+        mut visit: V,
+    ) -> Result<Scan, E>
     where
         W: Fn(u8) -> bool,
         V: FnMut(u8, Option<&[u8]>) -> Result<Verdict, E>,
@@ -93,10 +122,12 @@ impl Scanner {
     {
         let mut pos = self.skip.min(buf.len());
         self.skip -= pos;
+        let mut last_tag = 0;
         if self.skip > 0 {
             return Ok(Scan {
                 forward: pos,
                 stopped: false,
+                last_tag,
             });
         }
         while let Some((tag, total)) = header(&buf[pos..], self.max_len)? {
@@ -105,14 +136,21 @@ impl Scanner {
                 if !whole {
                     break;
                 }
+                last_tag = tag;
                 visit(tag, Some(&buf[pos..pos + total]))?
             } else {
-                visit(tag, None)?
+                last_tag = tag;
+                if ALL {
+                    visit(tag, None)?
+                } else {
+                    Verdict::Forward
+                }
             };
             if verdict == Verdict::Stop {
                 return Ok(Scan {
                     forward: pos,
                     stopped: true,
+                    last_tag,
                 });
             }
             if whole {
@@ -121,6 +159,7 @@ impl Scanner {
                     return Ok(Scan {
                         forward: pos,
                         stopped: true,
+                        last_tag,
                     });
                 }
             } else {
@@ -132,6 +171,7 @@ impl Scanner {
         Ok(Scan {
             forward: pos,
             stopped: false,
+            last_tag,
         })
     }
 }
