@@ -153,9 +153,12 @@ pub(super) async fn run(
         if buf[0] == b'X' {
             return true;
         }
-        // One box for both phases (one allocation per transaction): while the request waits for a connection,
-        // the box is as large as the transaction's state, a few hundred bytes more than the wait's own.
-        let next = crate::boxed(|| c.request(proxy, stream, &mut buf, &mut watch)).await;
+        let next = match crate::boxed(|| c.acquire(proxy, stream, &mut buf)).await {
+            Ok(checkout) => {
+                crate::boxed(|| c.transaction(proxy, stream, &mut buf, &mut watch, checkout)).await
+            }
+            Err(next) => next,
+        };
         match next {
             Next::Idle => {}
             Next::Stop => return false,
@@ -261,25 +264,14 @@ async fn attach(
 }
 
 impl Client {
-    /// The request at the start of `buf`: a server connection for it ([`Client::acquire`]), then the transaction.
-    async fn request(
-        &mut self,
-        proxy: &Arc<Proxy>,
-        stream: &mut ClientStream,
-        buf: &mut BytesMut,
-        watch: &mut crate::server::Watch<'_>,
-    ) -> Next {
-        match self.acquire(proxy, stream, buf).await {
-            Ok(checkout) => self.transaction(proxy, stream, buf, watch, checkout).await,
-            Err(next) => next,
-        }
-    }
-
     /// The server connection for the request at the start of `buf`, linked to the client's cancel key; or what
     /// comes next when the request needs none (answered by pgweir, cancelled while it waited) or cannot get one.
     ///
-    /// Its state and [`Client::transaction`]'s share the request's box (the states of two awaits of one future
-    /// overlap): the forwarding state is written over the memory the wait used.
+    /// A future of its own, apart from [`Client::transaction`]'s: a client waiting for a connection holds only
+    /// this small one, and the large forwarding state exists only for transactions that run. With many more
+    /// clients than server connections, that keeps the memory the running transactions touch small (and in the
+    /// CPU's caches) instead of spread over every waiting client's copy of it. (One box for both would save an
+    /// allocation per transaction, but every waiting client would hold the large one.)
     async fn acquire(
         &mut self,
         proxy: &Arc<Proxy>,
