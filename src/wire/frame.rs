@@ -132,19 +132,17 @@ impl Scanner {
         }
         while let Some((tag, total)) = header(&buf[pos..], self.max_len)? {
             let whole = buf.len() - pos >= total;
-            let verdict = if wants(tag) {
-                if !whole {
-                    break;
-                }
-                last_tag = tag;
+            let wanted = wants(tag);
+            if wanted && !whole {
+                break;
+            }
+            last_tag = tag;
+            let verdict = if wanted {
                 visit(tag, Some(&buf[pos..pos + total]))?
+            } else if ALL {
+                visit(tag, None)?
             } else {
-                last_tag = tag;
-                if ALL {
-                    visit(tag, None)?
-                } else {
-                    Verdict::Forward
-                }
+                Verdict::Forward
             };
             if verdict == Verdict::Stop {
                 return Ok(Scan {
